@@ -1,0 +1,83 @@
+"""Pickle-free reading of torch ``.pt`` files.
+
+Example:
+    >>> from exporter.torchfile import load_torch_file
+    >>> tf = load_torch_file("layer_02-model_00-model_states.pt")  # doctest: +SKIP
+    >>> ref = tf.obj["attention.dense.weight"]                       # doctest: +SKIP
+    >>> ref.dtype, ref.shape, ref.read().sum()                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import CheckpointFormatError
+from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
+from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
+from exporter.torchfile.tree import iter_tensors, resolve_numpy, to_json
+from exporter.torchfile.unpickler import safe_unpickle
+
+__all__ = [
+    "PickledObject",
+    "StorageRef",
+    "TensorRef",
+    "TorchFile",
+    "iter_tensors",
+    "load_torch_file",
+    "to_json",
+]
+
+
+@dataclass
+class TorchFile:
+    """One ``.pt`` file read without executing its pickle.
+
+    Attributes:
+        path: the file.
+        obj: the root value; tensors are :class:`TensorRef`, unknown objects
+            :class:`PickledObject`.
+        globals: every global the pickle names -> whether the reader knows it.
+    """
+
+    path: Path
+    obj: Any
+    globals: dict[str, bool]
+
+    def tensors(self) -> list[tuple[str, TensorRef]]:
+        """Every tensor with its dotted key path."""
+        return list(iter_tensors(self.obj))
+
+    @property
+    def unknown_globals(self) -> list[str]:
+        return [name for name, known in self.globals.items() if not known]
+
+
+def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
+    """Read a torch zip checkpoint's structure; tensor data stays on disk.
+
+    Args:
+        path: a file written by ``torch.save`` (torch >= 1.6 zip format).
+
+    Returns:
+        The file's object tree with tensors as :class:`TensorRef`.
+
+    Raises:
+        CheckpointFormatError: not a readable torch checkpoint (message names the file).
+        UnsafePickleError: the pickle asks for something the reader refuses.
+    """
+    zip_ = TorchZip(path)
+    byteorder = zip_.byteorder()
+    if byteorder != "little":
+        raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
+    data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
+    try:
+        result = safe_unpickle(data, zip_)
+        obj = resolve_numpy(result.obj)
+    except CheckpointFormatError as exc:
+        if str(zip_.path) in str(exc):
+            raise
+        raise type(exc)(f"{zip_.path}: {exc}") from exc
+    return TorchFile(zip_.path, obj, result.globals)

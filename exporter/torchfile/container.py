@@ -1,0 +1,161 @@
+"""The torch zip checkpoint container: locate ``data.pkl`` and the storage members.
+
+``torch.save`` (torch >= 1.6, ``_use_new_zipfile_serialization``) writes an *uncompressed*
+zip: ``<prefix>/data.pkl``, one member ``<prefix>/data/<key>`` per storage (aligned to 64
+bytes), ``<prefix>/version`` and ``<prefix>/byteorder`` (torch/serialization.py,
+``_save``; caffe2/serialize/inline_container.cc, ``PyTorchStreamWriter``). Because members
+are stored, a tensor's bytes sit at a fixed offset of the file and can be read with
+``pread`` or mapped, without decompressing anything. We refuse compressed members: that
+rules out zip bombs and keeps every byte range checkable against the file size.
+
+We use :mod:`zipfile` only to parse the central directory; nothing is extracted, so member
+names (even hostile ones like ``../../x``) never reach the file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from exporter.errors import CheckpointFormatError
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_HEADER_SIGNATURE = 0x04034B50
+_STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
+
+#: Largest ``data.pkl`` we read. Real ones hold no tensor data (a few MB at most).
+MAX_PICKLE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A stored zip member: where its bytes are in the file."""
+
+    name: str
+    data_offset: int
+    size: int
+
+
+class TorchZip:
+    """The members of one torch zip checkpoint.
+
+    Args:
+        path: the ``.pt`` file.
+
+    Raises:
+        CheckpointFormatError: not a torch zip checkpoint, or a member is compressed,
+            out of bounds or missing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.file_size = self.path.stat().st_size
+        except OSError as exc:
+            raise CheckpointFormatError(f"{self.path}: cannot read: {exc.strerror}") from exc
+        if self.file_size == 0:
+            raise CheckpointFormatError(f"{self.path}: empty file")
+        if not zipfile.is_zipfile(self.path):
+            raise CheckpointFormatError(f"{self.path}: {_describe_non_zip(self.path)}")
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise CheckpointFormatError(f"{self.path}: damaged zip container: {exc}") from exc
+        self._infos = {info.filename: info for info in infos}
+        self.prefix = self._find_prefix()
+        self._members: dict[str, Member] = {}
+
+    def _find_prefix(self) -> str:
+        prefixes = [
+            name[: -len("data.pkl")]
+            for name in self._infos
+            if name.endswith("/data.pkl") and name.count("/") == 1
+        ]
+        if len(prefixes) != 1:
+            found = "none" if not prefixes else f"{len(prefixes)}"
+            raise CheckpointFormatError(
+                f"{self.path}: not a torch checkpoint (expected one '<name>/data.pkl', found {found})"
+            )
+        return prefixes[0]
+
+    def member(self, name: str) -> Member:
+        """The stored member ``<prefix><name>``, with its data offset checked against the file."""
+        if name in self._members:
+            return self._members[name]
+        info = self._infos.get(self.prefix + name)
+        if info is None:
+            raise CheckpointFormatError(f"{self.path}: missing member '{self.prefix}{name}'")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointFormatError(
+                f"{self.path}: member '{info.filename}' is compressed; torch writes stored members"
+            )
+        with open(self.path, "rb") as fh:
+            fh.seek(info.header_offset)
+            header = fh.read(_LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size:
+            raise CheckpointFormatError(f"{self.path}: truncated zip header of '{info.filename}'")
+        fields = _LOCAL_HEADER.unpack(header)
+        if fields[0] != _LOCAL_HEADER_SIGNATURE:
+            raise CheckpointFormatError(f"{self.path}: bad zip header of '{info.filename}'")
+        name_len, extra_len = fields[9], fields[10]
+        data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if data_offset + info.file_size > self.file_size:
+            raise CheckpointFormatError(
+                f"{self.path}: member '{info.filename}' runs past the end of the file "
+                f"(file truncated?)"
+            )
+        member = Member(info.filename, data_offset, info.file_size)
+        self._members[name] = member
+        return member
+
+    def storage_member(self, key: str) -> Member:
+        """The member holding storage ``key`` (``<prefix>data/<key>``)."""
+        if not isinstance(key, str) or not _STORAGE_KEY.match(key):
+            raise CheckpointFormatError(f"{self.path}: invalid storage key {key!r}")
+        return self.member(f"data/{key}")
+
+    def read_member(self, name: str, limit: int) -> bytes:
+        """The bytes of a small member (at most ``limit`` bytes)."""
+        member = self.member(name)
+        if member.size > limit:
+            raise CheckpointFormatError(
+                f"{self.path}: member '{member.name}' is {member.size} bytes, over the {limit} limit"
+            )
+        return self.read(member.data_offset, member.size)
+
+    def has(self, name: str) -> bool:
+        return (self.prefix + name) in self._infos
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the file."""
+        with open(self.path, "rb") as fh:
+            data = os.pread(fh.fileno(), size, offset)
+        if len(data) != size:
+            raise CheckpointFormatError(f"{self.path}: short read at {offset} (file truncated?)")
+        return data
+
+    def byteorder(self) -> str:
+        """The ``byteorder`` record (absent in files from torch < 1.10, which were little-endian)."""
+        if not self.has("byteorder"):
+            return "little"
+        return self.read_member("byteorder", 16).decode("ascii", "replace").strip()
+
+
+def _describe_non_zip(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "a tar archive: the pre-1.0 torch format is not supported"
+    # torch/serialization.py `_legacy_load`: the legacy format opens with a pickled magic
+    # number (0x1950a86a20f9469cfc6c) written with protocol 2.
+    if head[:3] == b"\x80\x02\x8a":
+        return (
+            "legacy (pre-1.6, non-zip) torch serialization format, not supported: "
+            "re-save it with torch >= 1.6 (torch.save(torch.load(f), f))"
+        )
+    return "not a torch zip checkpoint"

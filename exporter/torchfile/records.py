@@ -1,0 +1,289 @@
+"""Inert values the safe unpickler produces in place of live objects.
+
+A tensor becomes a :class:`TensorRef` (where its bytes are, not the bytes); any global the
+reader does not turn into a plain value becomes a :class:`PickledObject` that remembers its
+module, name, constructor arguments and state, so it can be written out as JSON and
+inspected. None of these classes lets a pickle change it after construction: BUILD opcodes
+on them either record state (``PickledObject``) or fail (``TensorRef``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from exporter.errors import CheckpointFormatError, UnsafePickleError
+
+if TYPE_CHECKING:
+    from exporter.torchfile.container import TorchZip
+
+_MAX_DIMS = 64
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class StorageRef:
+    """One storage of a torch zip file: ``numel`` elements of ``dtype`` at a file offset."""
+
+    __slots__ = ("key", "dtype", "numel", "location", "file_offset", "nbytes", "zip")
+
+    def __init__(self, zip_: TorchZip, key: str, dtype: torch.dtype, numel: int, location: str):
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise CheckpointFormatError(f"{zip_.path}: storage {key!r} has invalid size {numel!r}")
+        member = zip_.storage_member(key)
+        nbytes = numel * _element_size(dtype)
+        if member.size != nbytes:
+            raise CheckpointFormatError(
+                f"{zip_.path}: storage {key!r} should hold {nbytes} bytes "
+                f"({numel} x {dtype}), its member holds {member.size}"
+            )
+        self.zip = zip_
+        self.key = key
+        self.dtype = dtype
+        self.numel = numel
+        self.location = location
+        self.file_offset = member.data_offset
+        self.nbytes = nbytes
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickleError("a pickle tried to modify a storage record")
+
+    def __repr__(self) -> str:
+        return f"StorageRef(key={self.key!r}, dtype={self.dtype}, numel={self.numel})"
+
+
+class TensorRef:
+    """A tensor in a torch zip file, described but not read.
+
+    Attributes:
+        storage: the storage it views.
+        offset: storage offset in elements.
+        shape, stride: in elements, as torch records them.
+        requires_grad: as pickled.
+    """
+
+    __slots__ = ("storage", "offset", "shape", "stride", "requires_grad")
+
+    def __init__(
+        self,
+        storage: StorageRef,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        requires_grad: bool = False,
+    ) -> None:
+        where = f"{storage.zip.path}: tensor on storage {storage.key!r}"
+        if not isinstance(storage, StorageRef):
+            raise CheckpointFormatError(f"{where}: tensor rebuilt from a non-storage")
+        shape = _int_tuple(shape, where, "shape")
+        stride = _int_tuple(stride, where, "stride")
+        if len(shape) != len(stride):
+            raise CheckpointFormatError(f"{where}: shape {shape} and stride {stride} differ in rank")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise CheckpointFormatError(f"{where}: invalid storage offset {offset!r}")
+        numel = math.prod(shape)
+        if numel > 0:
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+            if last >= storage.numel:
+                raise CheckpointFormatError(
+                    f"{where}: shape {shape} stride {stride} offset {offset} reaches element "
+                    f"{last}, past the storage's {storage.numel} elements"
+                )
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+        self.requires_grad = bool(requires_grad)
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickleError("a pickle tried to modify a tensor record")
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.dtype}, shape={list(self.shape)}, storage={self.storage.key!r})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def element_size(self) -> int:
+        return _element_size(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.element_size
+
+    @property
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for n, s in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if n != 1 and s != expected:
+                return False
+            expected *= n
+        return True
+
+    @property
+    def file_offset(self) -> int:
+        """Absolute byte offset of the first element in the ``.pt`` file."""
+        return self.storage.file_offset + self.offset * self.element_size
+
+    @property
+    def path(self) -> os.PathLike[str]:
+        return self.storage.zip.path
+
+    def read(self) -> torch.Tensor:
+        """The tensor as an owned, contiguous torch tensor (reads only its bytes)."""
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=self.dtype)
+        if self.is_contiguous:
+            raw = self.storage.zip.read(self.file_offset, self.nbytes)
+            return _from_bytes(raw, self.dtype).reshape(self.shape)
+        span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        raw = self.storage.zip.read(self.storage.file_offset, (span + 1) * self.element_size)
+        flat = _from_bytes(raw, self.dtype)
+        return flat.as_strided(self.shape, self.stride, self.offset).contiguous()
+
+    def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """The elements in row-major order as 1-D tensors of at most ``max_bytes`` each.
+
+        Contiguous tensors are read piece by piece, so memory stays at one chunk whatever the
+        tensor's size; others are read whole first.
+        """
+        if not self.is_contiguous:
+            yield self.read().reshape(-1)
+            return
+        step = max(1, max_bytes // self.element_size) * self.element_size
+        start, end = self.file_offset, self.file_offset + self.nbytes
+        with open(self.path, "rb") as fh:
+            for pos in range(start, end, step):
+                size = min(step, end - pos)
+                raw = os.pread(fh.fileno(), size, pos)
+                if len(raw) != size:
+                    raise CheckpointFormatError(f"{self.path}: short read (file truncated?)")
+                yield _from_bytes(raw, self.dtype)
+
+
+def _from_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+
+
+def _int_tuple(value: Any, where: str, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
+        raise CheckpointFormatError(f"{where}: invalid {what} {value!r:.80}")
+    for item in value:
+        if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+            raise CheckpointFormatError(f"{where}: invalid {what} {value!r:.80}")
+    return tuple(value)
+
+
+class PickledObject:
+    """An object of a class the reader does not build: its recipe, kept inert.
+
+    Attributes:
+        module, name: the global the pickle named.
+        args: constructor arguments (REDUCE / NEWOBJ / INST).
+        kwargs: keyword arguments (NEWOBJ_EX).
+        state: what BUILD passed (usually the instance ``__dict__``).
+        items: what APPEND(S) added; ``entries``: what SETITEM(S) set.
+    """
+
+    module: str = ""
+    name: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[], entries=[])
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Arguments were recorded by ``__new__``; nothing runs here."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def append(self, item: Any) -> None:
+        self.__dict__["items"].append(item)
+
+    def extend(self, items: Any) -> None:
+        if not isinstance(items, (list, tuple)):
+            raise UnsafePickleError("APPENDS on a pickled object with a non-list")
+        self.__dict__["items"].extend(items)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["entries"].append((key, value))
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.qualname}>"
+
+
+def pickled_class(module: str, name: str) -> type[PickledObject]:
+    """A stand-in class for the global ``module.name``: instances only record their recipe."""
+    return type("PickledObject", (PickledObject,), {"module": module, "name": name})
+
+
+class NumpyDtype:
+    """``numpy.dtype(code, align, copy)`` plus its BUILD state, turned into a numpy dtype."""
+
+    def __init__(self, code: Any, *_: Any) -> None:
+        if not isinstance(code, str) or len(code) > 8:
+            raise UnsafePickleError(f"unsupported numpy dtype {code!r:.40}")
+        self.code = code
+        self.order = "|"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+    def resolve(self) -> np.dtype:
+        order = "<" if self.order in ("|", "=") else self.order
+        try:
+            dtype = np.dtype(order + self.code if self.code[0].isalpha() else self.code)
+        except TypeError as exc:
+            raise CheckpointFormatError(f"unsupported numpy dtype {self.code!r}") from exc
+        if dtype.kind not in "biufc":
+            raise CheckpointFormatError(f"unsupported numpy dtype {self.code!r}")
+        return dtype
+
+
+class NumpyArray:
+    """``numpy.core.multiarray._reconstruct`` plus the BUILD state carrying shape and bytes."""
+
+    def __init__(self, *_: Any) -> None:
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def resolve(self) -> np.ndarray:
+        # numpy/core/src/multiarray/methods.c array_setstate: (version, shape, dtype, fortran, data)
+        state = self.state
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise CheckpointFormatError("malformed pickled numpy array")
+        _, shape, dtype, fortran, data = state
+        if not isinstance(dtype, NumpyDtype):
+            raise CheckpointFormatError("pickled numpy array with an unsupported dtype")
+        resolved = dtype.resolve()
+        shape = _int_tuple(shape, "numpy array", "shape")
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        if not isinstance(data, (bytes, bytearray)):
+            raise CheckpointFormatError("pickled numpy array without raw data")
+        if len(data) != math.prod(shape) * resolved.itemsize:
+            raise CheckpointFormatError("pickled numpy array: data size does not match its shape")
+        order = "F" if fortran else "C"
+        return np.frombuffer(bytes(data), dtype=resolved).reshape(shape, order=order).copy()

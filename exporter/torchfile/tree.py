@@ -1,0 +1,193 @@
+"""Walking an unpickled object tree: resolve numpy records, find tensors, render JSON.
+
+Pickles can share one object under many references (memo) and even build cycles, so every
+walk here tracks what it has seen and has a budget: a small pickle must not expand into an
+exponential tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporter.errors import CheckpointFormatError
+from exporter.torchfile.records import NumpyArray, NumpyDtype, PickledObject, TensorRef
+
+MAX_NODES = 5_000_000
+MAX_DEPTH = 200
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise CheckpointFormatError("object tree too large (shared references expand too far)")
+
+
+def resolve_numpy(obj: Any) -> Any:
+    """Replace numpy records by numpy values, in place where possible; returns the new root."""
+    done: dict[int, Any] = {}
+    budget = _Budget(MAX_NODES)
+
+    def visit(value: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, NumpyArray):
+            return value.resolve()
+        if isinstance(value, NumpyDtype):
+            return str(value.resolve())
+        if not isinstance(value, (dict, list, tuple, set, frozenset, PickledObject)):
+            return value
+        key = id(value)
+        if key in done:
+            return done[key]
+        budget.spend()
+        done[key] = value
+        if isinstance(value, dict):
+            for k in list(value):
+                value[k] = visit(value[k], depth + 1)
+        elif isinstance(value, list):
+            value[:] = [visit(v, depth + 1) for v in value]
+        elif isinstance(value, tuple):
+            new = tuple(visit(v, depth + 1) for v in value)
+            if any(a is not b for a, b in zip(new, value, strict=True)):
+                done[key] = new
+            return done[key]
+        elif isinstance(value, PickledObject):
+            d = value.__dict__
+            d["args"] = tuple(visit(v, depth + 1) for v in d["args"])
+            d["kwargs"] = {k: visit(v, depth + 1) for k, v in d["kwargs"].items()}
+            d["state"] = visit(d["state"], depth + 1)
+            d["items"] = [visit(v, depth + 1) for v in d["items"]]
+            d["entries"] = [(visit(k, depth + 1), visit(v, depth + 1)) for k, v in d["entries"]]
+        return value
+
+    return visit(obj, 0)
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, TensorRef]]:
+    """Every tensor in ``obj`` with a dotted key path (``optimizer_state_dict.x.0``).
+
+    A tensor reachable along several paths is yielded once, under the first path.
+    """
+    seen: set[int] = set()
+    budget = _Budget(MAX_NODES)
+    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, TensorRef):
+            if id(value) not in seen:
+                seen.add(id(value))
+                yield path, value
+            continue
+        children = _children(value)
+        if children is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        budget.spend()
+        for key, child in reversed(children):
+            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+
+
+def _children(value: Any) -> list[tuple[Any, Any]] | None:
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, (list, tuple)):
+        return list(enumerate(value))
+    if isinstance(value, PickledObject):
+        d = value.__dict__
+        out: list[tuple[Any, Any]] = [(f"args.{i}", v) for i, v in enumerate(d["args"])]
+        if isinstance(d["state"], dict):
+            out += [(f"state.{k}", v) for k, v in d["state"].items()]
+        elif d["state"] is not None:
+            out.append(("state", d["state"]))
+        out += [(f"items.{i}", v) for i, v in enumerate(d["items"])]
+        out += [(f"entries.{k}", v) for k, v in d["entries"]]
+        return out
+    return None
+
+
+def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
+    """A JSON-ready rendering of ``obj``.
+
+    Plain containers become dicts and lists; tuples and sets lists; bytes
+    ``{"__bytes__": base64}``; non-finite floats strings; numpy arrays
+    ``{"__ndarray__": dtype, "shape", "data"}``; inert objects
+    ``{"__class__": "module.name", "args", "state", ...}``; tensors whatever ``tensor``
+    returns (default: a description).
+    """
+    budget = _Budget(MAX_NODES)
+    active: set[int] = set()
+
+    def describe(ref: TensorRef) -> Any:
+        return {"__tensor__": str(ref.dtype).removeprefix("torch."), "shape": list(ref.shape)}
+
+    render_tensor = tensor or describe
+
+    def visit(value: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
+        budget.spend()
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else str(value)
+        if isinstance(value, TensorRef):
+            return render_tensor(value)
+        if isinstance(value, (bytes, bytearray)):
+            return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, complex):
+            return {"__complex__": [visit(value.real, depth), visit(value.imag, depth)]}
+        if isinstance(value, torch.dtype):
+            return str(value)
+        if isinstance(value, np.ndarray):
+            return {
+                "__ndarray__": str(value.dtype),
+                "shape": list(value.shape),
+                "data": visit(value.reshape(-1).tolist(), depth + 1),
+            }
+        if isinstance(value, np.generic):
+            return visit(value.item(), depth)
+        if id(value) in active:
+            raise CheckpointFormatError("object tree contains a cycle")
+        active.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {_key(k): visit(v, depth + 1) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [visit(v, depth + 1) for v in value]
+            if isinstance(value, (set, frozenset)):
+                return sorted((visit(v, depth + 1) for v in value), key=repr)
+            if isinstance(value, PickledObject):
+                d = value.__dict__
+                out: dict[str, Any] = {"__class__": value.qualname}
+                if d["args"]:
+                    out["args"] = visit(list(d["args"]), depth + 1)
+                if d["kwargs"]:
+                    out["kwargs"] = visit(d["kwargs"], depth + 1)
+                if d["state"] is not None:
+                    out["state"] = visit(d["state"], depth + 1)
+                if d["items"]:
+                    out["items"] = visit(d["items"], depth + 1)
+                if d["entries"]:
+                    out["entries"] = visit([list(e) for e in d["entries"]], depth + 1)
+                return out
+        finally:
+            active.discard(id(value))
+        return {"__unknown__": type(value).__name__}
+
+    return visit(obj, 0)
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) else str(key)

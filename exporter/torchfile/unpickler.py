@@ -1,0 +1,338 @@
+"""A pickle reader that never imports a module or calls anything a pickle names.
+
+Why not ``torch.load(weights_only=True)``: it refuses DeepSpeed's optimizer files outright
+(loss scaler objects, ``ZeroStageEnum``), and allowing those globals there means importing
+and running DeepSpeed's classes. Why not plain ``pickle``: executing a downloaded pickle is
+remote code execution. Here every global the pickle names is resolved by :meth:`find_class`
+against a fixed table of *our own* pure functions (containers, tensor records, numpy values);
+anything else becomes an inert :class:`~exporter.torchfile.records.PickledObject`.
+
+The opcode stream is first walked with :func:`pickletools.genops` (a parser, it executes
+nothing) to bound memo indices and nesting before the C unpickler runs: the C unpickler sizes
+its memo table from the largest index it sees, so ``LONG_BINPUT 2**31`` alone could exhaust
+memory.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+import pickletools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from exporter.errors import CheckpointFormatError, UnsafePickleError
+from exporter.torchfile.records import (
+    NumpyArray,
+    NumpyDtype,
+    PickledObject,
+    StorageRef,
+    TensorRef,
+    pickled_class,
+)
+
+if TYPE_CHECKING:
+    from exporter.torchfile.container import TorchZip
+
+MAX_OPCODES = 20_000_000
+MAX_DEPTH = 1_000
+
+# Globals that have a known meaning but no plain-value form: kept as inert records, not flagged.
+INERT_KNOWN = frozenset(
+    {
+        "argparse.Namespace",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "torch.nn.parameter.Parameter",
+    }
+)
+
+
+def _dtype_table() -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
+    dtypes = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+    storages = {
+        storage_name: dtype for dtype, storage_name in _storage_names().items() if dtype in dtypes.values()
+    }
+    storages["UntypedStorage"] = torch.uint8
+    return dtypes, storages
+
+
+def _storage_names() -> dict[torch.dtype, str]:
+    # torch/storage.py `_dtype_to_storage_type_map`: the names torch.save pickles.
+    return {
+        torch.float64: "DoubleStorage",
+        torch.float32: "FloatStorage",
+        torch.float16: "HalfStorage",
+        torch.bfloat16: "BFloat16Storage",
+        torch.int64: "LongStorage",
+        torch.int32: "IntStorage",
+        torch.int16: "ShortStorage",
+        torch.int8: "CharStorage",
+        torch.uint8: "ByteStorage",
+        torch.bool: "BoolStorage",
+        torch.complex64: "ComplexFloatStorage",
+        torch.complex128: "ComplexDoubleStorage",
+        torch.quint8: "QUInt8Storage",
+        torch.qint8: "QInt8Storage",
+        torch.qint32: "QInt32Storage",
+    }
+
+
+DTYPES, STORAGE_TYPES = _dtype_table()
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """Stand-in for ``torch.<X>Storage``: only its dtype matters."""
+
+    name: str
+    dtype: torch.dtype
+
+
+@dataclass
+class UnpickleResult:
+    """What one ``data.pkl`` held.
+
+    Attributes:
+        obj: the root value, tensors as :class:`TensorRef`, unknown objects inert.
+        globals: every global the pickle named, in first-seen order, with whether it is known.
+    """
+
+    obj: Any
+    globals: dict[str, bool] = field(default_factory=dict)
+
+
+def _torch_size(*args: Any) -> tuple[int, ...]:
+    if len(args) != 1 or not isinstance(args[0], (tuple, list)):
+        raise UnsafePickleError("torch.Size with unexpected arguments")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in args[0]):
+        raise UnsafePickleError("torch.Size with non-integer sizes")
+    return tuple(args[0])
+
+
+def _torch_device(*args: Any) -> str:
+    if not args or not isinstance(args[0], str) or len(args) > 2:
+        raise UnsafePickleError("torch.device with unexpected arguments")
+    if len(args) == 2 and args[1] is not None:
+        return f"{args[0]}:{int(args[1])}"
+    return args[0]
+
+
+def _rebuild_tensor_v2(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
+) -> TensorRef:
+    # torch/_utils.py _rebuild_tensor_v2(storage, storage_offset, size, stride,
+    # requires_grad, backward_hooks, metadata=None); hooks and metadata are dropped.
+    if not isinstance(storage, StorageRef):
+        raise CheckpointFormatError("tensor rebuilt from something that is not a storage")
+    return TensorRef(storage, offset, size, stride, requires_grad)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+    return _rebuild_tensor_v2(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
+    # torch/_utils.py _rebuild_parameter(data, requires_grad, backward_hooks[, state])
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    # torch/_tensor.py _rebuild_from_type_v2: func(*args), then re-typed; we keep func's value.
+    if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter):
+        raise UnsafePickleError("tensor subclass rebuilt through an unknown function")
+    if not isinstance(args, tuple):
+        raise UnsafePickleError("malformed tensor subclass arguments")
+    return func(*args)
+
+
+def _ordered_dict(*args: Any) -> OrderedDict:
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
+        raise UnsafePickleError("OrderedDict with unexpected arguments")
+    return OrderedDict(*args)
+
+
+def _container(kind: type) -> Callable[..., Any]:
+    def build(*args: Any) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, set, frozenset))):
+            raise UnsafePickleError(f"{kind.__name__} with unexpected arguments")
+        return kind(*args)
+
+    return build
+
+
+def _complex(*args: Any) -> complex:
+    if len(args) > 2 or not all(isinstance(a, (int, float)) for a in args):
+        raise UnsafePickleError("complex with unexpected arguments")
+    return complex(*args)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8", *_: Any) -> bytes:
+    # numpy pickles with protocol 2 pass bytes as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode with unexpected arguments")
+    return text.encode("latin-1")
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    # numpy/core/multiarray.py scalar(dtype, obj): a 0-d value from raw bytes.
+    if not isinstance(dtype, NumpyDtype) or not isinstance(data, (bytes, str)):
+        raise UnsafePickleError("numpy scalar with unexpected arguments")
+    raw = data.encode("latin-1") if isinstance(data, str) else data
+    resolved = dtype.resolve()
+    if len(raw) != resolved.itemsize:
+        raise CheckpointFormatError("numpy scalar with the wrong number of bytes")
+    import numpy as np
+
+    return np.frombuffer(raw, dtype=resolved)[0].item()
+
+
+def _copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    # copyreg._reconstructor (protocols 0 and 1): only stand-in classes are instantiated.
+    if not (isinstance(cls, type) and issubclass(cls, PickledObject)):
+        raise UnsafePickleError("copyreg._reconstructor on a class the reader does not know")
+    return cls.__new__(cls, state) if state is not None else cls.__new__(cls)
+
+
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+
+SAFE_FUNCTIONS: dict[str, Any] = {
+    "collections.OrderedDict": _ordered_dict,
+    "builtins.set": _container(set),
+    "builtins.frozenset": _container(frozenset),
+    "builtins.bytearray": _container(bytearray),
+    "builtins.complex": _complex,
+    "_codecs.encode": _codecs_encode,
+    "copyreg._reconstructor": _copyreg_reconstructor,
+    "torch.Size": _torch_size,
+    "torch.device": _torch_device,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+    "numpy.dtype": NumpyDtype,
+    "numpy.ndarray": NumpyArray,
+    **{f"{m}._reconstruct": NumpyArray for m in _NUMPY_MODULES},
+    **{f"{m}.scalar": _numpy_scalar for m in _NUMPY_MODULES},
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, zip_: TorchZip | None) -> None:
+        super().__init__(io.BytesIO(data))
+        self._zip = zip_
+        self.globals: dict[str, bool] = {}
+        self._classes: dict[str, type[PickledObject]] = {}
+        self._storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise UnsafePickleError("a global with a non-string name")
+        # Protocol 0-2 pickles name Python 2 modules (``__builtin__.set``); map them as
+        # pickle.Unpickler.find_class does with fix_imports (Lib/_compat_pickle.py tables).
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        qualname = f"{module}.{name}"
+        if len(qualname) > 512:
+            raise UnsafePickleError("a global with an overlong name")
+        value: Any
+        if qualname in SAFE_FUNCTIONS:
+            value = SAFE_FUNCTIONS[qualname]
+        elif module == "torch" and name in STORAGE_TYPES:
+            value = StorageType(name, STORAGE_TYPES[name])
+        elif module == "torch" and name in DTYPES:
+            value = DTYPES[name]
+        else:
+            if qualname not in self._classes:
+                self._classes[qualname] = pickled_class(module, name)
+            value = self._classes[qualname]
+            self.globals.setdefault(qualname, qualname in INERT_KNOWN)
+            return value
+        self.globals.setdefault(qualname, True)
+        return value
+
+    def persistent_load(self, pid: Any) -> Any:
+        # torch/serialization.py _load.persistent_load:
+        # ('storage', storage_type, key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointFormatError(f"unsupported persistent id {pid!r:.80}")
+        _, storage_type, key, location, numel = pid
+        if not isinstance(storage_type, StorageType):
+            raise UnsafePickleError(f"storage of unknown type {storage_type!r:.80}")
+        if self._zip is None:
+            raise CheckpointFormatError("persistent storage reference outside a torch zip file")
+        if not isinstance(key, str):
+            raise CheckpointFormatError(f"invalid storage key {key!r:.80}")
+        if key not in self._storages:
+            self._storages[key] = StorageRef(
+                self._zip, key, storage_type.dtype, numel, str(location)
+            )
+        elif self._storages[key].dtype != storage_type.dtype:
+            raise CheckpointFormatError(f"storage {key!r} referenced with two dtypes")
+        return self._storages[key]
+
+
+def prescan(data: bytes) -> None:
+    """Walk the opcode stream without executing it; refuse what could exhaust memory."""
+    ops = 0
+    depth = 0
+    memo_limit = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            ops += 1
+            if ops > MAX_OPCODES:
+                raise UnsafePickleError(f"pickle has more than {MAX_OPCODES} opcodes")
+            if opcode.name == "MARK":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise UnsafePickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
+            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                index = int(arg)
+                if index < 0 or index > ops:
+                    raise UnsafePickleError(f"pickle memo index {index} out of range")
+                memo_limit = max(memo_limit, index)
+            elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+                if int(arg) > memo_limit:
+                    raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
+            elif pickletools.markobject in opcode.stack_before:
+                depth = max(0, depth - 1)
+            elif opcode.name == "STOP":
+                return
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"malformed pickle: {exc}") from exc
+    raise CheckpointFormatError("malformed pickle: no STOP opcode")
+
+
+def safe_unpickle(data: bytes, zip_: TorchZip | None = None) -> UnpickleResult:
+    """Unpickle ``data`` into plain values and inert records, executing nothing it names.
+
+    Args:
+        data: the pickle bytes (a torch file's ``data.pkl``).
+        zip_: the container that holds the storages referenced by persistent ids.
+
+    Raises:
+        UnsafePickleError, CheckpointFormatError: the pickle is refused or malformed.
+    """
+    prescan(data)
+    unpickler = _SafeUnpickler(data, zip_)
+    try:
+        obj = unpickler.load()
+    except (UnsafePickleError, CheckpointFormatError):
+        raise
+    except RecursionError as exc:
+        raise UnsafePickleError("pickle nests too deeply") from exc
+    except MemoryError as exc:
+        raise UnsafePickleError("pickle needs too much memory") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure of a hostile pickle is a format error
+        raise CheckpointFormatError(f"malformed pickle: {type(exc).__name__}: {exc}"[:300]) from exc
+    return UnpickleResult(obj, unpickler.globals)
