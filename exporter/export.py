@@ -1,0 +1,214 @@
+"""Export one checkpoint folder into a step folder of the archive layout.
+
+    step folder/
+      config.json                 transformers GPTNeoXConfig
+      model.safetensors           model weights under Hugging Face names (sharded above a limit)
+      buffers.safetensors         persistent buffers (rotary inv_freq), Hugging Face names
+      optimizer/{master,exp_avg,exp_avg_sq}.safetensors   fp32 master weights and Adam moments
+      state.json                  every non-tensor value of the engine and optimizer state
+      state.safetensors           tensor-valued engine state (rng states ...)
+      neox.yml                    the source config
+
+Everything is written into a temporary sibling folder that is renamed into place when
+complete, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from exporter.convert.safetensors_writer import element_size
+from exporter.convert.sharding import plan_shards
+from exporter.convert.stream import Converter, TensorJob, WrittenRecord
+from exporter.errors import ExporterError, LayoutError
+from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
+from exporter.neox.config import hf_config, load_neox_config
+from exporter.neox.model import ModelPlan, plan_model
+from exporter.neox.state import EngineState, read_engine_state
+from exporter.neox.zero import OptimizerPlan, plan_optimizer
+
+INCLUDE_CHOICES = ("model", "optimizer", "state")
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+@dataclass
+class ExportOptions:
+    """What to write and how.
+
+    Attributes:
+        include: subset of ``INCLUDE_CHOICES``.
+        dtype: output dtype of model weights (None keeps the source's).
+        device: where casts and statistics run (``cpu``, ``cuda``).
+        max_shard_size: model shards are split above this many bytes.
+    """
+
+    include: tuple[str, ...] = INCLUDE_CHOICES
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    max_shard_size: int = DEFAULT_SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        unknown = set(self.include) - set(INCLUDE_CHOICES)
+        if unknown:
+            raise ValueError(f"ExportOptions.include: unknown parts {sorted(unknown)}")
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote."""
+
+    out_dir: Path
+    records: list[WrittenRecord]
+    engine: EngineState
+    model: ModelPlan
+    optimizer: OptimizerPlan | None
+    source_files: list[Path]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def export_checkpoint(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: ExportOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportResult:
+    """Convert checkpoint folder ``source`` into step folder ``out_dir``.
+
+    Args:
+        source: a folder with ``layer_*``/``mp_rank_*``/``zero_pp_rank_*`` files and a YAML config.
+        out_dir: the step folder to create (must not exist, or be empty).
+        options: what to include, output dtype, device.
+        progress: called with the number of source bytes processed, as they are.
+
+    Returns:
+        The written tensors with their hashes and statistics, and the engine state.
+
+    Raises:
+        ExporterError: bad input (the message names the file); nothing is left at ``out_dir``.
+    """
+    options = options or ExportOptions()
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExporterError(f"{out_dir}: output folder exists and is not empty")
+    files = scan_checkpoint(source)
+    cfg = load_neox_config(files.configs)
+    model = plan_model(files, cfg)
+    engine = read_engine_state(files, exported_module="model" in options.include)
+    optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
+    if "optimizer" in options.include and optimizer is None:
+        raise LayoutError(f"{files.folder}: no ZeRO optimizer files to export (use --include model)")
+    converter = Converter(dtype=options.dtype, device=options.device, progress=progress)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        records = _write_all(tmp, files, cfg, model, engine, optimizer, options, converter)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for r in records:
+        r.file = str(Path(r.file))
+    bytes_out = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    used = files.all_files()
+    return ExportResult(
+        out_dir=out_dir,
+        records=records,
+        engine=engine,
+        model=model,
+        optimizer=optimizer,
+        source_files=used,
+        bytes_in=sum(p.stat().st_size for p in used),
+        bytes_out=bytes_out,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _write_all(
+    tmp: Path,
+    files: CheckpointFiles,
+    cfg: dict[str, Any],
+    model: ModelPlan,
+    engine: EngineState,
+    optimizer: OptimizerPlan | None,
+    options: ExportOptions,
+    converter: Converter,
+) -> list[WrittenRecord]:
+    records: list[WrittenRecord] = []
+    if "model" in options.include:
+        out_dtype = options.dtype or model.dtype
+        config = hf_config(
+            cfg,
+            num_layers=model.num_layers,
+            vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size,
+            intermediate_size=model.intermediate_size,
+            torch_dtype=str(out_dtype).removeprefix("torch."),
+        )
+        _write_json(tmp / "config.json", config)
+        weights = [j for j in model.jobs if j.kind == "model"]
+        records += _write_sharded(tmp, weights, converter, options.max_shard_size)
+        buffers = [j for j in model.jobs if j.kind == "buffer"]
+        if buffers:
+            records += converter.write_file(tmp / "buffers.safetensors", buffers, tmp)
+    if optimizer is not None:
+        for kind, jobs in optimizer.jobs_by_kind().items():
+            records += converter.write_file(tmp / "optimizer" / f"{kind}.safetensors", jobs, tmp)
+    if "state" in options.include or "model" in options.include:
+        state = {"engine": engine.json}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.state_json
+        if engine.tensor_jobs:
+            records += converter.write_file(tmp / "state.safetensors", engine.tensor_jobs, tmp)
+        _write_json(tmp / "state.json", state)
+    _copy_config(files, cfg, tmp / "neox.yml")
+    return records
+
+
+def _write_sharded(
+    tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int
+) -> list[WrittenRecord]:
+    sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
+    shards = plan_shards(jobs, sizes, max_shard_size)
+    records: list[WrittenRecord] = []
+    for name, group in shards:
+        records += converter.write_file(tmp / name, group, tmp)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes)},
+            "weight_map": {job.name: name for name, group in shards for job in group},
+        }
+        _write_json(tmp / "model.safetensors.index.json", index)
+    return records
+
+
+def _copy_config(files: CheckpointFiles, cfg: dict[str, Any], dest: Path) -> None:
+    if len(files.configs) == 1:
+        shutil.copyfile(files.configs[0], dest)
+    elif files.configs:
+        dest.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

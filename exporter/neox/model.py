@@ -1,0 +1,180 @@
+"""Plan the model-weight tensors of one checkpoint: names, shapes, and how to read them.
+
+Pipeline saves keep one file per (layer, tensor-parallel rank); the non-pipeline
+("sequential") form keeps every weight in ``mp_rank_XX_model_states.pt['module']`` under
+``sequential.{idx}.`` names (GPT-NeoX ``convert_neox_to_hf.py`` ``get_state``). Either way
+each output tensor becomes one :class:`~exporter.convert.stream.TensorJob`; with one
+tensor-parallel rank it streams straight from the source file, otherwise the shards are
+merged in memory one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from exporter.convert.stream import TensorJob, chunks_of
+from exporter.errors import LayoutError
+from exporter.neox.checkpoint import CheckpointFiles
+from exporter.neox.names import Merge, map_name, split_module_name
+from exporter.torchfile import TensorRef, load_torch_file
+
+
+@dataclass
+class ModelPlan:
+    """The model tensors of a checkpoint and the sizes read off them."""
+
+    jobs: list[TensorJob]
+    num_layers: int
+    tp_size: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype
+
+
+def merged_shape(shapes: list[tuple[int, ...]], merge: Merge) -> tuple[int, ...]:
+    first = shapes[0]
+    if merge in (Merge.CONCAT_DIM0, Merge.CONCAT_DIM1):
+        dim = 0 if merge is Merge.CONCAT_DIM0 else 1
+        if any(len(s) <= dim or s[:dim] + s[dim + 1 :] != first[:dim] + first[dim + 1 :] for s in shapes):
+            raise LayoutError(f"tensor-parallel shards of shapes {shapes} cannot concatenate on dim {dim}")
+        return first[:dim] + (sum(s[dim] for s in shapes),) + first[dim + 1 :]
+    if any(s != first for s in shapes):
+        raise LayoutError(f"tensor-parallel replicas differ in shape: {shapes}")
+    return first
+
+
+def merge_shards(tensors: list[torch.Tensor], merge: Merge) -> torch.Tensor:
+    """Combine tensor-parallel shards exactly as GPT-NeoX's HF converter does."""
+    if len(tensors) == 1 or merge is Merge.FIRST:
+        return tensors[0]
+    if merge is Merge.CONCAT_DIM0:
+        return torch.cat(tensors, dim=0)
+    if merge is Merge.CONCAT_DIM1:
+        return torch.cat(tensors, dim=1)
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t  # `sum(list)` in the source: left to right, in the tensors' dtype
+    return total / len(tensors) if merge is Merge.AVERAGE else total
+
+
+def _shard_chunks(refs: list[TensorRef], merge: Merge) -> Callable[[int], Iterator[torch.Tensor]]:
+    if len(refs) == 1:
+        return refs[0].iter_chunks
+
+    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+        merged = merge_shards([r.read() for r in refs], merge)
+        yield from chunks_of(merged)(max_bytes)
+
+    return gen
+
+
+def _tensor_dict(obj: Any, where: str) -> dict[str, TensorRef]:
+    if not isinstance(obj, dict):
+        raise LayoutError(f"{where}: expected a dict of tensors, found {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, TensorRef):
+            raise LayoutError(f"{where}: entry {key!r} is not a named tensor")
+        out[key] = value
+    return out
+
+
+def infer_num_layers(files: CheckpointFiles, cfg: dict[str, Any]) -> int:
+    if cfg.get("num_layers") is not None:
+        return int(cfg["num_layers"])
+    if files.layer_files:
+        return max(files.layer_indices) - 4
+    raise LayoutError(f"{files.folder}: cannot tell the number of layers (no num-layers in config)")
+
+
+def _layer_sources(files: CheckpointFiles) -> dict[int, list[dict[str, TensorRef]]]:
+    """pipeline layer index -> one {key: tensor} per tensor-parallel rank."""
+    layers: dict[int, list[dict[str, TensorRef]]] = {}
+    if files.is_pipeline:
+        for layer in files.layer_indices:
+            ranks = []
+            for tp in files.tp_ranks:
+                path = files.layer_files[(layer, tp)]
+                ranks.append(_tensor_dict(load_torch_file(path).obj, str(path)))
+            layers[layer] = ranks
+        return layers
+    for mp in sorted(files.mp_files):
+        path = files.mp_files[mp]
+        root = load_torch_file(path).obj
+        module = root.get("module") if isinstance(root, dict) else None
+        if module is None:
+            raise LayoutError(f"{path}: no layer files and no 'module' weights in the engine state")
+        for name, ref in _tensor_dict(module, f"{path}['module']").items():
+            layer, key = split_module_name(name)
+            ranks = layers.setdefault(layer, [])
+            while len(ranks) <= mp:
+                ranks.append({})
+            ranks[mp][key] = ref
+    return layers
+
+
+def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
+    """Every model tensor of the checkpoint as a job under its Hugging Face name.
+
+    Raises:
+        LayoutError, NameMappingError: files disagree with each other or with GPT-NeoX.
+    """
+    num_layers = infer_num_layers(files, cfg)
+    jobs: list[TensorJob] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: set[torch.dtype] = set()
+    layers = _layer_sources(files)
+    tp_size = max(len(r) for r in layers.values()) if layers else 1
+    for layer in sorted(layers):
+        ranks = layers[layer]
+        keys = list(ranks[0])
+        for tp, rank in enumerate(ranks[1:], start=1):
+            if set(rank) != set(keys):
+                raise LayoutError(
+                    f"layer {layer:02d}: tensor-parallel rank {tp} holds keys {sorted(rank)}, "
+                    f"rank 0 holds {sorted(keys)}"
+                )
+        for key in keys:
+            mapped = map_name(layer, key, num_layers)
+            refs = [rank[key] for rank in ranks]
+            if len({r.dtype for r in refs}) != 1:
+                raise LayoutError(f"layer {layer:02d} {key}: shards differ in dtype")
+            shape = merged_shape([r.shape for r in refs], mapped.merge)
+            shapes[mapped.hf_name] = shape
+            if mapped.kind == "model":
+                dtypes.add(refs[0].dtype)
+            jobs.append(
+                TensorJob(
+                    name=mapped.hf_name,
+                    kind=mapped.kind,
+                    dtype=refs[0].dtype,
+                    shape=shape,
+                    chunks=_shard_chunks(refs, mapped.merge),
+                    neox_name=f"{layer}.{key}",
+                    layer=mapped.block,
+                )
+            )
+    required = ("gpt_neox.embed_in.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.weight")
+    for name in required:
+        if name not in shapes:
+            raise LayoutError(f"{files.folder}: checkpoint has no {name} (missing layer file?)")
+    blocks = {j.layer for j in jobs if j.layer is not None}
+    if blocks != set(range(num_layers)):
+        missing = sorted(set(range(num_layers)) - blocks)
+        raise LayoutError(f"{files.folder}: transformer layers {missing} have no weights")
+    if len(dtypes) != 1:
+        raise LayoutError(f"{files.folder}: model weights mix dtypes {sorted(map(str, dtypes))}")
+    return ModelPlan(
+        jobs=jobs,
+        num_layers=num_layers,
+        tp_size=tp_size,
+        vocab_size=shapes["gpt_neox.embed_in.weight"][0],
+        hidden_size=shapes["gpt_neox.embed_in.weight"][1],
+        intermediate_size=shapes["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0],
+        dtype=dtypes.pop(),
+    )

@@ -1,0 +1,99 @@
+"""Engine and client state of a checkpoint (``mp_rank_XX_model_states.pt``) as JSON + tensors.
+
+DeepSpeed ``runtime/engine.py`` ``_save_checkpoint`` writes ``module`` (None for pipeline saves,
+whose weights are in the layer files), ``optimizer`` (None under ZeRO), ``lr_scheduler``,
+``csr_tensor_module_names``, ``skipped_steps``, ``global_steps``, ``global_samples``,
+``dp_world_size``, ``mp_world_size``, ``ds_config``, ``ds_version`` and, in current
+versions, ``param_shapes``; GPT-NeoX adds its client state (``iteration``, ``args``,
+``random_rng_state``, ``np_rng_state``, ``torch_rng_state``, ``cuda_rng_state``,
+``data_loading`` ...; gpt-neox ``megatron/checkpointing.py`` ``save_ds_checkpoint``).
+Every value is kept: tensors go to ``state.safetensors`` under ``{file}.{key path}``, the rest
+to JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.convert.stream import TensorJob
+from exporter.neox.checkpoint import CheckpointFiles
+from exporter.torchfile import TensorRef, TorchFile, iter_tensors, load_torch_file, to_json
+
+
+@dataclass
+class EngineState:
+    """The engine-state files of one checkpoint.
+
+    Attributes:
+        roots: mp rank -> the file's object tree (tensors as records).
+        json: file stem -> JSON rendering (tensors replaced by ``{"__tensor__": name}``).
+        tensor_jobs: tensor-valued state, to be written to ``state.safetensors``.
+        globals: file name -> the globals its pickle names.
+    """
+
+    roots: dict[int, Any]
+    json: dict[str, Any]
+    tensor_jobs: list[TensorJob]
+    globals: dict[str, dict[str, bool]] = field(default_factory=dict)
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """A top-level value of ``mp_rank_00`` (``iteration``, ``global_steps`` ...)."""
+        root = self.roots.get(0)
+        if isinstance(root, dict) and key in root:
+            return root[key]
+        return default
+
+    @property
+    def iteration(self) -> int | None:
+        for key in ("iteration", "global_steps"):
+            value = self.value(key)
+            if isinstance(value, int):
+                return value
+        return None
+
+
+def tensor_state_jobs(tf: TorchFile, prefix: str) -> tuple[dict[int, str], list[TensorJob]]:
+    """Jobs for every tensor in ``tf`` named ``{prefix}.{path}``; id(ref) -> name."""
+    names: dict[int, str] = {}
+    jobs: list[TensorJob] = []
+    for path, ref in iter_tensors(tf.obj):
+        name = f"{prefix}.{path}"
+        names[id(ref)] = name
+        jobs.append(TensorJob(name, "state", ref.dtype, ref.shape, ref.iter_chunks))
+    return names, jobs
+
+
+def render(obj: Any, names: dict[int, str]) -> Any:
+    """JSON of ``obj`` with each tensor replaced by a pointer into ``state.safetensors``."""
+
+    def tensor(ref: TensorRef) -> Any:
+        return {"__tensor__": names[id(ref)], "dtype": str(ref.dtype).removeprefix("torch."),
+                "shape": list(ref.shape)}
+
+    return to_json(obj, tensor=tensor)
+
+
+def read_engine_state(files: CheckpointFiles, exported_module: bool) -> EngineState:
+    """Read every ``mp_rank_XX_model_states.pt`` of ``files``.
+
+    Args:
+        exported_module: the ``module`` weights (non-pipeline saves) are written as model
+            weights, so they are not repeated in the state.
+    """
+    roots: dict[int, Any] = {}
+    rendered: dict[str, Any] = {}
+    jobs: list[TensorJob] = []
+    globals_: dict[str, dict[str, bool]] = {}
+    for mp, path in sorted(files.mp_files.items()):
+        tf = load_torch_file(path)
+        roots[mp] = tf.obj
+        globals_[path.name] = tf.globals
+        obj = tf.obj
+        if exported_module and isinstance(obj, dict) and isinstance(obj.get("module"), dict):
+            obj = {**obj, "module": "exported as model weights"}
+        stem = path.name.removesuffix(".pt")
+        names, file_jobs = tensor_state_jobs(TorchFile(tf.path, obj, tf.globals), stem)
+        jobs += file_jobs
+        rendered[stem] = render(obj, names)
+    return EngineState(roots, rendered, jobs, globals_)

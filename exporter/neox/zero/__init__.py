@@ -1,0 +1,206 @@
+"""ZeRO optimizer states: fp32 master weights and Adam moments per parameter.
+
+Two on-disk formats are read, detected from the keys of ``optimizer_state_dict``:
+
+- ``single_partition_of_fp32_groups``: current DeepSpeed ZeRO 1/2 (:mod:`.current`);
+- ``local_sub_partitions_of_fp32_groups``: EleutherAI DeeperSpeed's elastic stage-1 format of
+  the Pythia era (:mod:`.elastic`).
+
+Each model-parallel unit (``mp_rank_XX``: a pipeline stage and/or a tensor-parallel rank) has
+its own partition files; units that hold the same parameter names are the tensor-parallel
+ranks of one stage and are merged with the model weights' rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from exporter.convert.stream import TensorJob, chunks_of
+from exporter.errors import LayoutError
+from exporter.neox.checkpoint import CheckpointFiles
+from exporter.neox.model import merge_shards, merged_shape
+from exporter.neox.names import map_name, split_module_name
+from exporter.neox.zero.common import OPTIMIZER_KINDS, ParamSlices
+from exporter.neox.zero.current import read_current
+from exporter.neox.zero.elastic import read_elastic
+from exporter.torchfile import TorchFile, load_torch_file, to_json
+
+if TYPE_CHECKING:
+    from exporter.neox.model import ModelPlan
+    from exporter.neox.state import EngineState
+
+__all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "plan_optimizer"]
+
+
+@dataclass
+class OptimizerPlan:
+    """Optimizer tensors of one checkpoint, and the optimizer's non-tensor state.
+
+    Attributes:
+        jobs: one per (kind, parameter), Hugging Face names.
+        format: ``deepspeed-zero`` or ``deeperspeed-elastic-stage1``.
+        state_json: scalar state (loss scaler, partition counts, Adam hyper-parameters and
+            step, how the step was derived), per file and summarised.
+        units: the model-parallel units' parameters, by mp rank.
+    """
+
+    jobs: list[TensorJob]
+    format: str
+    state_json: dict[str, Any]
+    units: dict[int, list[ParamSlices]] = field(default_factory=dict)
+    dp_size: int = 0
+
+    def jobs_by_kind(self) -> dict[str, list[TensorJob]]:
+        out: dict[str, list[TensorJob]] = {kind: [] for kind in OPTIMIZER_KINDS}
+        for job in self.jobs:
+            out[job.kind].append(job)
+        return out
+
+
+def detect_format(tf: TorchFile) -> str:
+    osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
+    if isinstance(osd, dict):
+        if "single_partition_of_fp32_groups" in osd:
+            return "deepspeed-zero"
+        if "local_sub_partitions_of_fp32_groups" in osd:
+            return "deeperspeed-elastic-stage1"
+        keys = ", ".join(sorted(map(str, osd)))[:300]
+    else:
+        keys = ", ".join(sorted(map(str, tf.obj)))[:300] if isinstance(tf.obj, dict) else "none"
+    raise LayoutError(f"{tf.path}: unknown optimizer layout (keys: {keys})")
+
+
+def _param_shapes(value: Any, where: str) -> list[dict[str, tuple[int, ...]]]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(g, dict) for g in value):
+        raise LayoutError(f"{where}: 'param_shapes' is missing or malformed")
+    out = []
+    for group in value:
+        shapes = {}
+        for name, shape in group.items():
+            if not isinstance(name, str) or not isinstance(shape, tuple):
+                raise LayoutError(f"{where}: malformed param_shapes entry {name!r}")
+            shapes[name] = shape
+        out.append(shapes)
+    return out
+
+
+def plan_optimizer(
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState
+) -> OptimizerPlan | None:
+    """Plan every optimizer tensor of the checkpoint, or None if it has no ZeRO files.
+
+    Raises:
+        LayoutError: missing/extra rank files, partition counts that disagree with the files,
+            an unknown layout, or parameters that do not match the model.
+    """
+    if not files.optim_files:
+        return None
+    mps = sorted({mp for _, mp in files.optim_files})
+    dp = len({dp for dp, _ in files.optim_files})
+    units: dict[int, list[ParamSlices]] = {}
+    per_file: dict[str, Any] = {}
+    summaries: dict[int, Any] = {}
+    formats = set()
+    for mp in mps:
+        tfs = [load_torch_file(files.optim_files[(r, mp)]) for r in range(dp)]
+        fmt = detect_format(tfs[0])
+        formats.add(fmt)
+        for tf in tfs[1:]:
+            if detect_format(tf) != fmt:
+                raise LayoutError(f"{tf.path}: partition files of mp_rank {mp:02d} mix formats")
+        if fmt == "deepspeed-zero":
+            root = engine.roots.get(mp)
+            if not isinstance(root, dict) or "param_shapes" not in root:
+                path = files.mp_files.get(mp)
+                raise LayoutError(f"{path or files.folder}: no 'param_shapes' for mp_rank {mp:02d}")
+            shapes = _param_shapes(root["param_shapes"], str(files.mp_files[mp]))
+            units[mp], summaries[mp] = read_current(shapes, tfs)
+        else:
+            shapes = _param_shapes(tfs[0].obj.get("param_shapes"), str(tfs[0].path))
+            units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
+        for tf in tfs:
+            per_file[tf.path.name] = _render_scalars(tf)
+    jobs = _merge_units(units, model)
+    state = {
+        "format": formats.pop() if len(formats) == 1 else sorted(formats),
+        "dp_size": dp,
+        "units": {f"mp_rank_{mp:02d}": s for mp, s in summaries.items()},
+        "files": per_file,
+    }
+    return OptimizerPlan(jobs, str(state["format"]), state, units, dp)
+
+
+def _render_scalars(tf: TorchFile) -> Any:
+    def tensor(ref: Any) -> Any:
+        return {"__partition__": str(ref.dtype).removeprefix("torch."), "numel": ref.numel}
+
+    return to_json(tf.obj, tensor=tensor)
+
+
+def _merge_units(units: dict[int, list[ParamSlices]], model: ModelPlan) -> list[TensorJob]:
+    # Units holding the same names are tensor-parallel ranks of one pipeline stage (mp order).
+    stages: dict[tuple[str, ...], list[list[ParamSlices]]] = {}
+    for mp in sorted(units):
+        key = tuple(sorted(p.name for p in units[mp]))
+        stages.setdefault(key, []).append(units[mp])
+    model_names = {j.neox_name: j for j in model.jobs if j.kind == "model"}
+    jobs: list[TensorJob] = []
+    seen: set[str] = set()
+    for ranks in stages.values():
+        if len(ranks) != model.tp_size:
+            raise LayoutError(
+                f"optimizer files hold {len(ranks)} tensor-parallel rank(s) of some parameters, "
+                f"the model has {model.tp_size}"
+            )
+        by_name = [{p.name: p for p in rank} for rank in ranks]
+        for param in ranks[0]:
+            layer, key = split_module_name(param.name)
+            neox_name = f"{layer}.{key}"
+            mapped = map_name(layer, key, model.num_layers)
+            if neox_name not in model_names:
+                raise LayoutError(f"optimizer parameter {param.name!r} has no model weight")
+            if neox_name in seen:
+                raise LayoutError(f"optimizer parameter {param.name!r} appears in two units")
+            seen.add(neox_name)
+            shards = [b[param.name] for b in by_name]
+            shape = merged_shape([s.shape for s in shards], mapped.merge)
+            expected = model_names[neox_name].shape
+            if shape != expected:
+                raise LayoutError(
+                    f"optimizer parameter {param.name!r} has shape {list(shape)}, the model "
+                    f"weight {list(expected)}"
+                )
+            for kind in OPTIMIZER_KINDS:
+                jobs.append(
+                    TensorJob(
+                        name=mapped.hf_name,
+                        kind=kind,
+                        dtype=shards[0].segments[kind][0].ref.dtype if shards[0].segments[kind] else torch.float32,
+                        shape=shape,
+                        chunks=_chunks(shards, kind, mapped.merge),
+                        neox_name=neox_name,
+                        layer=mapped.block,
+                    )
+                )
+    missing = sorted(set(model_names) - seen)
+    if missing:
+        raise LayoutError(f"optimizer files have no state for {len(missing)} parameter(s): {missing[:5]}")
+    order = {j.neox_name: i for i, j in enumerate(model.jobs)}
+    jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.neox_name]))
+    return jobs
+
+
+def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
+    if len(shards) == 1:
+        return shards[0].chunks(kind)
+
+    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+        yield from chunks_of(merge_shards([s.read(kind) for s in shards], merge))(max_bytes)
+
+    return gen

@@ -1,0 +1,112 @@
+"""Shared pieces of the ZeRO readers: parameter slices of partition files, and their jobs.
+
+A ZeRO partition file holds, per param group, one flat fp32 tensor (the rank's slice of the
+group's flattened parameters) and the Adam moments of the same slice. A parameter is thus a
+list of :class:`Segment` s — contiguous element ranges of partition tensors, possibly on
+several ranks — and is read segment by segment, never by concatenating whole partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from exporter.errors import CheckpointFormatError, LayoutError
+from exporter.torchfile import TensorRef
+
+OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, start + count)`` of a 1-D partition tensor."""
+
+    ref: TensorRef
+    start: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.count < 0 or self.start + self.count > self.ref.numel:
+            raise CheckpointFormatError(
+                f"{self.ref.path}: slice [{self.start}, {self.start + self.count}) lies outside "
+                f"a partition of {self.ref.numel} elements"
+            )
+
+    def read(self) -> torch.Tensor:
+        size = self.ref.element_size
+        raw = self.ref.storage.zip.read(self.ref.file_offset + self.start * size, self.count * size)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.ref.dtype)
+
+
+@dataclass
+class ParamSlices:
+    """One parameter of one model-parallel unit: its shape and where each kind lies."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: int
+    segments: dict[str, list[Segment]] = field(default_factory=dict)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def read(self, kind: str) -> torch.Tensor:
+        parts = [s.read() for s in self.segments[kind]]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return flat.reshape(self.shape)
+
+    def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
+        segments = self.segments[kind]
+
+        def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+            for seg in segments:
+                step = max(1, max_bytes // seg.ref.element_size)
+                for start in range(seg.start, seg.start + seg.count, step):
+                    count = min(step, seg.start + seg.count - start)
+                    yield Segment(seg.ref, start, count).read()
+
+        return gen
+
+
+def flat_partition(ref: Any, where: str) -> TensorRef:
+    """Check that ``ref`` is a 1-D contiguous tensor (a flat ZeRO partition)."""
+    if not isinstance(ref, TensorRef):
+        raise LayoutError(f"{where}: expected a flat partition tensor, found {type(ref).__name__}")
+    if len(ref.shape) != 1 or not ref.is_contiguous:
+        raise LayoutError(f"{where}: partition tensor has shape {list(ref.shape)}, expected 1-D")
+    return ref
+
+
+def slice_flat(
+    refs: list[TensorRef], partition_size: int, begin: int, count: int
+) -> list[Segment]:
+    """The segments covering flat elements ``[begin, begin + count)`` of a group whose ranks each
+    hold ``partition_size`` elements (``refs[r]`` is rank r's partition, maybe trimmed)."""
+    segments = []
+    pos, end = begin, begin + count
+    while pos < end:
+        rank = pos // partition_size
+        if rank >= len(refs):
+            raise LayoutError("parameter runs past the last partition (partition count mismatch)")
+        local = pos - rank * partition_size
+        take = min(end - pos, partition_size - local)
+        segments.append(Segment(refs[rank], local, take))
+        pos += take
+    return segments
+
+
+def scalar(value: Any) -> Any:
+    """A Python number from a pickled scalar or a one-element tensor record."""
+    if isinstance(value, TensorRef):
+        if value.numel != 1:
+            return None
+        return value.read().reshape(-1)[0].item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return None

@@ -1,0 +1,19 @@
+"""Progress bars for long work (tqdm), silent when disabled or not on a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+
+@contextmanager
+def byte_bar(label: str, total: int | None = None, disable: bool = False) -> Iterator[Callable[[int], None]]:
+    """A bar over bytes; yields the function to call with each increment."""
+    bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+               disable=disable, leave=False, dynamic_ncols=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
