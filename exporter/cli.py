@@ -23,7 +23,7 @@ log = logging.getLogger("exporter")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -119,16 +119,10 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
 
     Example: neox-export convert checkpoints/global_step1000 --out hf/step1000 --dtype bf16
     """
-    from exporter.convert.sharding import parse_size
-    from exporter.export import ExportOptions, export_checkpoint
+    from exporter.export import export_checkpoint
     from exporter.progress import byte_bar
 
-    try:
-        shard = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from exc
-    options = ExportOptions(include=include, dtype=DTYPES[dtype], device=_device(device),
-                            max_shard_size=shard)
+    options = _export_options(include, dtype, device, max_shard_size)
     quiet = click.get_current_context().obj["quiet"]
     with byte_bar(f"convert {checkpoint.name}", disable=quiet) as advance:
         result = export_checkpoint(checkpoint, out_dir, options, progress=advance)
@@ -139,6 +133,90 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
                f"({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
                f"{result.bytes_in / 1e6:.1f} MB in, {result.bytes_out / 1e6:.1f} MB out, "
                f"{result.seconds:.1f} s")
+
+
+def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str) -> Any:
+    from exporter.convert.sharding import parse_size
+    from exporter.export import ExportOptions
+
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-shard-size") from exc
+    return ExportOptions(include=include, dtype=DTYPES[dtype], device=_device(device),
+                         max_shard_size=shard)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Archive folder (created; an existing archive is resumed).")
+@click.option("--steps", default="all", show_default=True,
+              help="Which steps: all, log (0 and powers of two), 1000, 1000:143000:1000, or a comma list.")
+@click.option("--include", default="model,optimizer,state", show_default=True,
+              callback=lambda c, p, v: _include(v), help="What to write for each step.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True,
+              help="Cast model weights.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where casts and statistics run.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Model shard size limit.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Steps converted in parallel.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local processes, or one Ray task per step (pip install 'neox-exporter[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--keep-going", is_flag=True, help="Record a failing step in the manifest and go on.")
+@click.option("--no-verify-existing", is_flag=True,
+              help="Skip complete steps by file size only, without re-hashing them.")
+@click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Hub sources: where a step's files are downloaded (default ARCHIVE/.downloads).")
+@click.option("--max-disk", default=None, help="Hub sources: bound on downloaded bytes held at once (e.g. 20GB).")
+@click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
+@click.pass_context
+def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
+          dtype: str, device: str, max_shard_size: str, workers: int, executor: str,
+          ray_address: str | None, keep_going: bool, no_verify_existing: bool,
+          download_dir: Path | None, max_disk: str | None, log_json: bool) -> None:
+    """Convert a whole training run into an archive: every step, indexed in Parquet.
+
+    SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
+    model repository whose branches are steps: hf://ORG/NAME. Complete steps are skipped,
+    so an interrupted build resumes where it stopped.
+
+    \b
+    Examples:
+      neox-export build runs/pythia-tiny --out archive
+      neox-export build hf://EleutherAI/neox-ckpt-pythia-410m-seed8 --out archive \\
+          --steps 1000:143000:1000 --include model,optimizer --max-disk 20GB
+    """
+    from exporter.pipeline import BuildOptions
+    from exporter.pipeline import build as run_build
+    from exporter.sources import open_source
+
+    options = _export_options(include, dtype, device, max_shard_size)
+    hub: dict[str, Any] = {}
+    if source.startswith("hf://"):
+        from exporter.convert.sharding import parse_size
+
+        hub["download_dir"] = download_dir or out_dir / ".downloads"
+        hub["max_disk"] = parse_size(max_disk) if max_disk else None
+    src = open_source(source, **hub)
+    quiet = ctx.obj["quiet"] or log_json
+    summary = run_build(src, out_dir, BuildOptions(
+        export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
+        keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
+        quiet=quiet))
+    if log_json:
+        click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
+                               "steps_skipped": summary.count("skipped"),
+                               "steps_failed": summary.count("failed"),
+                               "bytes_in": summary.bytes_in, "bytes_out": summary.bytes_out,
+                               "seconds": summary.seconds}))
+    else:
+        click.echo(f"archive: {out_dir}")
+        click.echo(summary.table())
+    if summary.count("failed"):
+        ctx.exit(1)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -36,46 +36,40 @@ class SyntheticSource:
         self.seed = seed
         self.dtype = dtype
         self.step0 = step0
-        self._last: tuple[tuple[object, ...], torch.Tensor] | None = None
 
-    def flat(self, kind: str, tp_rank: int, spec: ParamSpec, start: int, stop: int) -> torch.Tensor:
+    def fill(self, kind: str, tp_rank: int, spec: ParamSpec, start: int, out: torch.Tensor) -> None:
         if kind != "master" and self.step0:
-            return torch.zeros(stop - start)
+            out.zero_()
+            return
         # Norms and row-parallel biases see the same gradients on every tp rank, so they stay
         # identical across ranks in a real run.
         owner = tp_rank if spec.parallel in (Parallel.COLUMN, Parallel.ROW) else 0
-        out = torch.empty(stop - start)
-        first, last = start // CHUNK, (stop - 1) // CHUNK if stop > start else -1
-        for index in range(first, last + 1):
-            chunk = self._chunk(kind, owner, spec, index)
-            lo, hi = max(start, index * CHUNK), min(stop, (index + 1) * CHUNK)
-            out[lo - start : hi - start] = chunk[lo - index * CHUNK : hi - index * CHUNK]
-        return out
+        stop = start + out.numel()
+        for index in range(start // CHUNK, (stop + CHUNK - 1) // CHUNK):
+            chunk_start = index * CHUNK
+            chunk_stop = min(chunk_start + CHUNK, spec.numel)
+            lo, hi = max(start, chunk_start), min(stop, chunk_stop)
+            if (lo, hi) == (chunk_start, chunk_stop):
+                self._draw(kind, owner, spec, index, out[lo - start : hi - start])
+            else:
+                chunk = torch.empty(chunk_stop - chunk_start)
+                self._draw(kind, owner, spec, index, chunk)
+                out[lo - start : hi - start] = chunk[lo - chunk_start : hi - chunk_start]
 
-    def _chunk(self, kind: str, owner: int, spec: ParamSpec, index: int) -> torch.Tensor:
-        key = (kind, owner, spec.name, index)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        digest = hashlib.blake2b(repr((self.seed, *key)).encode(), digest_size=8).digest()
+    def _draw(self, kind: str, owner: int, spec: ParamSpec, index: int, out: torch.Tensor) -> None:
+        """Chunk ``index`` of one tensor, written into ``out`` (one pass over memory)."""
+        digest = hashlib.blake2b(repr((self.seed, kind, owner, spec.name, index)).encode(),
+                                 digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        size = min(CHUNK, spec.numel - index * CHUNK)
-        values = torch.randn(size, generator=generator)
-        if kind == "master":
-            values = self._master(values, spec)
-        elif kind == "exp_avg":
-            values.mul_(1e-4)
-        else:
-            values.square_().mul_(1e-8)
-        self._last = (key, values)
-        return values
-
-    def _master(self, values: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
-        if spec.key.endswith("norm.weight"):
-            values.mul_(0.05).add_(1.0)
+        if kind == "exp_avg":
+            out.normal_(0.0, 1e-4, generator=generator)
+        elif kind == "exp_avg_sq":
+            out.uniform_(0.0, 1e-8, generator=generator)
+        elif spec.key.endswith("norm.weight"):
+            out.normal_(1.0, 0.05, generator=generator)
         elif spec.key.endswith("bias"):
-            values.mul_(0.02)
+            out.normal_(0.0, 0.02, generator=generator)
         else:
-            values.mul_(_init_std(spec, self.shape))
-        if self.step0:
-            values = values.to(self.dtype).float()
-        return values
+            out.normal_(0.0, _init_std(spec, self.shape), generator=generator)
+        if kind == "master" and self.step0:
+            out.copy_(out.to(self.dtype))

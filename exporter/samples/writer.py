@@ -43,9 +43,17 @@ LayerContainer = Literal["dict", "ordered"]
 class TensorSource(Protocol):
     """Where a checkpoint's fp32 values come from (trained tensors or seeded random data)."""
 
-    def flat(self, kind: str, tp_rank: int, spec: ParamSpec, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened ``kind`` tensor of ``spec``, fp32, 1-D."""
+    def fill(self, kind: str, tp_rank: int, spec: ParamSpec, start: int, out: torch.Tensor) -> None:
+        """Write elements ``[start, start + out.numel())`` of the flattened ``kind`` tensor of
+        ``spec`` into the fp32 1-D ``out``."""
         ...
+
+
+def read_flat(source: TensorSource, kind: str, tp_rank: int, spec: ParamSpec) -> torch.Tensor:
+    """A whole parameter's ``kind`` tensor from ``source``, flat fp32."""
+    out = torch.empty(spec.numel)
+    source.fill(kind, tp_rank, spec, 0, out)
+    return out
 
 
 def layer_file_name(layer: int, tp_rank: int) -> str:
@@ -120,7 +128,7 @@ class CheckpointTruth:
         if kind not in KINDS:
             raise SampleSpecError(f"unknown kind {kind!r}; expected one of {KINDS}")
         spec = self.spec(name, tp_rank)
-        return self.source.flat(kind, tp_rank, spec, 0, spec.numel).reshape(spec.shape).clone()
+        return read_flat(self.source, kind, tp_rank, spec).reshape(spec.shape)
 
     def master(self, name: str, tp_rank: int = 0) -> torch.Tensor:
         return self.tensor("master", name, tp_rank)
@@ -144,8 +152,7 @@ def _fill(buffer: torch.Tensor, kind: str, source: TensorSource, tp_rank: int,
     for name, (offset, numel) in part.offsets().items():
         lo, hi = max(start, offset), min(stop, offset + numel)
         if lo < hi:
-            values = source.flat(kind, tp_rank, specs[name], lo - offset, hi - offset)
-            buffer[lo - start : hi - start] = values
+            source.fill(kind, tp_rank, specs[name], lo - offset, buffer[lo - start : hi - start])
 
 
 def optimizer_state_dict(
@@ -168,10 +175,11 @@ def optimizer_state_dict(
         masters, states = [], []
         for comm in range(part.num_comm_intervals):
             start, stop = part.lean_range(dp_rank, comm)
-            buffers = {kind: torch.zeros(part.sub_partition_size) for kind in KINDS}
+            lean = stop - start
+            buffers = {kind: torch.empty(part.sub_partition_size) for kind in KINDS}
             for kind, buffer in buffers.items():
                 _fill(buffer, kind, source, tp_rank, specs, part, start, stop)
-            lean = stop - start
+                buffer[lean:] = 0  # alignment padding: zeros in stage 1's flat buffers
             # The fp32 sub-partitions are trainable leaves in stage 1's __init__.
             masters.append(buffers["master"].requires_grad_()[:lean])
             states.append({key: buffers[key][:lean] for key in ADAM_STATE_KEYS})
@@ -241,8 +249,8 @@ def write_folder(
         for layer in spec.shape.layer_indices():
             entries = container()
             for param in (s for s in specs if s.layer == layer):
-                flat = source.flat("master", tp_rank, param, 0, param.numel)
-                entries[param.key] = flat.reshape(param.shape).to(spec.dtype, copy=True)
+                master = read_flat(source, "master", tp_rank, param)
+                entries[param.key] = master.reshape(param.shape).to(spec.dtype)
                 if param.key == ROTARY_BUFFER_AFTER:
                     entries[ROTARY_BUFFER] = rotary_inv_freq(spec.shape).to(spec.dtype)
             save(entries, layer_file_name(layer, tp_rank))

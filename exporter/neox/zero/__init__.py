@@ -53,6 +53,7 @@ class OptimizerPlan:
     state_json: dict[str, Any]
     units: dict[int, list[ParamSlices]] = field(default_factory=dict)
     dp_size: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def jobs_by_kind(self) -> dict[str, list[TensorJob]]:
         out: dict[str, list[TensorJob]] = {kind: [] for kind in OPTIMIZER_KINDS}
@@ -126,14 +127,45 @@ def plan_optimizer(
             units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
         for tf in tfs:
             per_file[tf.path.name] = _render_scalars(tf)
-    jobs = _merge_units(units, model)
+    jobs, stages = _merge_units(units, model)
+    if len(formats) != 1:
+        raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
+    fmt = formats.pop()
+    first = files.optim_files[(0, mps[0])]
+    summary = {
+        **_summarise(summaries[mps[0]]),
+        "loss_scale": _loss_scale(load_torch_file(first).obj),
+        "pp_size": stages,
+    }
     state = {
-        "format": formats.pop() if len(formats) == 1 else sorted(formats),
+        "format": fmt,
         "dp_size": dp,
+        "summary": summary,
         "units": {f"mp_rank_{mp:02d}": s for mp, s in summaries.items()},
         "files": per_file,
     }
-    return OptimizerPlan(jobs, str(state["format"]), state, units, dp)
+    return OptimizerPlan(jobs, fmt, state, units, dp, summary)
+
+
+def _summarise(unit: dict[str, Any]) -> dict[str, Any]:
+    groups = unit.get("groups") or [{}]
+    first = groups[0]
+    lr = first.get("hyperparameters", {}).get("lr")
+    step = first.get("adam_step")
+    return {
+        "learning_rate": float(lr) if isinstance(lr, (int, float)) else None,
+        "adam_step": int(step) if isinstance(step, (int, float)) else None,
+        "adam_step_source": unit.get("adam_step_source", "optimizer state"),
+    }
+
+
+def _loss_scale(root: Any) -> float | None:
+    osd = root.get("optimizer_state_dict") if isinstance(root, dict) else None
+    scaler = osd.get("loss_scaler") if isinstance(osd, dict) else None
+    state = getattr(scaler, "state", None) if scaler is not None else None
+    if isinstance(state, dict) and isinstance(state.get("cur_scale"), (int, float)):
+        return float(state["cur_scale"])
+    return None
 
 
 def _render_scalars(tf: TorchFile) -> Any:
@@ -143,7 +175,9 @@ def _render_scalars(tf: TorchFile) -> Any:
     return to_json(tf.obj, tensor=tensor)
 
 
-def _merge_units(units: dict[int, list[ParamSlices]], model: ModelPlan) -> list[TensorJob]:
+def _merge_units(
+    units: dict[int, list[ParamSlices]], model: ModelPlan
+) -> tuple[list[TensorJob], int]:
     # Units holding the same names are tensor-parallel ranks of one pipeline stage (mp order).
     stages: dict[tuple[str, ...], list[list[ParamSlices]]] = {}
     for mp in sorted(units):
@@ -193,7 +227,7 @@ def _merge_units(units: dict[int, list[ParamSlices]], model: ModelPlan) -> list[
         raise LayoutError(f"optimizer files have no state for {len(missing)} parameter(s): {missing[:5]}")
     order = {j.neox_name: i for i, j in enumerate(model.jobs)}
     jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.neox_name]))
-    return jobs
+    return jobs, len(stages)
 
 
 def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
