@@ -135,6 +135,29 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
                f"{result.seconds:.1f} s")
 
 
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(path: Path) -> None:
+    """Check a checkpoint folder, an exported step folder, or a whole archive.
+
+    For every parameter the fp32 master weight cast to the model dtype must equal the model
+    weight bitwise; ZeRO partition sizes must add up with their padding; nothing in the
+    source may be left out; exported tensors must match the sha256s in the index. Exits 1
+    on any failure, naming the tensor.
+
+    Example: neox-export verify checkpoints/global_step1000
+    """
+    from exporter.verify import verify_path
+
+    reports = verify_path(path)
+    for report in reports:
+        click.echo(report.text())
+    failed = [r for r in reports if not r.ok]
+    if failed:
+        raise ExporterError(f"verification failed for {len(failed)} of {len(reports)} target(s)")
+    click.echo(f"all checks passed ({len(reports)} target(s))")
+
+
 def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str) -> Any:
     from exporter.convert.sharding import parse_size
     from exporter.export import ExportOptions
