@@ -92,7 +92,7 @@ def infer_num_layers(files: CheckpointFiles, cfg: dict[str, Any]) -> int:
     raise LayoutError(f"{files.folder}: cannot tell the number of layers (no num-layers in config)")
 
 
-def _layer_sources(files: CheckpointFiles) -> dict[int, list[dict[str, TensorRef]]]:
+def layer_sources(files: CheckpointFiles) -> dict[int, list[dict[str, TensorRef]]]:
     """pipeline layer index -> one {key: tensor} per tensor-parallel rank."""
     layers: dict[int, list[dict[str, TensorRef]]] = {}
     if files.is_pipeline:
@@ -128,7 +128,7 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
     jobs: list[TensorJob] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: set[torch.dtype] = set()
-    layers = _layer_sources(files)
+    layers = layer_sources(files)
     tp_size = max(len(r) for r in layers.values()) if layers else 1
     for layer in sorted(layers):
         ranks = layers[layer]

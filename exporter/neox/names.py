@@ -118,3 +118,16 @@ def split_module_name(name: str) -> tuple[int, str]:
     if len(parts) < 2 or not parts[0].isdigit():
         raise NameMappingError(f"parameter name {name!r} does not start with a layer index")
     return int(parts[0]), ".".join(parts[1:])
+
+
+def hf_merge_rule(hf_name: str) -> Merge | None:
+    """The tensor-parallel merge rule of a Hugging Face name (None if unknown)."""
+    for entries in EDGE_KEYS.values():
+        for hf, merge, _ in entries.values():
+            if hf == hf_name:
+                return merge
+    parts = hf_name.split(".")
+    if len(parts) > 3 and parts[:2] == ["gpt_neox", "layers"]:
+        entry = BLOCK_KEYS.get(".".join(parts[3:]))
+        return entry[1] if entry else None
+    return None

@@ -18,6 +18,7 @@ takes one Adam step with zero gradients at the set-up learning rate.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -66,8 +67,19 @@ def _initial_masters(shape: ModelShape, tp: int, dtype: torch.dtype, seed: int) 
     return masters
 
 
+@functools.cache
+def _specs_by_name(shape: ModelShape, tp: int) -> dict[str, list[ParamSpec]]:
+    """Module name -> its spec on each tp rank."""
+    result: dict[str, list[ParamSpec]] = {}
+    for tp_rank in range(tp):
+        for spec in parameter_specs(shape, tp, tp_rank):
+            result.setdefault(spec.name, []).append(spec)
+    return result
+
+
 def _full(weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, layer: int, key: str) -> torch.Tensor:
-    specs = [next(s for s in parameter_specs(shape, tp, r) if s.name == f"{layer}.{key}") for r in range(tp)]
+    """The unsharded tensor, assembled the way the tensor-parallel forward combines shards."""
+    specs = _specs_by_name(shape, tp)[f"{layer}.{key}"]
     shards = [weights[owner(r, spec)] for r, spec in enumerate(specs)]
     parallel = specs[0].parallel
     if parallel is Parallel.COLUMN:

@@ -54,6 +54,7 @@ class OptimizerPlan:
     units: dict[int, list[ParamSlices]] = field(default_factory=dict)
     dp_size: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
+    unit_tp_rank: dict[int, int] = field(default_factory=dict)
 
     def jobs_by_kind(self) -> dict[str, list[TensorJob]]:
         out: dict[str, list[TensorJob]] = {kind: [] for kind in OPTIMIZER_KINDS}
@@ -127,7 +128,7 @@ def plan_optimizer(
             units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
         for tf in tfs:
             per_file[tf.path.name] = _render_scalars(tf)
-    jobs, stages = _merge_units(units, model)
+    jobs, unit_tp_rank, stages = _merge_units(units, model)
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()
@@ -144,7 +145,7 @@ def plan_optimizer(
         "units": {f"mp_rank_{mp:02d}": s for mp, s in summaries.items()},
         "files": per_file,
     }
-    return OptimizerPlan(jobs, fmt, state, units, dp, summary)
+    return OptimizerPlan(jobs, fmt, state, units, dp, summary, unit_tp_rank)
 
 
 def _summarise(unit: dict[str, Any]) -> dict[str, Any]:
@@ -177,11 +178,13 @@ def _render_scalars(tf: TorchFile) -> Any:
 
 def _merge_units(
     units: dict[int, list[ParamSlices]], model: ModelPlan
-) -> tuple[list[TensorJob], int]:
+) -> tuple[list[TensorJob], dict[int, int], int]:
     # Units holding the same names are tensor-parallel ranks of one pipeline stage (mp order).
     stages: dict[tuple[str, ...], list[list[ParamSlices]]] = {}
+    unit_tp_rank: dict[int, int] = {}
     for mp in sorted(units):
         key = tuple(sorted(p.name for p in units[mp]))
+        unit_tp_rank[mp] = len(stages.get(key, []))
         stages.setdefault(key, []).append(units[mp])
     model_names = {j.neox_name: j for j in model.jobs if j.kind == "model"}
     jobs: list[TensorJob] = []
@@ -227,7 +230,7 @@ def _merge_units(
         raise LayoutError(f"optimizer files have no state for {len(missing)} parameter(s): {missing[:5]}")
     order = {j.neox_name: i for i, j in enumerate(model.jobs)}
     jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.neox_name]))
-    return jobs, len(stages)
+    return jobs, unit_tp_rank, len(stages)
 
 
 def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
