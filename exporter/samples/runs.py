@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -91,20 +92,24 @@ def write_checkpoint(
         torch.Size([32, 32])
     """
     folder = Path(folder)
-    if train_steps > 0:
-        truths = _trained(folder, shape, [train_steps], dp=dp, tp=tp, dtype=dtype, seed=seed,
-                          config=config or tiny_run_config(train_steps),
-                          folder_of=lambda _: folder, layer_container=layer_container,
-                          cuda_storage_tags=cuda_storage_tags,
-                          config_file=config_file or _config_file(shape, "branches"))
-        return truths[train_steps]
-    config = config or RunConfig()
-    spec = FolderSpec(shape, config, step, dp, tp, dtype, seed,
-                      config_file or _config_file(shape, "branches"), layer_container,
-                      cuda_storage_tags)
+    training = train_steps > 0
+    template = FolderSpec(
+        shape=shape,
+        config=config or (tiny_run_config(train_steps) if training else RunConfig()),
+        iteration=train_steps if training else step,
+        dp=dp,
+        tp=tp,
+        dtype=dtype,
+        seed=seed,
+        config_file=config_file or _config_file(shape, "branches"),
+        layer_container=layer_container,
+        cuda_storage_tags=cuda_storage_tags,
+    )
+    if training:
+        return _trained(template, [train_steps], lambda _: folder, progress)[train_steps]
     source = SyntheticSource(shape, seed, dtype, step0=step == 0)
-    return write_folder(folder, spec, source, simulated_engine(config, dtype, step),
-                        progress=progress)
+    engine = simulated_engine(template.config, dtype, step)
+    return write_folder(folder, template, source, engine, progress=progress)
 
 
 def write_run(
@@ -142,11 +147,19 @@ def write_run(
     if layout not in ("branches", "global_step"):
         raise SampleSpecError("layout must be 'branches' or 'global_step'")
     prefix = "step" if layout == "branches" else "global_step"
-    truths = _trained(folder, shape, wanted, dp=dp, tp=tp, dtype=dtype, seed=seed,
-                      config=config or tiny_run_config(wanted[-1]),
-                      folder_of=lambda step: folder / f"{prefix}{step}",
-                      layer_container=layer_container, cuda_storage_tags=cuda_storage_tags,
-                      config_file=_config_file(shape, layout))
+    template = FolderSpec(
+        shape=shape,
+        config=config or tiny_run_config(wanted[-1]),
+        iteration=0,
+        dp=dp,
+        tp=tp,
+        dtype=dtype,
+        seed=seed,
+        config_file=_config_file(shape, layout),
+        layer_container=layer_container,
+        cuda_storage_tags=cuda_storage_tags,
+    )
+    truths = _trained(template, wanted, lambda step: folder / f"{prefix}{step}", None)
     if layout == "global_step":
         latest = folder / "latest"
         tmp = folder / ".latest.partial"
@@ -156,30 +169,28 @@ def write_run(
 
 
 def _trained(
-    folder: Path,
-    shape: ModelShape,
+    template: FolderSpec,
     steps: list[int],
-    *,
-    dp: int,
-    tp: int,
-    dtype: torch.dtype,
-    seed: int,
-    config: RunConfig,
     folder_of: Callable[[int], Path],
-    layer_container: LayerContainer,
-    cuda_storage_tags: bool,
-    config_file: str,
+    progress: Callable[[str], None] | None,
 ) -> dict[int, CheckpointTruth]:
+    """Train once, writing ``folder_of(step)`` after each of ``steps``."""
     truths: dict[int, CheckpointTruth] = {}
-    # Validate the folder spec before spending time on training.
-    FolderSpec(shape, config, 0, dp, tp, dtype, seed, config_file, layer_container)
-    folder.mkdir(parents=True, exist_ok=True)
 
     def snapshot(step: int, engine: EngineState, source: MemorySource, adam_step: int) -> None:
-        spec = FolderSpec(shape, config, step, dp, tp, dtype, seed, config_file,
-                          layer_container, cuda_storage_tags)
-        truths[step] = write_folder(folder_of(step), spec, source, engine, adam_step=adam_step)
+        spec = dataclasses.replace(template, iteration=step)
+        truths[step] = write_folder(
+            folder_of(step), spec, source, engine, adam_step=adam_step, progress=progress
+        )
 
-    train(shape, tp=tp, dp=dp, dtype=dtype, seed=seed, config=config,
-          snapshot_steps=steps, snapshot=snapshot)
+    train(
+        template.shape,
+        tp=template.tp,
+        dp=template.dp,
+        dtype=template.dtype,
+        seed=template.seed,
+        config=template.config,
+        snapshot_steps=steps,
+        snapshot=snapshot,
+    )
     return truths

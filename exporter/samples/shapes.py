@@ -83,9 +83,15 @@ class ModelShape:
         return sum(spec.numel for spec in parameter_specs(self, tp=1, tp_rank=0))
 
 
-TINY = ModelShape(num_layers=2, hidden_size=32, num_heads=4, vocab_size=128, seq_length=16, name="tiny")
-PYTHIA_160M = ModelShape(num_layers=12, hidden_size=768, num_heads=12, vocab_size=50304, seq_length=2048, name="160M")
-PYTHIA_410M = ModelShape(num_layers=24, hidden_size=1024, num_heads=16, vocab_size=50304, seq_length=2048, name="410M")
+TINY = ModelShape(
+    num_layers=2, hidden_size=32, num_heads=4, vocab_size=128, seq_length=16, name="tiny"
+)
+PYTHIA_160M = ModelShape(
+    num_layers=12, hidden_size=768, num_heads=12, vocab_size=50304, seq_length=2048, name="160M"
+)
+PYTHIA_410M = ModelShape(
+    num_layers=24, hidden_size=1024, num_heads=16, vocab_size=50304, seq_length=2048, name="410M"
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ class ParamSpec:
 
     @property
     def group(self) -> int:
-        """Index of the optimizer param group (GPT-NeoX ``get_params_for_weight_decay_optimization``)."""
+        """Param group: 0 decay, 1 no decay (``get_params_for_weight_decay_optimization``)."""
         return 0 if self.weight_decay else 1
 
 

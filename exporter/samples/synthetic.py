@@ -16,7 +16,7 @@ from exporter.samples.shapes import ModelShape, Parallel, ParamSpec
 CHUNK = 1 << 20  # elements generated per seeded draw
 
 
-def _init_std(spec: ParamSpec, shape: ModelShape) -> float:
+def init_std(spec: ParamSpec, shape: ModelShape) -> float:
     """GPT-NeoX ``small_init`` for inputs, ``wang_init`` for the residual outputs."""
     if spec.key in ("attention.dense.weight", "mlp.dense_4h_to_h.weight"):
         return 2.0 / shape.num_layers / shape.hidden_size**0.5
@@ -58,8 +58,9 @@ class SyntheticSource:
 
     def _draw(self, kind: str, owner: int, spec: ParamSpec, index: int, out: torch.Tensor) -> None:
         """Chunk ``index`` of one tensor, written into ``out`` (one pass over memory)."""
-        digest = hashlib.blake2b(repr((self.seed, kind, owner, spec.name, index)).encode(),
-                                 digest_size=8).digest()
+        digest = hashlib.blake2b(
+            repr((self.seed, kind, owner, spec.name, index)).encode(), digest_size=8
+        ).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
         if kind == "exp_avg":
             out.normal_(0.0, 1e-4, generator=generator)
@@ -70,6 +71,6 @@ class SyntheticSource:
         elif spec.key.endswith("bias"):
             out.normal_(0.0, 0.02, generator=generator)
         else:
-            out.normal_(0.0, _init_std(spec, self.shape), generator=generator)
+            out.normal_(0.0, init_std(spec, self.shape), generator=generator)
         if kind == "master" and self.step0:
             out.copy_(out.to(self.dtype))

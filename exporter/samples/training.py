@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from exporter.samples.shapes import ModelShape, Parallel, ParamSpec, parameter_specs
 from exporter.samples.state import EngineState, RunConfig
-from exporter.samples.synthetic import _init_std
+from exporter.samples.synthetic import init_std
 
 Key = tuple[int, str]  # (owning tp rank, module name)
 
@@ -47,7 +47,9 @@ class MemorySource:
         out.copy_(self.tensors[kind][owner(tp_rank, spec)][start : start + out.numel()])
 
 
-def _initial_masters(shape: ModelShape, tp: int, dtype: torch.dtype, seed: int) -> dict[Key, torch.Tensor]:
+def _initial_masters(
+    shape: ModelShape, tp: int, dtype: torch.dtype, seed: int
+) -> dict[Key, torch.Tensor]:
     """GPT-NeoX initialisation, rounded through the model dtype: stage 1 builds the fp32
     masters by cloning the half-precision model."""
     masters: dict[Key, torch.Tensor] = {}
@@ -62,7 +64,7 @@ def _initial_masters(shape: ModelShape, tp: int, dtype: torch.dtype, seed: int) 
             elif spec.key.endswith("bias"):
                 value = torch.zeros(spec.shape)
             else:
-                value = torch.randn(spec.shape, generator=generator) * _init_std(spec, shape)
+                value = torch.randn(spec.shape, generator=generator) * init_std(spec, shape)
             masters[key] = value.to(dtype).float()
     return masters
 
@@ -77,7 +79,9 @@ def _specs_by_name(shape: ModelShape, tp: int) -> dict[str, list[ParamSpec]]:
     return result
 
 
-def _full(weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, layer: int, key: str) -> torch.Tensor:
+def _full(
+    weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, layer: int, key: str
+) -> torch.Tensor:
     """The unsharded tensor, assembled the way the tensor-parallel forward combines shards."""
     specs = _specs_by_name(shape, tp)[f"{layer}.{key}"]
     shards = [weights[owner(r, spec)] for r, spec in enumerate(specs)]
@@ -103,7 +107,9 @@ def _rotate(x: torch.Tensor, shape: ModelShape, positions: torch.Tensor) -> torc
     return torch.cat((rot * emb.cos() + rotated * emb.sin(), rest), dim=-1)
 
 
-def neox_loss(weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, tokens: torch.Tensor) -> torch.Tensor:
+def neox_loss(
+    weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, tokens: torch.Tensor
+) -> torch.Tensor:
     """Next-token cross entropy of the GPT-NeoX forward on ``tokens`` (batch, seq)."""
 
     def w(layer: int, key: str) -> torch.Tensor:
@@ -115,17 +121,30 @@ def neox_loss(weights: dict[Key, torch.Tensor], shape: ModelShape, tp: int, toke
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     x = F.embedding(tokens, w(0, "word_embeddings.weight"))
     for layer in range(2, shape.num_layers + 2):
-        h = F.layer_norm(x, (hidden,), w(layer, "input_layernorm.weight"), w(layer, "input_layernorm.bias"), 1e-5)
-        qkv = F.linear(h, w(layer, "attention.query_key_value.weight"), w(layer, "attention.query_key_value.bias"))
+        h = F.layer_norm(
+            x, (hidden,), w(layer, "input_layernorm.weight"), w(layer, "input_layernorm.bias"), 1e-5
+        )
+        qkv = F.linear(
+            h,
+            w(layer, "attention.query_key_value.weight"),
+            w(layer, "attention.query_key_value.bias"),
+        )
         q, k, v = qkv.view(batch, seq, heads, 3 * head_dim).transpose(1, 2).split(head_dim, dim=-1)
         q, k = _rotate(q, shape, positions), _rotate(k, shape, positions)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
         attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
         attn = attn.transpose(1, 2).reshape(batch, seq, hidden)
         attn = F.linear(attn, w(layer, "attention.dense.weight"), w(layer, "attention.dense.bias"))
-        m = F.layer_norm(x, (hidden,), w(layer, "post_attention_layernorm.weight"),
-                         w(layer, "post_attention_layernorm.bias"), 1e-5)
-        m = F.gelu(F.linear(m, w(layer, "mlp.dense_h_to_4h.weight"), w(layer, "mlp.dense_h_to_4h.bias")))
+        m = F.layer_norm(
+            x,
+            (hidden,),
+            w(layer, "post_attention_layernorm.weight"),
+            w(layer, "post_attention_layernorm.bias"),
+            1e-5,
+        )
+        m = F.gelu(
+            F.linear(m, w(layer, "mlp.dense_h_to_4h.weight"), w(layer, "mlp.dense_h_to_4h.bias"))
+        )
         m = F.linear(m, w(layer, "mlp.dense_4h_to_h.weight"), w(layer, "mlp.dense_4h_to_h.bias"))
         x = x + attn + m
     final = shape.final_norm_layer
@@ -149,7 +168,9 @@ class FusedAdamW:
     (DeeperSpeed ``csrc/adam/multi_tensor_adam.cu``): one step counter per optimizer, bias
     corrections on both moments, ``p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)``."""
 
-    def __init__(self, groups: list[list[torch.Tensor]], weight_decays: list[float], config: RunConfig) -> None:
+    def __init__(
+        self, groups: list[list[torch.Tensor]], weight_decays: list[float], config: RunConfig
+    ) -> None:
         self.groups = list(zip(groups, weight_decays, strict=True))
         self.beta1, self.beta2 = config.betas
         self.eps = config.eps
@@ -167,7 +188,9 @@ class FusedAdamW:
                 grad, m, v = grads[id(p)], self.exp_avg[id(p)], self.exp_avg_sq[id(p)]
                 m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
                 v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-                update = (m / correction1) / ((v / correction2).sqrt() + self.eps) + weight_decay * p
+                update = (m / correction1) / (
+                    (v / correction2).sqrt() + self.eps
+                ) + weight_decay * p
                 p.sub_(lr * update)
 
 
@@ -207,7 +230,9 @@ def train(
         tensors = {
             "master": {k: m.flatten().clone() for k, m in masters.items()},
             "exp_avg": {k: optimizer.exp_avg[id(m)].flatten().clone() for k, m in masters.items()},
-            "exp_avg_sq": {k: optimizer.exp_avg_sq[id(m)].flatten().clone() for k, m in masters.items()},
+            "exp_avg_sq": {
+                k: optimizer.exp_avg_sq[id(m)].flatten().clone() for k, m in masters.items()
+            },
         }
         snapshot(step, engine, MemorySource(tensors), optimizer.step_count)
 

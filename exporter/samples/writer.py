@@ -146,8 +146,16 @@ class CheckpointTruth:
         return self.master(name, tp_rank).to(self.dtype)
 
 
-def _fill(buffer: torch.Tensor, kind: str, source: TensorSource, tp_rank: int,
-          specs: dict[str, ParamSpec], part: GroupPartition, start: int, stop: int) -> None:
+def _fill(
+    buffer: torch.Tensor,
+    kind: str,
+    source: TensorSource,
+    tp_rank: int,
+    specs: dict[str, ParamSpec],
+    part: GroupPartition,
+    start: int,
+    stop: int,
+) -> None:
     """Copy the flat group's elements ``[start, stop)`` into ``buffer[: stop - start]``."""
     for name, (offset, numel) in part.offsets().items():
         lo, hi = max(start, offset), min(stop, offset + numel)
@@ -254,11 +262,20 @@ def write_folder(
                 if param.key == ROTARY_BUFFER_AFTER:
                     entries[ROTARY_BUFFER] = rotary_inv_freq(spec.shape).to(spec.dtype)
             save(entries, layer_file_name(layer, tp_rank))
-        state = mp_rank_state(spec.shape, spec.config, engine, iteration=spec.iteration,
-                              dp=spec.dp, tp=spec.tp, tp_rank=tp_rank, seed=spec.seed)
+        state = mp_rank_state(
+            spec.shape,
+            spec.config,
+            engine,
+            iteration=spec.iteration,
+            dp=spec.dp,
+            tp=spec.tp,
+            tp_rank=tp_rank,
+            seed=spec.seed,
+        )
         save(state, mp_rank_file_name(tp_rank))
-        parts = group_partitions(spec.shape, spec.tp, tp_rank, spec.dp,
-                                 spec.config.max_elements_per_comm)
+        parts = group_partitions(
+            spec.shape, spec.tp, tp_rank, spec.dp, spec.config.max_elements_per_comm
+        )
         partitions[tp_rank] = parts
         by_name = {s.name: s for s in specs}
         param_shapes = OrderedDict((s.name, torch.Size(s.shape)) for s in specs)
@@ -267,8 +284,11 @@ def write_folder(
             # Global rank in PipeModelDataParallelTopology (axes pipe, data, model).
             gpu = (dp_rank * spec.tp + tp_rank) % GPUS_PER_NODE
             location = f"cuda:{gpu}" if spec.cuda_storage_tags else None
-            save({"optimizer_state_dict": osd, "param_shapes": param_shapes},
-                 optim_file_name(dp_rank, tp_rank), location)
+            save(
+                {"optimizer_state_dict": osd, "param_shapes": param_shapes},
+                optim_file_name(dp_rank, tp_rank),
+                location,
+            )
     config_path = folder / spec.config_file
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_name(f".{config_path.name}.partial")

@@ -23,7 +23,7 @@ PYTHIA_MAX_ELEMENTS_PER_COMM = 500_000_000
 
 
 def best_max_elements_per_comm(num_elements: int, max_elements_per_comm: int, dp: int) -> int:
-    """The per-group comm size stage 1 settles on to reduce padding (``best_max_elems_per_comm``)."""
+    """The per-group comm size stage 1 picks to reduce padding (``best_max_elems_per_comm``)."""
     max_comm_intervals = math.ceil(num_elements / max_elements_per_comm)
     padding_for_max_comm = max_elements_per_comm * max_comm_intervals - num_elements
     min_comm_intervals = num_elements // max_elements_per_comm

@@ -1,7 +1,184 @@
-"""DeeperSpeed elastic stage-1 partitions (written next)."""
+"""ZeRO stage-1 elastic checkpoints of EleutherAI's DeeperSpeed (the Pythia era).
+
+Source: EleutherAI/DeeperSpeed eb7f5cff ``deepspeed/runtime/zero/stage1.py``
+(``FP16_DeepSpeedZeroOptimizer_Stage1``): each param group is flattened in group order,
+zero-padded at the end and cut into ``dp * num_comm_intervals`` equal sub-partitions;
+sub-partition ``k`` belongs to rank ``k % dp`` and comm interval ``k // dp``
+(``get_data_parallel_sub_partitions``). ``_elastic_state_dict`` saves, per rank,
+``local_sub_partitions_of_fp32_groups[g][comm]`` and ``base_optimizer_state[g][comm]``
+(``exp_avg``, ``exp_avg_sq``) with the padding trimmed (``_get_groups_without_padding``,
+``_get_state_without_padding``). Concatenating the saved sub-partitions in ``k`` order
+therefore gives back the unpadded flat group, and a parameter is a slice of it.
+
+``param_shapes`` (``engine._get_zero_param_shapes`` of that version) is one OrderedDict of
+every module parameter in ``named_parameters()`` order. The groups are GPT-NeoX's
+``get_params_for_weight_decay_optimization`` (``megatron/model/utils.py``): group 0 holds the
+weights of non-norm modules, group 1 the norm parameters and every bias; both keep
+``named_parameters()`` order because both walk ``module.modules()``.
+
+Adam's step count is not saved (FusedAdam keeps it in the param group, which the elastic
+state omits); it is derived from the engine state as ``1 + global_steps - skipped_steps``:
+stage 1's ``_initialize_optimizer_states`` takes one step at set-up, and every step that did
+not overflow takes one more.
+"""
+
+from __future__ import annotations
 
 from typing import Any
 
+from exporter.errors import LayoutError
+from exporter.neox.zero.common import ParamSlices, Segment, flat_partition
+from exporter.torchfile import TensorRef, TorchFile
 
-def read_elastic(shapes: Any, files: Any, engine: Any) -> Any:
-    raise NotImplementedError
+ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
+
+
+def is_no_decay(name: str) -> bool:
+    """Whether GPT-NeoX puts parameter ``name`` in the no-weight-decay group (norms, biases)."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) >= 2 else ""
+    return parts[-1] == "bias" or module.endswith("norm") or module.endswith("layernorm")
+
+
+def split_groups(
+    shapes: list[dict[str, tuple[int, ...]]], groups: int
+) -> list[dict[str, tuple[int, ...]]]:
+    """Per-group shapes: as given, or one ordered dict split by GPT-NeoX's weight-decay rule."""
+    if len(shapes) == groups:
+        return shapes
+    if len(shapes) == 1 and groups == 2:
+        decay = {n: s for n, s in shapes[0].items() if not is_no_decay(n)}
+        no_decay = {n: s for n, s in shapes[0].items() if is_no_decay(n)}
+        return [decay, no_decay]
+    raise LayoutError(
+        f"param_shapes has {len(shapes)} group(s) but the optimizer state has {groups}"
+    )
+
+
+def _group_list(osd: dict[str, Any], key: str, where: str) -> list[list[Any]]:
+    value = osd.get(key)
+    if not isinstance(value, list) or not all(isinstance(g, list) for g in value):
+        raise LayoutError(f"{where}: '{key}' is not a list of groups of comm intervals")
+    return value
+
+
+def read_elastic(
+    param_shapes: list[dict[str, tuple[int, ...]]], files: list[TorchFile], engine: Any
+) -> tuple[list[ParamSlices], dict[str, Any]]:
+    """Parameters of one model-parallel unit from its elastic stage-1 partition files."""
+    dp = len(files)
+    osds = []
+    for tf in files:
+        osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
+        if not isinstance(osd, dict):
+            raise LayoutError(f"{tf.path}: no 'optimizer_state_dict'")
+        count = osd.get("partition_count")
+        if count != dp:
+            raise LayoutError(
+                f"{tf.path}: partition_count {count!r} disagrees with the {dp} partition files found"
+            )
+        osds.append(osd)
+    fp32 = [_group_list(o, "local_sub_partitions_of_fp32_groups", str(tf.path))
+            for o, tf in zip(osds, files, strict=True)]
+    states = [_group_list(o, "base_optimizer_state", str(tf.path))
+              for o, tf in zip(osds, files, strict=True)]
+    groups = len(fp32[0])
+    shapes = split_groups(param_shapes, groups)
+    intervals = osds[0].get("num_comm_intervals_per_group")
+    params: list[ParamSlices] = []
+    summary: dict[str, Any] = {"groups": [], "adam_step_source": ADAM_STEP_SOURCE}
+    for g in range(groups):
+        comms = len(fp32[0][g])
+        if isinstance(intervals, list) and len(intervals) > g and intervals[g] != comms:
+            raise LayoutError(
+                f"{files[0].path}: group {g} has {comms} comm intervals, "
+                f"num_comm_intervals_per_group says {intervals[g]}"
+            )
+        pieces: dict[str, list[TensorRef]] = {"master": [], "exp_avg": [], "exp_avg_sq": []}
+        for k in range(comms * dp):
+            rank, comm = k % dp, k // dp
+            where = f"{files[rank].path} group {g} comm interval {comm}"
+            if len(fp32[rank][g]) != comms or len(states[rank][g]) != comms:
+                raise LayoutError(f"{files[rank].path}: group {g} has a different number of comm intervals")
+            pieces["master"].append(flat_partition(fp32[rank][g][comm], where))
+            state = states[rank][g][comm]
+            if not isinstance(state, dict):
+                raise LayoutError(f"{where}: optimizer state is not a dict")
+            for kind in ("exp_avg", "exp_avg_sq"):
+                if kind not in state:
+                    raise LayoutError(f"{where}: optimizer state has no {kind!r} (not Adam?)")
+                pieces[kind].append(flat_partition(state[kind], f"{where} {kind}"))
+        lengths = [p.numel for p in pieces["master"]]
+        for kind in ("exp_avg", "exp_avg_sq"):
+            if [p.numel for p in pieces[kind]] != lengths:
+                raise LayoutError(f"{files[0].path}: group {g} {kind} slices differ from the master's")
+        total = sum(lengths)
+        needed = sum(_numel(s) for s in shapes[g].values())
+        if total != needed:
+            raise LayoutError(
+                f"{files[0].path}: group {g} sub-partitions hold {total} elements, its "
+                f"parameters need {needed} (wrong or mixed partition files?)"
+            )
+        _check_padding(osds, files, g, comms, lengths)
+        offset = 0
+        for name, shape in shapes[g].items():
+            param = ParamSlices(name, tuple(shape), g)
+            n = param.numel()
+            for kind, refs in pieces.items():
+                param.segments[kind] = _slice(refs, offset, n)
+            params.append(param)
+            offset += n
+        summary["groups"].append(
+            {"adam_step": _derived_step(engine), "hyperparameters": {}, "comm_intervals": comms,
+             "sub_partitions": comms * dp, "elements": total, "parameters": len(shapes[g])}
+        )
+    return params, summary
+
+
+def _check_padding(osds: list[dict[str, Any]], files: list[TorchFile], g: int, comms: int,
+                   lengths: list[int]) -> None:
+    """Every saved sub-partition plus its recorded padding has one common size (stage 1 cuts
+    equal sub-partitions), when ``group_paddings`` was saved."""
+    dp = len(files)
+    sizes = set()
+    for k, lean in enumerate(lengths):
+        paddings = osds[k % dp].get("group_paddings")
+        if not (isinstance(paddings, list) and len(paddings) > g and isinstance(paddings[g], list)):
+            return
+        local = paddings[g]
+        index = k // dp if len(local) == comms else k
+        if index >= len(local):
+            return
+        sizes.add(lean + int(local[index]))
+    if len(sizes) > 1:
+        raise LayoutError(f"{files[0].path}: group {g} sub-partitions and paddings do not add up")
+
+
+def _slice(refs: list[TensorRef], begin: int, count: int) -> list[Segment]:
+    segments, pos, base = [], begin, 0
+    for ref in refs:
+        lo, hi = base, base + ref.numel
+        if pos < hi and count > 0:
+            take = min(hi - pos, count)
+            segments.append(Segment(ref, pos - lo, take))
+            pos += take
+            count -= take
+        base = hi
+        if count == 0:
+            break
+    return segments
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _derived_step(engine: Any) -> int | None:
+    steps = engine.value("global_steps") if engine is not None else None
+    skipped = engine.value("skipped_steps", 0) if engine is not None else None
+    if isinstance(steps, int) and isinstance(skipped, int):
+        return 1 + steps - skipped
+    return None
