@@ -172,7 +172,7 @@ def _write_all(
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
             records += converter.write_file(tmp / "optimizer" / f"{kind}.safetensors", jobs, tmp)
-    if "state" in options.include or "model" in options.include:
+    if "state" in options.include:
         state = {"engine": engine.json}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json

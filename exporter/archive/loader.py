@@ -1,12 +1,19 @@
 """Read an archive back: tensors memory-mapped from safetensors files, never a pickle.
 
-Example:
+Example (an archive of the tiny sample run, ``neox-export build runs/tiny --out archive``):
     >>> from exporter import open_archive
-    >>> archive = open_archive("archive")                         # doctest: +SKIP
-    >>> archive.steps                                             # doctest: +SKIP
+    >>> archive = open_archive("archive")
+    >>> archive.steps
     [0, 1, 2, 4, 8]
-    >>> w = archive.tensor(8, "gpt_neox.layers.0.attention.dense.weight")   # doctest: +SKIP
-    >>> m = archive.tensor(8, "gpt_neox.layers.0.attention.dense.weight", kind="exp_avg_sq")  # doctest: +SKIP
+    >>> w = archive.tensor(8, "gpt_neox.layers.0.attention.dense.weight")
+    >>> w.dtype, tuple(w.shape)
+    (torch.float16, (32, 32))
+    >>> weights = archive.state_dict(8)
+    >>> bool((weights["gpt_neox.layers.0.attention.dense.weight"] == w).all())
+    True
+
+Optimizer state reads the same way with ``kind="master"``, ``"exp_avg"`` or ``"exp_avg_sq"``
+(archives built with ``--include optimizer``).
 
 A Hub dataset (``hf://datasets/ORG/NAME``) is read the same way; only the files a call
 needs are downloaded (into the Hugging Face cache).
@@ -56,8 +63,12 @@ class _Files:
                 return []
             return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-        files = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=self.revision)
+        try:
+            files = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=self.revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
         return sorted(f for f in files if f.startswith(prefix))
 
     def path(self, relative: str) -> Path:
@@ -67,13 +78,19 @@ class _Files:
                 raise ArchiveError(f"{self.root}: missing {relative}")
             return path
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         try:
             return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
                                         revision=self.revision))
         except EntryNotFoundError as exc:
             raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
 
 
 class SafetensorsMap:
@@ -139,7 +156,8 @@ class Archive:
         paths = [p for p in self._files.listing(folder) if p.endswith(".parquet")]
         if not paths:
             raise ArchiveError(f"{self.label}: no {folder} index")
-        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in sorted(paths)])
+        paths.sort(key=lambda p: (len(p), p))  # step{N}.parquet in step order
+        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in paths])
 
     @cached_property
     def index(self) -> pa.Table:
@@ -151,13 +169,16 @@ class Archive:
         """The checkpoint index (one row per step)."""
         return self._table("index/checkpoints")
 
+    def _check_step(self, step: int) -> None:
+        if step not in self.steps:
+            raise ArchiveError(f"{self.label}: no step {step} (steps: {self.steps})")
+
     def _row(self, step: int, name: str, kind: str) -> dict[str, Any]:
         mask = pc.and_(pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["name"], name)),
                        pc.equal(self.index["kind"], kind))
         rows = self.index.filter(mask).to_pylist()
         if not rows:
-            if step not in self.steps:
-                raise ArchiveError(f"{self.label}: no step {step} (steps: {self.steps})")
+            self._check_step(step)
             raise ArchiveError(f"{self.label}: step {step} has no {kind} tensor {name!r}")
         return rows[0]
 
@@ -179,6 +200,7 @@ class Archive:
 
     def state_dict(self, step: int, kind: str = "model") -> dict[str, torch.Tensor]:
         """Every tensor of one kind at one step, by name, memory-mapped."""
+        self._check_step(step)
         mask = pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["kind"], kind))
         rows = self.index.filter(mask).to_pylist()
         if not rows:
@@ -187,10 +209,12 @@ class Archive:
 
     def state(self, step: int) -> dict[str, Any]:
         """The engine and optimizer state of a step (``state.json``)."""
+        self._check_step(step)
         return json.loads(self._files.path(f"steps/step{step}/state.json").read_text(encoding="utf-8"))
 
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
+        self._check_step(step)
         if self._files.root is not None:
             return step_dir(self._files.root, step)
         from huggingface_hub import snapshot_download
@@ -210,8 +234,13 @@ def open_archive(location: str | os.PathLike[str], revision: str | None = None) 
         revision: Hub branch or commit (Hub datasets only).
 
     Example:
-        >>> archive = open_archive("archive")                     # doctest: +SKIP
-        >>> archive.index.filter(pc.equal(archive.index["kind"], "master")).num_rows  # doctest: +SKIP
+        >>> import pyarrow.compute as pc
+        >>> archive = open_archive("archive")
+        >>> archive.checkpoints.column("iteration").to_pylist()
+        [0, 1, 2, 4, 8]
+        >>> model = archive.index.filter(pc.equal(archive.index["kind"], "model"))
+        >>> model.num_rows // len(archive.steps)          # tensors per step
+        28
     """
     text = str(location)
     if text.startswith("hf://"):

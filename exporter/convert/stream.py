@@ -1,26 +1,46 @@
 """Stream tensors into safetensors files: read chunk -> cast -> statistics + sha256 -> write.
 
 Each output tensor is a :class:`TensorJob` that knows its shape and dtype up front and
-yields its elements as 1-D chunks in row-major order. Memory is bounded by one chunk for
+yields its elements as 1-D chunks in row-major order. Memory is bounded by a few chunks for
 tensors read straight from a file and by one tensor for those that must be assembled
 (tensor-parallel merges).
+
+:meth:`Converter.write_file` runs the stages of one file as a pipeline of threads, so reading,
+casting, statistics and hashing overlap (``os.pread``, torch casts, numpy reductions, hashlib
+and file writes all release the GIL on large buffers)::
+
+    reader thread ──chunks──> caller thread: cast (CPU, or GPU via exporter.convert.device)
+                                  │ one output piece, shared by
+                ┌─────────────────┼──────────────────────┐
+          statistics thread   tensor sha256 thread   writer thread: file bytes + file sha256
+
+Bounded queues between the stages keep at most a few chunks in flight. The sha256 of every
+written file is computed as it is written (:attr:`Converter.written_files`), so nothing needs
+to read the output back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
-from exporter.convert.stats import StatsAccumulator, TensorStats
+from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator, TensorStats
 from exporter.errors import ExporterError
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
+QUEUE_DEPTH = 2  # chunks waiting in front of each stage
+CAST_BUFFERS = 3  # reusable CPU output buffers: one being filled, the rest downstream
+WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
 KINDS = ("model", "master", "exp_avg", "exp_avg_sq", "buffer", "state")
 
 
@@ -80,25 +100,117 @@ class WrittenRecord:
     stats: TensorStats
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file written by :meth:`Converter.write_file`: path (relative, as in
+    :attr:`WrittenRecord.file`), size in bytes and sha256 of its whole content."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+Release = Callable[[], None]
+
+
+class CastEngine(Protocol):
+    """Turns a tensor's source chunks into output chunks of ``dtype`` on the host.
+
+    ``cast`` yields ``(chunk, release)`` pairs in order; the caller calls ``release`` (when not
+    None) once it no longer needs the chunk's memory. Engines with ``computes_stats`` fill
+    ``stats`` with the statistics of the output values by the time the iterator is exhausted.
+    """
+
+    computes_stats: bool
+
+    def cast(
+        self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
+    ) -> Iterator[tuple[torch.Tensor, Release | None]]: ...
+
+
+class CpuCastEngine:
+    """Casts on the CPU into a few reused buffers (fresh pages per chunk cost more than the
+    cast); statistics are left to the pipeline's statistics thread."""
+
+    computes_stats = False
+
+    def __init__(self, buffers: int = CAST_BUFFERS) -> None:
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(torch.empty(0, dtype=torch.uint8))
+
+    def cast(
+        self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
+    ) -> Iterator[tuple[torch.Tensor, Release | None]]:
+        for chunk in chunks:
+            if chunk.dtype == dtype:
+                yield chunk, None
+                continue
+            buf = self._free.get()
+            nbytes = chunk.numel() * dtype.itemsize
+            if buf.numel() < nbytes:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+            out = buf[:nbytes].view(dtype)
+            # copy_ is what Tensor.to runs: torch's round-to-nearest-even conversion, here in
+            # pieces that torch runs serially (see stats.TORCH_SERIAL_ELEMENTS).
+            for start in range(0, out.numel(), TORCH_SERIAL_ELEMENTS):
+                stop = start + TORCH_SERIAL_ELEMENTS
+                out[start:stop].copy_(chunk[start:stop])
+            yield out, _releaser(self._free, buf)
+
+
+def _releaser(pool: queue.Queue[torch.Tensor], buf: torch.Tensor) -> Release:
+    return lambda: pool.put(buf)
+
+
 @dataclass
 class Converter:
     """Casting and statistics settings shared by every file of an export.
 
     Attributes:
         dtype: output dtype for floating tensors of kind ``model`` (None keeps the source's).
-        device: ``cpu`` or ``cuda``: where casts and statistics run.
+        device: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (CUDA when available): where
+            casts and statistics run.
         chunk_bytes: read size.
+        progress: called with the number of source bytes processed, as they are.
+        written_files: every file written so far, with its size and sha256.
     """
 
     dtype: torch.dtype | None = None
     device: str = "cpu"
     chunk_bytes: int = CHUNK_BYTES
     progress: Callable[[int], None] | None = field(default=None, repr=False)
+    written_files: list[WrittenFile] = field(default_factory=list, repr=False)
+    _engines: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ExporterError(f"unknown device {self.device!r} (cpu, cuda, cuda:N or auto)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ExporterError(f"device {self.device!r} requested but no CUDA device is available")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"Converter.chunk_bytes must be positive, got {self.chunk_bytes}")
 
     def output_dtype(self, job: TensorJob) -> torch.dtype:
         if self.dtype is not None and job.kind == "model" and job.dtype.is_floating_point:
             return self.dtype
         return job.dtype
+
+    def engine_for(self, job: TensorJob) -> CastEngine:
+        """The engine that casts ``job``: the GPU for floating tensors of at least one chunk
+        when a CUDA device is selected (small ones are not worth the transfers), else the CPU."""
+        if self.device != "cpu" and job.dtype.is_floating_point:
+            if job.numel * job.dtype.itemsize >= min(self.chunk_bytes, 1 << 20):
+                if "device" not in self._engines:
+                    from exporter.convert.device import DeviceCastEngine
+
+                    self._engines["device"] = DeviceCastEngine(self.device, self.chunk_bytes)
+                return self._engines["device"]
+        if "cpu" not in self._engines:
+            self._engines["cpu"] = CpuCastEngine()
+        return self._engines["cpu"]
 
     def write_file(
         self,
@@ -107,44 +219,274 @@ class Converter:
         root: Path,
         metadata: dict[str, str] | None = None,
     ) -> list[WrittenRecord]:
-        """Write ``jobs`` into the safetensors file ``path``; ``root`` makes the recorded path relative."""
+        """Write ``jobs`` into the safetensors file ``path``; ``root`` makes the recorded path
+        relative. The file's size and sha256 are appended to :attr:`written_files`."""
         specs = [TensorSpec(j.name, self.output_dtype(j), j.shape) for j in jobs]
-        records: list[WrittenRecord] = []
         rel = str(Path(path).relative_to(root)) if root else str(path)
-        with SafetensorsWriter(Path(path), specs, metadata or {"format": "pt"}) as writer:
-            for job, spec in zip(jobs, specs, strict=True):
-                digest = hashlib.sha256()
-                stats = StatsAccumulator()
-                seen = 0
-                for chunk in job.chunks(self.chunk_bytes):
-                    out = self._cast(chunk, spec.dtype)
-                    stats.update(out)
-                    raw = _bytes_of(out)
-                    digest.update(raw)
-                    writer.write(job.name, raw)
-                    seen += chunk.numel()
-                    if self.progress is not None:
-                        self.progress(chunk.numel() * chunk.element_size())
-                if seen != job.numel:
-                    raise ExporterError(
-                        f"{job.name}: source yielded {seen} elements, shape {job.shape} "
-                        f"needs {job.numel}"
-                    )
-                placed = writer.placed[-1] if writer.placed else None
-                if placed is None or placed.name != job.name:
-                    placed = next(p for p in writer.placed if p.name == job.name)
-                records.append(
-                    WrittenRecord(
-                        job, rel, spec.dtype, placed.begin, placed.end, digest.hexdigest(),
-                        stats.result(),
-                    )
-                )
+        with _HashingWriter(Path(path), specs, metadata or {"format": "pt"}) as writer:
+            pipeline = _Pipeline(self, jobs, specs, writer)
+            digests, stats = pipeline.run()
+        placed = {p.name: p for p in writer.placed}
+        records = [
+            WrittenRecord(
+                job, rel, spec.dtype, placed[job.name].begin, placed[job.name].end,
+                digests[i], stats[i],
+            )
+            for i, (job, spec) in enumerate(zip(jobs, specs, strict=True))
+        ]
+        self.written_files.append(WrittenFile(rel, writer.total_bytes, writer.sha256))
         return records
 
-    def _cast(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.device != "cpu":
-            return chunk.to(self.device, non_blocking=True).to(dtype)
-        return chunk.to(dtype) if chunk.dtype != dtype else chunk
+
+class _HashingWriter(SafetensorsWriter):
+    """A :class:`SafetensorsWriter` that hashes every byte it writes, header included, and
+    starts writing its pages back to disk as it goes.
+
+    Linux starts writeback of a range's dirty pages on ``POSIX_FADV_DONTNEED``
+    (``mm/fadvise.c`` ``generic_fadvise`` -> ``__filemap_fdatawrite_range``, without waiting),
+    and drops them from the page cache once clean: the writer's final ``fsync`` then finds
+    little left to flush, and an export of hundreds of GB does not crowd the page cache.
+    """
+
+    def __enter__(self) -> _HashingWriter:
+        super().__enter__()
+        self._digest = hashlib.sha256(self._header)
+        self._advised = 0
+        return self
+
+    def write(self, name: str, data: bytes | memoryview | bytearray) -> None:
+        super().write(name, data)
+        self._digest.update(data)
+        fh = self._fh
+        if fh is not None and hasattr(os, "posix_fadvise"):
+            end = fh.tell()
+            if end - self._advised >= WRITEBACK_BYTES:
+                fh.flush()
+                os.posix_fadvise(fh.fileno(), self._advised, end - self._advised,
+                                 os.POSIX_FADV_DONTNEED)
+                self._advised = end
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+class _Piece:
+    """One output chunk shared by several stages; its buffer is released when all are done."""
+
+    __slots__ = ("values", "data", "_release", "_pending", "_lock")
+
+    def __init__(self, values: torch.Tensor, release: Release | None, users: int) -> None:
+        self.values = values
+        self.data = _bytes_of(values)
+        self._release = release
+        self._pending = users
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0
+        if last and self._release is not None:
+            self._release()
+
+
+class _Aborted(Exception):
+    """A stage failed: the caller stops feeding and re-raises the stage's error."""
+
+
+_BEGIN, _END, _STOP = "begin", "end", "stop"
+
+
+class _Stage:
+    """A consumer thread: ``handle(kind, index, piece)`` for each item, in order."""
+
+    def __init__(self, name: str, handle: Callable[[str, int, _Piece | None], None],
+                 failed: threading.Event) -> None:
+        self.queue: queue.Queue[tuple[str, int, _Piece | None]] = queue.Queue(QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self._handle = handle
+        self._failed = failed
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            kind, index, piece = self.queue.get()
+            if kind == _STOP:
+                return
+            try:
+                if not self._failed.is_set():
+                    self._handle(kind, index, piece)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller thread
+                self.error = exc
+                self._failed.set()
+            finally:
+                if piece is not None:
+                    piece.done()
+
+    def put(self, item: tuple[str, int, _Piece | None]) -> None:
+        while True:
+            if self._failed.is_set():
+                raise _Aborted
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        self.queue.put((_STOP, -1, None))
+        self._thread.join()
+
+
+class _Reader:
+    """Reads every job's chunks ahead of the caller in a thread of its own."""
+
+    def __init__(self, jobs: Sequence[TensorJob], chunk_bytes: int, failed: threading.Event):
+        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+        self._jobs = jobs
+        self._chunk_bytes = chunk_bytes
+        self._failed = failed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="convert-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _loop(self) -> None:
+        try:
+            for job in self._jobs:
+                for chunk in job.chunks(self._chunk_bytes):
+                    if not self._put(chunk):
+                        return
+                if not self._put(_END):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller thread
+            self._put(exc)
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """The current job's chunks."""
+        while True:
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._failed.is_set():
+                    raise _Aborted from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Pipeline:
+    """The threads of one :meth:`Converter.write_file` call."""
+
+    def __init__(self, converter: Converter, jobs: Sequence[TensorJob],
+                 specs: Sequence[TensorSpec], writer: _HashingWriter) -> None:
+        self.converter = converter
+        self.jobs = jobs
+        self.specs = specs
+        self.writer = writer
+        self.digests: list[str] = [""] * len(jobs)
+        self.stats: list[TensorStats | None] = [None] * len(jobs)
+        self._tensor_digest = hashlib.sha256()
+        self._stats = StatsAccumulator()
+
+    def _hash(self, kind: str, index: int, piece: _Piece | None) -> None:
+        if kind == _BEGIN:
+            self._tensor_digest = hashlib.sha256()
+        elif kind == _END:
+            self.digests[index] = self._tensor_digest.hexdigest()
+        else:
+            assert piece is not None
+            self._tensor_digest.update(piece.data)
+
+    def _write(self, kind: str, index: int, piece: _Piece | None) -> None:
+        if piece is not None:
+            self.writer.write(self.jobs[index].name, piece.data)
+
+    def _summarise(self, kind: str, index: int, piece: _Piece | None) -> None:
+        if kind == _BEGIN:
+            self._stats = StatsAccumulator()
+        elif kind == _END:
+            self.stats[index] = self._stats.result()
+        else:
+            assert piece is not None
+            self._stats.update(piece.values)
+
+    def run(self) -> tuple[list[str], list[TensorStats]]:
+        failed = threading.Event()
+        hasher = _Stage("convert-sha256", self._hash, failed)
+        writer = _Stage("convert-write", self._write, failed)
+        summariser = _Stage("convert-stats", self._summarise, failed)
+        reader = _Reader(self.jobs, self.converter.chunk_bytes, failed)
+        try:
+            self._feed(reader, hasher, writer, summariser)
+        except _Aborted:
+            pass
+        finally:
+            reader.stop()
+            for stage in (hasher, writer, summariser):
+                stage.stop()
+        for stage in (writer, hasher, summariser):
+            if stage.error is not None:
+                raise stage.error
+        stats = [s for s in self.stats if s is not None]
+        if len(stats) != len(self.jobs):
+            raise ExporterError("conversion pipeline finished without every tensor's statistics")
+        return self.digests, stats
+
+    def _feed(self, reader: _Reader, hasher: _Stage, writer: _Stage, summariser: _Stage) -> None:
+        for index, (job, spec) in enumerate(zip(self.jobs, self.specs, strict=True)):
+            engine = self.converter.engine_for(job)
+            stats = StatsAccumulator()
+            users = [hasher, writer] if engine.computes_stats else [hasher, writer, summariser]
+            for stage in users:
+                stage.put((_BEGIN, index, None))
+            source = _Counted(reader.chunks(), self.converter.progress)
+            for values, release in engine.cast(source, spec.dtype, stats):
+                piece = _Piece(values, release, len(users))
+                for stage in users:
+                    stage.put(("piece", index, piece))
+            if source.elements != job.numel:
+                raise ExporterError(
+                    f"{job.name}: source yielded {source.elements} elements, shape {job.shape} "
+                    f"needs {job.numel}"
+                )
+            if engine.computes_stats:
+                self.stats[index] = stats.result()
+            for stage in users:
+                stage.put((_END, index, None))
+
+
+class _Counted:
+    """Passes chunks through, counting elements and reporting source bytes to ``progress``."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor], progress: Callable[[int], None] | None):
+        self.elements = 0
+        self._chunks = chunks
+        self._progress = progress
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for chunk in self._chunks:
+            self.elements += chunk.numel()
+            yield chunk
+            if self._progress is not None:
+                self._progress(chunk.numel() * chunk.element_size())
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

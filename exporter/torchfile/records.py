@@ -9,6 +9,7 @@ on them either record state (``PickledObject``) or fail (``TensorRef``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -23,6 +24,42 @@ if TYPE_CHECKING:
     from exporter.torchfile.container import TorchZip
 
 _MAX_DIMS = 64
+#: Sizes, strides, offsets and element counts are int64 in torch (c10 ``int64_t``); a pickle
+#: can hold integers of any width, and arithmetic on megabyte-wide ones takes minutes.
+MAX_INT64 = 2**63 - 1
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value from a pickle, bounded in time and length.
+
+    ``repr`` of a pickled value can take exponential time (a tuple holding the same tuple
+    twice, nested sixty times, prints 2**60 leaves) or fail (integers over 4300 digits), so
+    error messages use this: at most three levels, four items per container, ``limit`` chars.
+    """
+
+    def walk(v: Any, depth: int) -> str:
+        if isinstance(v, (str, bytes, bytearray)):
+            return repr(v[:limit]) + ("..." if len(v) > limit else "")
+        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+            return f"<int of {v.bit_length()} bits>"
+        if isinstance(v, (list, tuple, set, frozenset, dict)):
+            if depth >= 3:
+                return f"<{type(v).__name__} of {len(v)}>"
+            items = v.items() if isinstance(v, dict) else v
+            shown = [
+                f"{walk(i[0], depth + 1)}: {walk(i[1], depth + 1)}" if isinstance(v, dict)
+                else walk(i, depth + 1)
+                for i in itertools.islice(items, 4)
+            ]
+            more = ", ..." if len(v) > 4 else ""
+            return f"{type(v).__name__}[{', '.join(shown)}{more}]"
+        if v is None or isinstance(v, (bool, int, float, complex, torch.dtype, PickledObject,
+                                       StorageRef, TensorRef)):
+            return repr(v)
+        return f"<{type(v).__name__}>"
+
+    text = walk(value, 0)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -35,8 +72,10 @@ class StorageRef:
     __slots__ = ("key", "dtype", "numel", "location", "file_offset", "nbytes", "zip")
 
     def __init__(self, zip_: TorchZip, key: str, dtype: torch.dtype, numel: int, location: str):
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise CheckpointFormatError(f"{zip_.path}: storage {key!r} has invalid size {numel!r}")
+        if not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel <= MAX_INT64:
+            raise CheckpointFormatError(
+                f"{zip_.path}: storage {key!r} has invalid size {short_repr(numel)}"
+            )
         member = zip_.storage_member(key)
         nbytes = numel * _element_size(dtype)
         if member.size != nbytes:
@@ -86,8 +125,8 @@ class TensorRef:
         stride = _int_tuple(stride, where, "stride")
         if len(shape) != len(stride):
             raise CheckpointFormatError(f"{where}: shape {shape} and stride {stride} differ in rank")
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise CheckpointFormatError(f"{where}: invalid storage offset {offset!r}")
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_INT64:
+            raise CheckpointFormatError(f"{where}: invalid storage offset {short_repr(offset)}")
         numel = math.prod(shape)
         if numel > 0:
             last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
@@ -180,10 +219,10 @@ def _from_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
 
 def _int_tuple(value: Any, where: str, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
-        raise CheckpointFormatError(f"{where}: invalid {what} {value!r:.80}")
+        raise CheckpointFormatError(f"{where}: invalid {what} {short_repr(value)}")
     for item in value:
-        if not isinstance(item, int) or isinstance(item, bool) or item < 0:
-            raise CheckpointFormatError(f"{where}: invalid {what} {value!r:.80}")
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= MAX_INT64:
+            raise CheckpointFormatError(f"{where}: invalid {what} {short_repr(value)}")
     return tuple(value)
 
 
@@ -240,8 +279,8 @@ class NumpyDtype:
     """``numpy.dtype(code, align, copy)`` plus its BUILD state, turned into a numpy dtype."""
 
     def __init__(self, code: Any, *_: Any) -> None:
-        if not isinstance(code, str) or len(code) > 8:
-            raise UnsafePickleError(f"unsupported numpy dtype {code!r:.40}")
+        if not isinstance(code, str) or not 0 < len(code) <= 8:
+            raise UnsafePickleError(f"unsupported numpy dtype {short_repr(code, 40)}")
         self.code = code
         self.order = "|"
 
@@ -253,7 +292,7 @@ class NumpyDtype:
         order = "<" if self.order in ("|", "=") else self.order
         try:
             dtype = np.dtype(order + self.code if self.code[0].isalpha() else self.code)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise CheckpointFormatError(f"unsupported numpy dtype {self.code!r}") from exc
         if dtype.kind not in "biufc":
             raise CheckpointFormatError(f"unsupported numpy dtype {self.code!r}")

@@ -10,7 +10,9 @@ anything else becomes an inert :class:`~exporter.torchfile.records.PickledObject
 The opcode stream is first walked with :func:`pickletools.genops` (a parser, it executes
 nothing) to bound memo indices and nesting before the C unpickler runs: the C unpickler sizes
 its memo table from the largest index it sees, so ``LONG_BINPUT 2**31`` alone could exhaust
-memory.
+memory. The walk also follows the stack to bound hashing work: a tuple holding the same tuple
+twice, nested sixty times, is a few hundred bytes of pickle but 2**60 steps to hash, and the
+C unpickler hashes every dict key and set item it builds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from exporter.torchfile.records import (
     StorageRef,
     TensorRef,
     pickled_class,
+    short_repr,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +44,9 @@ if TYPE_CHECKING:
 
 MAX_OPCODES = 20_000_000
 MAX_DEPTH = 1_000
+#: Elements hashed while building dict keys, set items and call arguments (tuples count
+#: every element they reach through nested tuples, shared or not).
+MAX_HASH_WORK = 10_000_000
 
 # Globals that have a known meaning but no plain-value form: kept as inert records, not flagged.
 INERT_KNOWN = frozenset(
@@ -88,12 +94,15 @@ def _storage_names() -> dict[torch.dtype, str]:
 DTYPES, STORAGE_TYPES = _dtype_table()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageType:
     """Stand-in for ``torch.<X>Storage``: only its dtype matters."""
 
     name: str
     dtype: torch.dtype
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickleError("a pickle tried to modify a storage type")
 
 
 @dataclass
@@ -146,7 +155,9 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # torch/_tensor.py _rebuild_from_type_v2: func(*args), then re-typed; we keep func's value.
-    if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter):
+    if not isinstance(func, SafeGlobal) or func.func not in (
+        _rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter
+    ):
         raise UnsafePickleError("tensor subclass rebuilt through an unknown function")
     if not isinstance(args, tuple):
         raise UnsafePickleError("malformed tensor subclass arguments")
@@ -201,9 +212,34 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     return cls.__new__(cls, state) if state is not None else cls.__new__(cls)
 
 
+class SafeGlobal:
+    """What :meth:`_SafeUnpickler.find_class` returns for a known global: a call-only handle.
+
+    The functions and classes behind these handles are shared by every load in the process.
+    Handed out bare, a pickle could BUILD on them (``setattr(func, '__defaults__', ...)``)
+    and change how later files are read, or NEWOBJ a class without running its checks; a
+    handle can only be called.
+    """
+
+    __slots__ = ("name", "func")
+
+    def __init__(self, name: str, func: Callable[..., Any]) -> None:
+        self.name = name
+        self.func = func
+
+    def __call__(self, *args: Any) -> Any:
+        return self.func(*args)
+
+    def __setstate__(self, state: object) -> None:
+        raise UnsafePickleError(f"a pickle tried to modify the reader's {self.name}")
+
+    def __repr__(self) -> str:
+        return f"<reader function {self.name}>"
+
+
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 
-SAFE_FUNCTIONS: dict[str, Any] = {
+_SAFE_FUNCTIONS: dict[str, Any] = {
     "collections.OrderedDict": _ordered_dict,
     "builtins.set": _container(set),
     "builtins.frozenset": _container(frozenset),
@@ -222,6 +258,9 @@ SAFE_FUNCTIONS: dict[str, Any] = {
     "numpy.ndarray": NumpyArray,
     **{f"{m}._reconstruct": NumpyArray for m in _NUMPY_MODULES},
     **{f"{m}.scalar": _numpy_scalar for m in _NUMPY_MODULES},
+}
+SAFE_FUNCTIONS: dict[str, SafeGlobal] = {
+    name: SafeGlobal(name, func) for name, func in _SAFE_FUNCTIONS.items()
 }
 
 
@@ -265,49 +304,168 @@ class _SafeUnpickler(pickle.Unpickler):
         # torch/serialization.py _load.persistent_load:
         # ('storage', storage_type, key, location, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointFormatError(f"unsupported persistent id {pid!r:.80}")
+            raise CheckpointFormatError(f"unsupported persistent id {short_repr(pid)}")
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, StorageType):
-            raise UnsafePickleError(f"storage of unknown type {storage_type!r:.80}")
+            raise UnsafePickleError(f"storage of unknown type {short_repr(storage_type)}")
         if self._zip is None:
             raise CheckpointFormatError("persistent storage reference outside a torch zip file")
         if not isinstance(key, str):
-            raise CheckpointFormatError(f"invalid storage key {key!r:.80}")
+            raise CheckpointFormatError(f"invalid storage key {short_repr(key)}")
         if key not in self._storages:
             self._storages[key] = StorageRef(
-                self._zip, key, storage_type.dtype, numel, str(location)
+                self._zip, key, storage_type.dtype, numel,
+                location if isinstance(location, str) else short_repr(location, 64),
             )
-        elif self._storages[key].dtype != storage_type.dtype:
-            raise CheckpointFormatError(f"storage {key!r} referenced with two dtypes")
+        elif (self._storages[key].dtype, self._storages[key].numel) != (storage_type.dtype, numel):
+            # torch.save writes one persistent id per storage (torch/serialization.py _save
+            # persistent_id), so a second reference can only repeat the first.
+            raise CheckpointFormatError(
+                f"storage {short_repr(key)} referenced with two different dtypes or sizes"
+            )
         return self._storages[key]
 
 
+class _Value:
+    """What the prescan knows of one stack value: how much hashing it costs.
+
+    ``weight``: the elements ``hash()`` visits (a tuple descends into the tuples it holds;
+    anything else hashes in one step or fails at once). ``elems``: what hashing each element
+    of this list, tuple or dict (its keys) costs, as ``set(x)`` or ``OrderedDict(x)`` would.
+    """
+
+    __slots__ = ("weight", "elems", "children")
+
+    def __init__(self, weight: int = 1, elems: int = 0, children: list[_Value] | None = None):
+        self.weight = weight
+        self.elems = elems
+        self.children = children
+
+
+_MARK = _Value()
+_CAP = MAX_HASH_WORK + 1
+_TUPLES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+# opcode -> (values it pops, stride of the hashed ones among them, whether they are hashed)
+_ADDS = {
+    "APPEND": (1, 1, False),
+    "SETITEM": (2, 2, True),
+    "APPENDS": (None, 1, False),
+    "SETITEMS": (None, 2, True),
+    "ADDITEMS": (None, 1, True),
+}
+_BUILDS = {"LIST": (1, False), "DICT": (2, True), "FROZENSET": (1, True)}
+
+
+class _Prescan:
+    """Follows a pickle's stack symbolically: each value is a :class:`_Value`, never an object."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Value] = []
+        self.memo: dict[int, _Value] = {}
+        self.work = 0
+        self.depth = 0
+
+    def spend(self, amount: int) -> None:
+        self.work += amount
+        if self.work > MAX_HASH_WORK:
+            raise UnsafePickleError(
+                f"pickle needs more than {MAX_HASH_WORK} hashing steps (shared references)"
+            )
+
+    def pop(self, count: int) -> list[_Value]:
+        start = len(self.stack) - count
+        if start < 0 or any(v is _MARK for v in self.stack[start:]):
+            raise CheckpointFormatError("malformed pickle: stack underflow")
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def pop_mark(self) -> list[_Value]:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] is _MARK:
+                items = self.stack[i + 1 :]
+                del self.stack[i:]
+                self.depth -= 1
+                return items
+        raise CheckpointFormatError("malformed pickle: MARK missing")
+
+    def add(self, target: _Value, items: list[_Value], stride: int, hashed: bool) -> None:
+        """``items`` (or key, value pairs) go into the list, dict or set ``target``."""
+        cost = sum(items[i].weight for i in range(0, len(items), stride))
+        if hashed:
+            self.spend(cost)
+        if target.children is None:
+            target.elems = min(target.elems + cost, _CAP)
+
+    def top(self) -> _Value:
+        if not self.stack or self.stack[-1] is _MARK:
+            raise CheckpointFormatError("malformed pickle: stack underflow")
+        return self.stack[-1]
+
+    def step(self, name: str, opcode: pickletools.OpcodeInfo, arg: Any) -> None:
+        if name == "MARK":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise UnsafePickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
+            self.stack.append(_MARK)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            self.memo[len(self.memo) if name == "MEMOIZE" else int(arg)] = self.top()
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if int(arg) not in self.memo:
+                raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
+            self.stack.append(self.memo[int(arg)])
+        elif name == "DUP":
+            self.stack.append(self.top())
+        elif name == "POP" and self.stack and self.stack[-1] is _MARK:
+            self.pop_mark()  # POP drops a MARK as well (Lib/pickle.py load_pop)
+        elif name in _TUPLES or name == "TUPLE":
+            items = self.pop_mark() if name == "TUPLE" else self.pop(_TUPLES[name])
+            weight = min(1 + sum(i.weight for i in items), _CAP)
+            self.stack.append(_Value(weight, weight - 1, items))
+        elif name in _ADDS:
+            count, stride, hashed = _ADDS[name]
+            items = self.pop_mark() if count is None else self.pop(count)
+            self.add(self.top(), items, stride, hashed)
+        elif name in _BUILDS:
+            stride, hashed = _BUILDS[name]
+            container = _Value()
+            self.add(container, self.pop_mark(), stride, hashed)
+            self.stack.append(container)
+        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "INST", "OBJ"):
+            # A call may hash what its arguments hold (set(list), OrderedDict(pairs)); BUILD
+            # re-inserts the keys of a state dict.
+            if name in ("INST", "OBJ"):
+                args = self.pop_mark()
+            else:
+                args = self.pop(3 if name == "NEWOBJ_EX" else 2)[1:]
+            self.spend(sum(a.elems + sum(c.elems for c in a.children or ()) for a in args))
+            if name != "BUILD":
+                self.stack.append(_Value())
+        else:
+            before = opcode.stack_before
+            if pickletools.markobject in before:
+                self.pop_mark()
+                before = before[: before.index(pickletools.markobject)]
+            self.pop(len(before))
+            self.stack.extend(_Value() for _ in opcode.stack_after)
+
+
 def prescan(data: bytes) -> None:
-    """Walk the opcode stream without executing it; refuse what could exhaust memory."""
+    """Walk the opcode stream without executing it; refuse what could exhaust memory or time."""
     ops = 0
-    depth = 0
-    memo_limit = 0
+    scan = _Prescan()
     try:
         for opcode, arg, _ in pickletools.genops(data):
             ops += 1
             if ops > MAX_OPCODES:
                 raise UnsafePickleError(f"pickle has more than {MAX_OPCODES} opcodes")
-            if opcode.name == "MARK":
-                depth += 1
-                if depth > MAX_DEPTH:
-                    raise UnsafePickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
-            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
                 index = int(arg)
                 if index < 0 or index > ops:
                     raise UnsafePickleError(f"pickle memo index {index} out of range")
-                memo_limit = max(memo_limit, index)
-            elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
-                if int(arg) > memo_limit:
-                    raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
-            elif pickletools.markobject in opcode.stack_before:
-                depth = max(0, depth - 1)
-            elif opcode.name == "STOP":
+            if opcode.name == "STOP":
                 return
+            scan.step(opcode.name, opcode, arg)
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(f"malformed pickle: {exc}") from exc
     raise CheckpointFormatError("malformed pickle: no STOP opcode")
