@@ -158,6 +158,40 @@ def verify(path: Path) -> None:
     click.echo(f"all checks passed ({len(reports)} target(s))")
 
 
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shape", type=click.Choice(["tiny", "160m", "410m"]), default="tiny", show_default=True,
+              help="Model shape: tiny (trained for real), or Pythia-160M/410M-shaped (random values).")
+@click.option("--steps", default="0,1,2,4,8", show_default=True, help="Checkpoint steps to write.")
+@click.option("--dp", default=2, show_default=True, type=click.IntRange(1, 1024),
+              help="Data-parallel ZeRO partitions per checkpoint.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) -> None:
+    """Write a sample GPT-NeoX run in the Pythia-era layout (to try the tool, or to benchmark).
+
+    The tiny shape runs a few real training steps; 160m/410m write Pythia-shaped checkpoints
+    with random values (about 2.2 GB / 5.7 GB each).
+
+    Example: neox-export sample runs/tiny && neox-export build runs/tiny --out archive
+    """
+    from exporter.samples import PYTHIA_160M, PYTHIA_410M, TINY, tiny_run_config, write_checkpoint, write_run
+
+    try:
+        step_list = sorted({int(s) for s in steps.split(",") if s.strip()})
+    except ValueError as exc:
+        raise click.BadParameter("a comma-separated list of step numbers", param_hint="--steps") from exc
+    torch_dtype = DTYPES[dtype]
+    if shape == "tiny":
+        write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=torch_dtype,
+                  config=tiny_run_config(max(step_list) or 1))
+    else:
+        model = PYTHIA_160M if shape == "160m" else PYTHIA_410M
+        for step in step_list:
+            write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp, dtype=torch_dtype)
+    click.echo(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")
+
+
 def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str) -> Any:
     from exporter.convert.sharding import parse_size
     from exporter.export import ExportOptions

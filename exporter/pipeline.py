@@ -333,7 +333,7 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     from tqdm import tqdm
 
     bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc="steps", unit="step",
-               disable=options.quiet, dynamic_ncols=True)
+               disable=True if options.quiet else None, dynamic_ncols=True)
     try:
         for outcome in _run(source, root, todo, options):
             outcomes.append(outcome)

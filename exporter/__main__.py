@@ -1,0 +1,5 @@
+"""``python -m exporter``: the ``neox-export`` command."""
+
+from exporter.cli import main
+
+main()
