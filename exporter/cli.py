@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from exporter import __version__
 from exporter.errors import ExporterError
 
-DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 log = logging.getLogger("exporter")
 
 
@@ -52,7 +51,15 @@ def _include(value: str) -> tuple[str, ...]:
     return parts
 
 
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
 def _device(value: str) -> str:
+    import torch
+
     if value == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if value == "cuda" and not torch.cuda.is_available():
@@ -175,13 +182,20 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
 
     Example: neox-export sample runs/tiny && neox-export build runs/tiny --out archive
     """
-    from exporter.samples import PYTHIA_160M, PYTHIA_410M, TINY, tiny_run_config, write_checkpoint, write_run
+    from exporter.samples import (
+        PYTHIA_160M,
+        PYTHIA_410M,
+        TINY,
+        tiny_run_config,
+        write_checkpoint,
+        write_run,
+    )
 
     try:
         step_list = sorted({int(s) for s in steps.split(",") if s.strip()})
     except ValueError as exc:
         raise click.BadParameter("a comma-separated list of step numbers", param_hint="--steps") from exc
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = _torch_dtype(dtype)
     if shape == "tiny":
         write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=torch_dtype,
                   config=tiny_run_config(max(step_list) or 1))
@@ -200,7 +214,7 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
         shard = parse_size(max_shard_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-shard-size") from exc
-    return ExportOptions(include=include, dtype=DTYPES[dtype], device=_device(device),
+    return ExportOptions(include=include, dtype=_torch_dtype(dtype), device=_device(device),
                          max_shard_size=shard)
 
 
@@ -229,11 +243,16 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
               help="Hub sources: where a step's files are downloaded (default ARCHIVE/.downloads).")
 @click.option("--max-disk", default=None, help="Hub sources: bound on downloaded bytes held at once (e.g. 20GB).")
 @click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
+@click.option("--push-to", default=None, metavar="ORG/NAME",
+              help="Publish each finished step to this Hub dataset as the build goes.")
+@click.option("--delete-after-push", is_flag=True,
+              help="With --push-to: remove a step's safetensors once the Hub holds them.")
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
           dtype: str, device: str, max_shard_size: str, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
-          download_dir: Path | None, max_disk: str | None, log_json: bool) -> None:
+          download_dir: Path | None, max_disk: str | None, log_json: bool,
+          push_to: str | None, delete_after_push: bool) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -257,12 +276,23 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
 
         hub["download_dir"] = download_dir or out_dir / ".downloads"
         hub["max_disk"] = parse_size(max_disk) if max_disk else None
+    if delete_after_push and not push_to:
+        raise click.BadParameter("needs --push-to", param_hint="--delete-after-push")
     src = open_source(source, **hub)
     quiet = ctx.obj["quiet"] or log_json
+    hook = None
+    if push_to:
+        from exporter.commands_hub import echo_push_event
+        from exporter.publish import make_push_hook
+
+        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
+                              progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
-        quiet=quiet))
+        quiet=quiet, on_step_done=hook))
+    if hook is not None:
+        click.echo(f"pushed: {hook.flush().url}")
     if log_json:
         click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
                                "steps_skipped": summary.count("skipped"),
@@ -274,6 +304,16 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         click.echo(summary.table())
     if summary.count("failed"):
         ctx.exit(1)
+
+
+def _register() -> None:
+    from exporter.commands_hub import plot, push
+
+    cli.add_command(push)
+    cli.add_command(plot)
+
+
+_register()
 
 
 def main(argv: list[str] | None = None) -> Any:

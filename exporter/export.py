@@ -16,6 +16,7 @@ complete, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ import yaml
 from exporter.convert.safetensors_writer import element_size
 from exporter.convert.sharding import plan_shards
 from exporter.convert.stream import Converter, TensorJob, WrittenRecord
-from exporter.errors import ExporterError, LayoutError
+from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import hf_config, load_neox_config
 from exporter.neox.model import ModelPlan, plan_model
@@ -39,6 +40,7 @@ from exporter.neox.state import EngineState, read_engine_state
 from exporter.neox.zero import OptimizerPlan, plan_optimizer
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
+log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
 
@@ -111,7 +113,7 @@ def export_checkpoint(
     engine = read_engine_state(files, exported_module="model" in options.include)
     optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
     if "optimizer" in options.include and optimizer is None:
-        raise LayoutError(f"{files.folder}: no ZeRO optimizer files to export (use --include model)")
+        log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
     converter = Converter(dtype=options.dtype, device=options.device, progress=progress)
 
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")

@@ -139,8 +139,13 @@ def step_complete(root: Path, step: int, verify: bool = True) -> bool:
         return False
     if len(rows) != 1:
         return False
+    from exporter.publish import deleted_after_push
+
+    pushed = deleted_after_push(root, step)
     for entry in rows[0]["output_files"]:
         path = root / entry["path"]
+        if not path.exists() and pushed.get(entry["path"]) == entry["sha256"]:
+            continue  # on the Hub, removed locally by --delete-after-push
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             return False
         if verify and file_sha256(path) != entry["sha256"]:
@@ -150,7 +155,8 @@ def step_complete(root: Path, step: int, verify: bool = True) -> bool:
 
 def clear_step(root: Path, step: int) -> None:
     """Remove whatever an interrupted attempt at ``step`` left."""
-    for path in (tensor_index_path(root, step), checkpoint_index_path(root, step)):
+    for path in (tensor_index_path(root, step), checkpoint_index_path(root, step),
+                 root / ".push" / f"step{step}.json"):
         path.unlink(missing_ok=True)
     shutil.rmtree(step_dir(root, step), ignore_errors=True)
     parent = step_dir(root, step).parent

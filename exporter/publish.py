@@ -52,6 +52,7 @@ DEFAULT_STEPS_PER_COMMIT = 10
 REPO_TYPE = "dataset"
 #: local-only record of the files removed after a verified push (``--delete-after-push``)
 PUSH_STATE_DIR = ".push"
+PATHS_PER_REQUEST = 256
 
 T = TypeVar("T")
 
@@ -249,11 +250,15 @@ class Publisher:
     def _remote_files(self, paths: Sequence[str] | None, revision: str) -> dict[str, RemoteFile]:
         """Files at ``revision``: the given paths, or the whole tree."""
         if paths is None:
-            items: Iterable[Any] = self.api.list_repo_tree(
-                self.repo_id, repo_type=REPO_TYPE, revision=revision, recursive=True)
+            items: list[Any] = list(self.api.list_repo_tree(
+                self.repo_id, repo_type=REPO_TYPE, revision=revision, recursive=True))
         else:
-            items = self.api.get_paths_info(self.repo_id, list(paths), repo_type=REPO_TYPE,
-                                            revision=revision)
+            # In chunks, as huggingface_hub's own preupload calls go (_commit_api.py,
+            # `_fetch_upload_modes`: 256 paths per request).
+            items = [item for start in range(0, len(paths), PATHS_PER_REQUEST)
+                     for item in self.api.get_paths_info(
+                         self.repo_id, list(paths[start:start + PATHS_PER_REQUEST]),
+                         repo_type=REPO_TYPE, revision=revision)]
         return {item.path: RemoteFile(item.size, item.lfs.sha256 if item.lfs else None,
                                       item.blob_id)
                 for item in items if hasattr(item, "lfs")}  # RepoFile, not RepoFolder
@@ -275,7 +280,8 @@ class Publisher:
             if not missing:
                 return head if posted else None
             for f in missing:
-                operations.setdefault(f.path, f.operation())
+                if f.path not in operations:
+                    operations[f.path] = f.operation()
             posted = True
             info = self.api.create_commit(
                 self.repo_id, [operations[f.path] for f in missing], repo_type=REPO_TYPE,

@@ -94,6 +94,8 @@ def verify_checkpoint(folder: Path) -> Report:
         coverage.failures.append(f"{path.relative_to(folder)}: not a recognised checkpoint file")
     if optimizer is not None:
         coverage.passed += len(optimizer.jobs)
+        for name in optimizer.summary.get("parameters_without_state", []):
+            coverage.failures.append(f"{name}: no optimizer state in the partition files")
         # Compare shard by shard: the invariant holds on each rank, not after a sum/average merge.
         shards = layer_sources(files)
         hf_names = {j.neox_name: j.name for j in model.jobs}

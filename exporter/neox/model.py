@@ -10,6 +10,7 @@ merged in memory one tensor at a time.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ import torch
 from exporter.convert.stream import TensorJob, chunks_of
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
-from exporter.neox.names import Merge, map_name, split_module_name
+from exporter.neox.names import Merge, map_name_lenient, split_module_name
 from exporter.torchfile import TensorRef, load_torch_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,7 +143,10 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
                     f"rank 0 holds {sorted(keys)}"
                 )
         for key in keys:
-            mapped = map_name(layer, key, num_layers)
+            mapped, known = map_name_lenient(layer, key, num_layers)
+            if not known:
+                log.warning("layer %02d: unknown key %r kept as buffer %s (tensor-parallel "
+                            "rank 0's copy)", layer, key, mapped.hf_name)
             refs = [rank[key] for rank in ranks]
             if len({r.dtype for r in refs}) != 1:
                 raise LayoutError(f"layer {layer:02d} {key}: shards differ in dtype")

@@ -106,6 +106,22 @@ def map_name(layer_index: int, key: str, num_layers: int) -> MappedName:
     return MappedName(hf_name, merge, kind, None)
 
 
+def map_name_lenient(layer_index: int, key: str, num_layers: int) -> tuple[MappedName, bool]:
+    """:func:`map_name`, or for a key GPT-NeoX's converter does not know, a name that keeps the
+    tensor (``gpt_neox.layers.{i}.{key}`` in blocks, ``gpt_neox.pipe_layer_{idx}.{key}``
+    elsewhere) as kind ``buffer``, so nothing in the source is dropped. The flag says whether
+    the name was known."""
+    try:
+        return map_name(layer_index, key, num_layers), True
+    except NameMappingError:
+        if 2 <= layer_index <= num_layers + 1:
+            block: int | None = layer_index - 2
+            name = f"gpt_neox.layers.{block}.{key}"
+        else:
+            block, name = None, f"gpt_neox.pipe_layer_{layer_index}.{key}"
+        return MappedName(name, Merge.FIRST, "buffer", block), False
+
+
 def split_module_name(name: str) -> tuple[int, str]:
     """``"2.attention.dense.weight"`` -> ``(2, "attention.dense.weight")`` (DeepSpeed param names).
 

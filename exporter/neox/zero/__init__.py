@@ -13,6 +13,7 @@ ranks of one stage and are merged with the model weights' rules.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from exporter.convert.stream import TensorJob, chunks_of
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.model import merge_shards, merged_shape
-from exporter.neox.names import map_name, split_module_name
+from exporter.neox.names import map_name_lenient, split_module_name
 from exporter.neox.zero.common import OPTIMIZER_KINDS, ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from exporter.neox.state import EngineState
 
 __all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "plan_optimizer"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,7 +131,7 @@ def plan_optimizer(
             units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
         for tf in tfs:
             per_file[tf.path.name] = _render_scalars(tf)
-    jobs, unit_tp_rank, stages = _merge_units(units, model)
+    jobs, unit_tp_rank, stages, missing = _merge_units(units, model)
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()
@@ -137,6 +140,7 @@ def plan_optimizer(
         **_summarise(summaries[mps[0]]),
         "loss_scale": _loss_scale(load_torch_file(first).obj),
         "pp_size": stages,
+        "parameters_without_state": missing,
     }
     state = {
         "format": fmt,
@@ -178,7 +182,7 @@ def _render_scalars(tf: TorchFile) -> Any:
 
 def _merge_units(
     units: dict[int, list[ParamSlices]], model: ModelPlan
-) -> tuple[list[TensorJob], dict[int, int], int]:
+) -> tuple[list[TensorJob], dict[int, int], int, list[str]]:
     # Units holding the same names are tensor-parallel ranks of one pipeline stage (mp order).
     stages: dict[tuple[str, ...], list[list[ParamSlices]]] = {}
     unit_tp_rank: dict[int, int] = {}
@@ -186,7 +190,7 @@ def _merge_units(
         key = tuple(sorted(p.name for p in units[mp]))
         unit_tp_rank[mp] = len(stages.get(key, []))
         stages.setdefault(key, []).append(units[mp])
-    model_names = {j.neox_name: j for j in model.jobs if j.kind == "model"}
+    model_names = {j.neox_name: j for j in model.jobs if j.neox_name}
     jobs: list[TensorJob] = []
     seen: set[str] = set()
     for ranks in stages.values():
@@ -199,7 +203,7 @@ def _merge_units(
         for param in ranks[0]:
             layer, key = split_module_name(param.name)
             neox_name = f"{layer}.{key}"
-            mapped = map_name(layer, key, model.num_layers)
+            mapped, _ = map_name_lenient(layer, key, model.num_layers)
             if neox_name not in model_names:
                 raise LayoutError(f"optimizer parameter {param.name!r} has no model weight")
             if neox_name in seen:
@@ -225,12 +229,14 @@ def _merge_units(
                         layer=mapped.block,
                     )
                 )
-    missing = sorted(set(model_names) - seen)
+    missing = sorted(n for n, j in model_names.items() if j.kind == "model" and n not in seen)
     if missing:
-        raise LayoutError(f"optimizer files have no state for {len(missing)} parameter(s): {missing[:5]}")
+        # Frozen parameters have no optimizer state (DeepSpeed saves them as
+        # frozen_param_shapes); the plan records them and verify reports them.
+        log.warning("optimizer files have no state for %d parameter(s): %s", len(missing), missing[:5])
     order = {j.neox_name: i for i, j in enumerate(model.jobs)}
     jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.neox_name]))
-    return jobs, unit_tp_rank, len(stages)
+    return jobs, unit_tp_rank, len(stages), missing
 
 
 def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
