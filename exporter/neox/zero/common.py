@@ -101,6 +101,28 @@ def slice_flat(
     return segments
 
 
+def partition_state_dicts(files: list[Any]) -> list[dict[str, Any]]:
+    """Each partition file's ``optimizer_state_dict``, checked against the number of files.
+
+    ``partition_count`` is an int (stage 1 elastic) or one int per param group (current
+    DeepSpeed); either way it must equal the number of data-parallel files found.
+    """
+    dp = len(files)
+    states = []
+    for tf in files:
+        osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
+        if not isinstance(osd, dict):
+            raise LayoutError(f"{tf.path}: no 'optimizer_state_dict'")
+        count = osd.get("partition_count")
+        counts = count if isinstance(count, (list, tuple)) else [count]
+        if not counts or any(c != dp for c in counts):
+            raise LayoutError(
+                f"{tf.path}: partition_count {count!r} disagrees with the {dp} partition files found"
+            )
+        states.append(osd)
+    return states
+
+
 def scalar(value: Any) -> Any:
     """A Python number from a pickled scalar or a one-element tensor record."""
     if isinstance(value, TensorRef):

@@ -19,7 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.errors import LayoutError
-from exporter.neox.zero.common import ParamSlices, flat_partition, scalar, slice_flat
+from exporter.neox.zero.common import (
+    ParamSlices,
+    flat_partition,
+    partition_state_dicts,
+    scalar,
+    slice_flat,
+)
 from exporter.torchfile import TorchFile
 
 
@@ -46,17 +52,7 @@ def read_current(
     """
     dp = len(files)
     groups = len(param_shapes)
-    states = []
-    for tf in files:
-        osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
-        if not isinstance(osd, dict):
-            raise LayoutError(f"{tf.path}: no 'optimizer_state_dict'")
-        counts = _per_group(osd.get("partition_count"), groups, "partition_count", str(tf.path))
-        if any(c != dp for c in counts):
-            raise LayoutError(
-                f"{tf.path}: partition_count {counts} disagrees with the {dp} partition files found"
-            )
-        states.append(osd)
+    states = partition_state_dicts(files)
 
     params: list[ParamSlices] = []
     summary: dict[str, Any] = {"groups": []}

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.errors import LayoutError
-from exporter.neox.zero.common import ParamSlices, Segment, flat_partition
+from exporter.neox.zero.common import ParamSlices, Segment, flat_partition, partition_state_dicts
 from exporter.torchfile import TensorRef, TorchFile
 
 ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
@@ -67,17 +67,7 @@ def read_elastic(
 ) -> tuple[list[ParamSlices], dict[str, Any]]:
     """Parameters of one model-parallel unit from its elastic stage-1 partition files."""
     dp = len(files)
-    osds = []
-    for tf in files:
-        osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
-        if not isinstance(osd, dict):
-            raise LayoutError(f"{tf.path}: no 'optimizer_state_dict'")
-        count = osd.get("partition_count")
-        if count != dp:
-            raise LayoutError(
-                f"{tf.path}: partition_count {count!r} disagrees with the {dp} partition files found"
-            )
-        osds.append(osd)
+    osds = partition_state_dicts(files)
     fp32 = [_group_list(o, "local_sub_partitions_of_fp32_groups", str(tf.path))
             for o, tf in zip(osds, files, strict=True)]
     states = [_group_list(o, "base_optimizer_state", str(tf.path))
