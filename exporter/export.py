@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class ExportResult:
     bytes_in: int
     bytes_out: int
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def export_checkpoint(
@@ -127,8 +126,6 @@ def export_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for r in records:
-        r.file = str(Path(r.file))
     bytes_out = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     used = files.all_files()
     return ExportResult(
