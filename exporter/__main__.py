@@ -1,5 +1,7 @@
 """``python -m exporter``: the ``neox-export`` command."""
 
+import sys
+
 from exporter.cli import main
 
-main()
+sys.exit(main())

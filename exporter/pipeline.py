@@ -218,14 +218,14 @@ def _write_index(
     info = optim.summary if optim is not None else {}
     row = {
         "step": step,
-        "iteration": engine.iteration,
+        "iteration": _int(engine.iteration),
         "samples": _int(engine.value("global_samples")),
         "skipped_steps": _int(engine.value("skipped_steps")),
         "learning_rate": info.get("learning_rate"),
         "loss_scale": info.get("loss_scale"),
-        "adam_step": info.get("adam_step"),
+        "adam_step": _int(info.get("adam_step")),
         "adam_step_source": info.get("adam_step_source"),
-        "dp_size": optim.dp_size if optim is not None else _int(engine.value("dp_world_size")),
+        "dp_size": optim.dp_size if optim is not None else _int(engine.value("dp_world_size"), 32),
         "tp_size": result.model.tp_size,
         "pp_size": info.get("pp_size"),
         "format": optim.format if optim is not None else "model-only",
@@ -245,8 +245,12 @@ def _write_index(
     write_checkpoint_index(checkpoint_index_path(root, step), row)
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _int(value: Any, bits: int = 64) -> int | None:
+    """An int column value, or None for anything else (a Parquet intN cannot hold more)."""
+    limit = 2 ** (bits - 1)
+    if isinstance(value, int) and not isinstance(value, bool) and -limit <= value < limit:
+        return value
+    return None
 
 
 class Manifest:
@@ -372,6 +376,10 @@ def _safe_convert(source: Source, step: int, root: Path, options: ExportOptions)
     except ExporterError as exc:
         clear_step(root, step)
         return StepOutcome(step, "failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one step's unexpected failure must not stop a build
+        log.exception("step %d: unexpected error", step)
+        clear_step(root, step)
+        return StepOutcome(step, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) -> Iterable[StepOutcome]:

@@ -58,6 +58,11 @@ class CheckpointFiles:
         )
 
 
+def optim_file_name(dp: int, mp: int, bf16: bool = False) -> str:
+    """DeepSpeed's ZeRO partition file name (``engine._get_zero_ckpt_name``)."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+
+
 def scan_checkpoint(folder: str | Path) -> CheckpointFiles:
     """Classify the files of checkpoint folder ``folder``.
 
@@ -109,16 +114,11 @@ def _check_complete(files: CheckpointFiles) -> None:
     if mps != list(range(len(mps))):
         raise LayoutError(f"{files.folder}: mp_rank files {mps} are not 0..{len(mps) - 1}")
     if files.optim_files:
-        dps = sorted({dp for dp, _ in files.optim_files})
-        if dps != list(range(len(dps))):
-            raise LayoutError(
-                f"{files.folder}: ZeRO partition files for data-parallel ranks {dps} are not "
-                f"0..{len(dps) - 1} (a rank file is missing)"
-            )
+        top = max(dp for dp, _ in files.optim_files)
         for mp in sorted({mp for _, mp in files.optim_files}):
-            missing = [dp for dp in dps if (dp, mp) not in files.optim_files]
+            missing = [dp for dp in range(top + 1) if (dp, mp) not in files.optim_files]
             if missing:
                 raise LayoutError(
-                    f"{files.folder}: mp_rank {mp:02d} lacks ZeRO partition file(s) for "
-                    f"data-parallel rank(s) {missing}"
+                    f"{files.folder}: missing {optim_file_name(missing[0], mp, files.bf16_optim_prefix)}"
+                    f" (ZeRO partition files of data-parallel rank(s) {missing} are absent)"
                 )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES
 from exporter.convert.stream import TensorJob, chunks_of
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
@@ -121,6 +122,20 @@ def layer_sources(files: CheckpointFiles) -> dict[int, list[dict[str, TensorRef]
     return layers
 
 
+def _check_layer_files(files: CheckpointFiles, num_layers: int) -> None:
+    """Every pipeline layer with parameters has its file (names per DeepSpeed
+    ``PipelineModule.ckpt_layer_path``); the first missing one is named."""
+    expected = [0, *range(2, num_layers + 2), num_layers + 3, num_layers + 4]
+    have = set(files.layer_indices)
+    for layer in expected:
+        if layer not in have:
+            raise LayoutError(
+                f"{files.folder}: missing layer_{layer:02d}-model_00-model_states.pt "
+                f"(a {num_layers}-layer model has pipeline layers {expected[0]}, "
+                f"{expected[1]}..{expected[-3]}, {expected[-2]}, {expected[-1]})"
+            )
+
+
 def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
     """Every model tensor of the checkpoint as a job under its Hugging Face name.
 
@@ -128,6 +143,8 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
         LayoutError, NameMappingError: files disagree with each other or with GPT-NeoX.
     """
     num_layers = infer_num_layers(files, cfg)
+    if files.is_pipeline:
+        _check_layer_files(files, num_layers)
     jobs: list[TensorJob] = []
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: set[torch.dtype] = set()
@@ -150,6 +167,10 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
             refs = [rank[key] for rank in ranks]
             if len({r.dtype for r in refs}) != 1:
                 raise LayoutError(f"layer {layer:02d} {key}: shards differ in dtype")
+            if refs[0].dtype not in SAFETENSORS_DTYPES:
+                raise LayoutError(
+                    f"{refs[0].path}: {key} has dtype {refs[0].dtype}, which safetensors cannot hold"
+                )
             shape = merged_shape([r.shape for r in refs], mapped.merge)
             shapes[mapped.hf_name] = shape
             if mapped.kind == "model":

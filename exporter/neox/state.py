@@ -13,10 +13,15 @@ to JSON.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES
 from exporter.convert.stream import TensorJob
+from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.torchfile import TensorRef, TorchFile, iter_tensors, load_torch_file, to_json
 
@@ -60,16 +65,32 @@ def tensor_state_jobs(tf: TorchFile, prefix: str) -> tuple[dict[int, str], list[
     for path, ref in iter_tensors(tf.obj):
         name = f"{prefix}.{path}"
         names[id(ref)] = name
-        jobs.append(TensorJob(name, "state", ref.dtype, ref.shape, ref.iter_chunks))
+        if ref.dtype in SAFETENSORS_DTYPES:
+            jobs.append(TensorJob(name, "state", ref.dtype, ref.shape, ref.iter_chunks))
+        else:
+            # safetensors has no such dtype (complex128, quantized ...): keep the raw bytes;
+            # state.json records the real dtype and shape.
+            jobs.append(TensorJob(name, "state", torch.uint8, (ref.nbytes,), _bytes_of(ref)))
     return names, jobs
+
+
+def _bytes_of(ref: TensorRef) -> Callable[[int], Iterator[torch.Tensor]]:
+    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+        for chunk in ref.iter_chunks(max_bytes):
+            yield chunk.view(torch.uint8) if chunk.numel() else chunk.to(torch.uint8)
+
+    return gen
 
 
 def render(obj: Any, names: dict[int, str]) -> Any:
     """JSON of ``obj`` with each tensor replaced by a pointer into ``state.safetensors``."""
 
     def tensor(ref: TensorRef) -> Any:
-        return {"__tensor__": names[id(ref)], "dtype": str(ref.dtype).removeprefix("torch."),
-                "shape": list(ref.shape)}
+        out = {"__tensor__": names[id(ref)], "dtype": str(ref.dtype).removeprefix("torch."),
+               "shape": list(ref.shape)}
+        if ref.dtype not in SAFETENSORS_DTYPES:
+            out["stored_as"] = "uint8 bytes (little-endian, row-major)"
+        return out
 
     return to_json(obj, tensor=tensor)
 
@@ -93,7 +114,12 @@ def read_engine_state(files: CheckpointFiles, exported_module: bool) -> EngineSt
         if exported_module and isinstance(obj, dict) and isinstance(obj.get("module"), dict):
             obj = {**obj, "module": "exported as model weights"}
         stem = path.name.removesuffix(".pt")
-        names, file_jobs = tensor_state_jobs(TorchFile(tf.path, obj, tf.globals), stem)
+        try:
+            names, file_jobs = tensor_state_jobs(TorchFile(tf.path, obj, tf.globals), stem)
+            rendered[stem] = render(obj, names)
+        except ExporterError as exc:
+            if str(path) in str(exc):
+                raise
+            raise type(exc)(f"{path}: {exc}") from exc
         jobs += file_jobs
-        rendered[stem] = render(obj, names)
     return EngineState(roots, rendered, jobs, globals_)

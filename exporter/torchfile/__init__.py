@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import CheckpointFormatError
+from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
 from exporter.torchfile.tree import iter_tensors, resolve_numpy, to_json
@@ -47,8 +47,15 @@ class TorchFile:
     globals: dict[str, bool]
 
     def tensors(self) -> list[tuple[str, TensorRef]]:
-        """Every tensor with its dotted key path."""
-        return list(iter_tensors(self.obj))
+        """Every tensor with its dotted key path.
+
+        Raises:
+            CheckpointFormatError: the object tree is too deep or its key paths too long.
+        """
+        try:
+            return list(iter_tensors(self.obj))
+        except CheckpointFormatError as exc:
+            raise CheckpointFormatError(f"{self.path}: {exc}") from exc
 
     @property
     def unknown_globals(self) -> list[str]:
@@ -76,7 +83,7 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     try:
         result = safe_unpickle(data, zip_)
         obj = resolve_numpy(result.obj)
-    except CheckpointFormatError as exc:
+    except (CheckpointFormatError, UnsafePickleError) as exc:
         if str(zip_.path) in str(exc):
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc

@@ -9,7 +9,8 @@ are stored, a tensor's bytes sit at a fixed offset of the file and can be read w
 rules out zip bombs and keeps every byte range checkable against the file size.
 
 We use :mod:`zipfile` only to parse the central directory; nothing is extracted, so member
-names (even hostile ones like ``../../x``) never reach the file system.
+names never reach the file system. Names no torch writer produces (absolute, ``..``,
+backslashes) and duplicated names are refused all the same.
 """
 
 from __future__ import annotations
@@ -59,14 +60,23 @@ class TorchZip:
             raise CheckpointFormatError(f"{self.path}: cannot read: {exc.strerror}") from exc
         if self.file_size == 0:
             raise CheckpointFormatError(f"{self.path}: empty file")
-        if not zipfile.is_zipfile(self.path):
-            raise CheckpointFormatError(f"{self.path}: {_describe_non_zip(self.path)}")
         try:
+            if not zipfile.is_zipfile(self.path):
+                raise CheckpointFormatError(f"{self.path}: {_describe_non_zip(self.path)}")
             with zipfile.ZipFile(self.path) as archive:
                 infos = archive.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
+                struct.error) as exc:
             raise CheckpointFormatError(f"{self.path}: damaged zip container: {exc}") from exc
         self._infos = {info.filename: info for info in infos}
+        if len(self._infos) != len(infos):
+            # Two members of one name: zip readers disagree on which one counts.
+            raise CheckpointFormatError(f"{self.path}: zip container holds a member name twice")
+        for name in self._infos:
+            if _unsafe_name(name):
+                raise CheckpointFormatError(
+                    f"{self.path}: zip member name {name[:100]!r} points outside the archive"
+                )
         self.prefix = self._find_prefix()
         self._members: dict[str, Member] = {}
 
@@ -94,9 +104,11 @@ class TorchZip:
             raise CheckpointFormatError(
                 f"{self.path}: member '{info.filename}' is compressed; torch writes stored members"
             )
+        if not 0 <= info.header_offset < self.file_size:
+            # zipfile shifts offsets by any bytes it finds before the first member.
+            raise CheckpointFormatError(f"{self.path}: bad zip header of '{info.filename}'")
         with open(self.path, "rb") as fh:
-            fh.seek(info.header_offset)
-            header = fh.read(_LOCAL_HEADER.size)
+            header = os.pread(fh.fileno(), _LOCAL_HEADER.size, info.header_offset)
         if len(header) != _LOCAL_HEADER.size:
             raise CheckpointFormatError(f"{self.path}: truncated zip header of '{info.filename}'")
         fields = _LOCAL_HEADER.unpack(header)
@@ -144,6 +156,16 @@ class TorchZip:
         if not self.has("byteorder"):
             return "little"
         return self.read_member("byteorder", 16).decode("ascii", "replace").strip()
+
+
+def _unsafe_name(name: str) -> bool:
+    """Absolute, drive-qualified, backslashed or ``..`` member names (never written by torch).
+
+    Nothing is extracted, so such names could not reach the file system here; they are
+    refused because no torch writer produces them and other tools might extract them.
+    """
+    drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] == "/"
+    return name.startswith("/") or "\\" in name or ".." in name.split("/") or drive
 
 
 def _describe_non_zip(path: Path) -> str:

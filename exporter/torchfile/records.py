@@ -56,6 +56,8 @@ def short_repr(value: Any, limit: int = 80) -> str:
         if v is None or isinstance(v, (bool, int, float, complex, torch.dtype, PickledObject,
                                        StorageRef, TensorRef)):
             return repr(v)
+        if isinstance(v, type) and issubclass(v, PickledObject):
+            return f"<global {v.module}.{v.name}>"
         return f"<{type(v).__name__}>"
 
     text = walk(value, 0)

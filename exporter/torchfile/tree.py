@@ -20,16 +20,24 @@ from exporter.torchfile.records import NumpyArray, NumpyDtype, PickledObject, Te
 
 MAX_NODES = 5_000_000
 MAX_DEPTH = 200
+#: Elements rendered again because a container is referenced more than once.
+MAX_REPEATED = 100_000
+#: Longest dotted key path of a tensor, and all of them together: a long key above many
+#: tensors would otherwise be copied into every tensor's path.
+MAX_PATH = 4096
+MAX_PATHS_TOTAL = 64 << 20
 
 
 class _Budget:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, message: str = "object tree too large (shared references "
+                 "expand too far)") -> None:
         self.left = limit
+        self.message = message
 
-    def spend(self) -> None:
-        self.left -= 1
+    def spend(self, amount: int = 1) -> None:
+        self.left -= amount
         if self.left < 0:
-            raise CheckpointFormatError("object tree too large (shared references expand too far)")
+            raise CheckpointFormatError(self.message)
 
 
 def resolve_numpy(obj: Any) -> Any:
@@ -77,26 +85,53 @@ def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, TensorRef]]:
     """Every tensor in ``obj`` with a dotted key path (``optimizer_state_dict.x.0``).
 
     A tensor reachable along several paths is yielded once, under the first path.
+
+    Raises:
+        CheckpointFormatError: the tree nests too deeply or its key paths are too long.
     """
     seen: set[int] = set()
     budget = _Budget(MAX_NODES)
-    stack: list[tuple[str, Any, int]] = [(prefix, obj, 0)]
+    path_chars = _Budget(MAX_PATHS_TOTAL, "tensor key paths too long in total")
+    # Paths stay (parent entry, key) links until a tensor needs its path spelled out: a long
+    # key above many containers is then not copied into each of them.
+    stack: list[_Entry] = [(None, prefix, obj, 0)]
     while stack:
-        path, value, depth = stack.pop()
+        entry = stack.pop()
+        _, _, value, depth = entry
         if depth > MAX_DEPTH:
             raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
-        if isinstance(value, TensorRef):
-            if id(value) not in seen:
-                seen.add(id(value))
-                yield path, value
-            continue
-        children = _children(value)
-        if children is None or id(value) in seen:
+        if id(value) in seen:
             continue
         seen.add(id(value))
+        if isinstance(value, TensorRef):
+            path = _spell(entry)
+            path_chars.spend(len(path))
+            yield path, value
+            continue
         budget.spend()
-        for key, child in reversed(children):
-            stack.append((f"{path}.{key}" if path else str(key), child, depth + 1))
+        for key, child in reversed(_children(value) or []):
+            if isinstance(child, _WALKED) and id(child) not in seen:
+                stack.append((entry, key, child, depth + 1))
+
+
+_Entry = tuple[Any, Any, Any, int]
+_WALKED = (dict, list, tuple, PickledObject, TensorRef)
+
+
+def _spell(entry: _Entry) -> str:
+    keys: list[str] = []
+    length = 0
+    node: _Entry | None = entry
+    while node is not None:
+        keys.append(_key(node[1]))
+        length += len(keys[-1]) + 1
+        if length > MAX_PATH + 1:
+            raise CheckpointFormatError(f"a tensor's key path is longer than {MAX_PATH} characters")
+        node = node[0]
+    path = ""
+    for key in reversed(keys):
+        path = f"{path}.{key}" if path else key
+    return path
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
@@ -108,11 +143,11 @@ def _children(value: Any) -> list[tuple[Any, Any]] | None:
         d = value.__dict__
         out: list[tuple[Any, Any]] = [(f"args.{i}", v) for i, v in enumerate(d["args"])]
         if isinstance(d["state"], dict):
-            out += [(f"state.{k}", v) for k, v in d["state"].items()]
+            out += [(f"state.{_key(k)}", v) for k, v in d["state"].items()]
         elif d["state"] is not None:
             out.append(("state", d["state"]))
         out += [(f"items.{i}", v) for i, v in enumerate(d["items"])]
-        out += [(f"entries.{k}", v) for k, v in d["entries"]]
+        out += [(f"entries.{_key(k)}", v) for k, v in d["entries"]]
         return out
     return None
 
@@ -127,7 +162,9 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
     returns (default: a description).
     """
     budget = _Budget(MAX_NODES)
+    repeated = _Budget(MAX_REPEATED)
     active: set[int] = set()
+    rendered: set[int] = set()
 
     def describe(ref: TensorRef) -> Any:
         return {"__tensor__": str(ref.dtype).removeprefix("torch."), "shape": list(ref.shape)}
@@ -138,6 +175,9 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
         if depth > MAX_DEPTH:
             raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
         budget.spend()
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+            # Python refuses to print integers over 4300 digits in decimal; hex has no limit.
+            return {"__int__": hex(value)}
         if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
@@ -154,12 +194,18 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
             return {
                 "__ndarray__": str(value.dtype),
                 "shape": list(value.shape),
-                "data": visit(value.reshape(-1).tolist(), depth + 1),
+                "data": [visit(v, depth + 1) for v in value.reshape(-1).tolist()],
             }
         if isinstance(value, np.generic):
             return visit(value.item(), depth)
         if id(value) in active:
             raise CheckpointFormatError("object tree contains a cycle")
+        if id(value) in rendered:
+            # Shared references expand into copies; a few small ones are normal, a chain
+            # of lists each holding the previous one twice is exponential.
+            shared = isinstance(value, (dict, list, tuple, set, frozenset))
+            repeated.spend(len(value) if shared else 1)
+        rendered.add(id(value))
         active.add(id(value))
         try:
             if isinstance(value, dict):
@@ -172,7 +218,7 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
                 d = value.__dict__
                 out: dict[str, Any] = {"__class__": value.qualname}
                 if d["args"]:
-                    out["args"] = visit(list(d["args"]), depth + 1)
+                    out["args"] = [visit(v, depth + 1) for v in d["args"]]
                 if d["kwargs"]:
                     out["kwargs"] = visit(d["kwargs"], depth + 1)
                 if d["state"] is not None:
@@ -180,7 +226,8 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
                 if d["items"]:
                     out["items"] = visit(d["items"], depth + 1)
                 if d["entries"]:
-                    out["entries"] = visit([list(e) for e in d["entries"]], depth + 1)
+                    out["entries"] = [[visit(k, depth + 1), visit(v, depth + 1)]
+                                      for k, v in d["entries"]]
                 return out
         finally:
             active.discard(id(value))
@@ -190,4 +237,12 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
 
 
 def _key(key: Any) -> str:
-    return key if isinstance(key, str) else str(key)
+    """A dict key or list index as text (paths, JSON object keys)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool) and key.bit_length() > 64:
+        return hex(key)
+    try:
+        return str(key)
+    except ValueError as exc:  # a key holding an integer over 4300 digits
+        raise CheckpointFormatError(f"a key cannot be written as text: {exc}") from exc

@@ -343,17 +343,27 @@ class _Value:
 
 
 _MARK = _Value()
+_LEAF = _Value()  # any value that is neither a container nor a call result; never mutated
 _CAP = MAX_HASH_WORK + 1
-_TUPLES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-# opcode -> (values it pops, stride of the hashed ones among them, whether they are hashed)
-_ADDS = {
-    "APPEND": (1, 1, False),
-    "SETITEM": (2, 2, True),
-    "APPENDS": (None, 1, False),
-    "SETITEMS": (None, 2, True),
-    "ADDITEMS": (None, 1, True),
+
+# Opcode kinds for the prescan (stack effects as listed in Lib/pickletools.py).
+(_PUSH_LEAF, _NOTHING, _NEW_CONTAINER, _PUT, _GET, _MEMOIZE, _MARK_OP, _POP, _POP_MARK, _DUP,
+ _TUPLE_N, _TUPLE_MARK, _APPEND, _SETITEM, _APPENDS, _SETITEMS, _ADDITEMS, _LIST, _DICT,
+ _FROZENSET, _CALL2, _NEWOBJ_EX, _BUILD, _CALL_MARK, _POP1_PUSH, _POP2_PUSH, _STOP) = range(27)
+_KINDS: dict[str, int] = {
+    "PROTO": _NOTHING, "FRAME": _NOTHING, "STOP": _STOP,
+    "EMPTY_LIST": _NEW_CONTAINER, "EMPTY_DICT": _NEW_CONTAINER, "EMPTY_SET": _NEW_CONTAINER,
+    "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
+    "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET,
+    "MARK": _MARK_OP, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP,
+    "EMPTY_TUPLE": _TUPLE_N, "TUPLE1": _TUPLE_N, "TUPLE2": _TUPLE_N, "TUPLE3": _TUPLE_N,
+    "TUPLE": _TUPLE_MARK, "APPEND": _APPEND, "SETITEM": _SETITEM, "APPENDS": _APPENDS,
+    "SETITEMS": _SETITEMS, "ADDITEMS": _ADDITEMS, "LIST": _LIST, "DICT": _DICT,
+    "FROZENSET": _FROZENSET, "REDUCE": _CALL2, "NEWOBJ": _CALL2, "NEWOBJ_EX": _NEWOBJ_EX,
+    "BUILD": _BUILD, "INST": _CALL_MARK, "OBJ": _CALL_MARK,
+    "READONLY_BUFFER": _POP1_PUSH, "BINPERSID": _POP1_PUSH, "STACK_GLOBAL": _POP2_PUSH,
 }
-_BUILDS = {"LIST": (1, False), "DICT": (2, True), "FROZENSET": (1, True)}
+_TUPLE_SIZES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 
 
 class _Prescan:
@@ -389,83 +399,98 @@ class _Prescan:
                 return items
         raise CheckpointFormatError("malformed pickle: MARK missing")
 
-    def add(self, target: _Value, items: list[_Value], stride: int, hashed: bool) -> None:
-        """``items`` (or key, value pairs) go into the list, dict or set ``target``."""
-        cost = sum(items[i].weight for i in range(0, len(items), stride))
-        if hashed:
-            self.spend(cost)
-        if target.children is None:
-            target.elems = min(target.elems + cost, _CAP)
-
     def top(self) -> _Value:
         if not self.stack or self.stack[-1] is _MARK:
             raise CheckpointFormatError("malformed pickle: stack underflow")
         return self.stack[-1]
 
-    def step(self, name: str, opcode: pickletools.OpcodeInfo, arg: Any) -> None:
-        if name == "MARK":
+    def add(self, target: _Value, items: list[_Value], stride: int, hashed: bool) -> None:
+        """``items`` (or key, value pairs) go into the list, dict or set ``target``."""
+        cost = sum(v.weight for v in items[::stride])
+        if hashed:
+            self.spend(cost)
+        if target is not _LEAF and target.children is None:
+            target.elems = min(target.elems + cost, _CAP)
+
+    def call(self, args: list[_Value]) -> None:
+        # A call may hash what its arguments hold (set(list), OrderedDict(pairs)); BUILD
+        # re-inserts the keys of a state dict.
+        self.spend(sum(a.elems + sum(c.elems for c in a.children or ()) for a in args))
+
+    def step(self, kind: int, name: str, arg: Any) -> None:
+        """The stack effect of one opcode (PROTO, FRAME and leaf pushes are done by the caller)."""
+        stack = self.stack
+        if kind == _GET:
+            value = self.memo.get(int(arg))
+            if value is None:
+                raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
+            stack.append(value)
+        elif kind == _MEMOIZE:
+            self.memo[len(self.memo)] = self.top()
+        elif kind == _NEW_CONTAINER:
+            stack.append(_Value())
+        elif kind == _MARK_OP:
             self.depth += 1
             if self.depth > MAX_DEPTH:
                 raise UnsafePickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
-            self.stack.append(_MARK)
-        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-            self.memo[len(self.memo) if name == "MEMOIZE" else int(arg)] = self.top()
-        elif name in ("GET", "BINGET", "LONG_BINGET"):
-            if int(arg) not in self.memo:
-                raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
-            self.stack.append(self.memo[int(arg)])
-        elif name == "DUP":
-            self.stack.append(self.top())
-        elif name == "POP" and self.stack and self.stack[-1] is _MARK:
-            self.pop_mark()  # POP drops a MARK as well (Lib/pickle.py load_pop)
-        elif name in _TUPLES or name == "TUPLE":
-            items = self.pop_mark() if name == "TUPLE" else self.pop(_TUPLES[name])
+            stack.append(_MARK)
+        elif kind in (_TUPLE_N, _TUPLE_MARK):
+            items = self.pop_mark() if kind == _TUPLE_MARK else self.pop(_TUPLE_SIZES[name])
             weight = min(1 + sum(i.weight for i in items), _CAP)
-            self.stack.append(_Value(weight, weight - 1, items))
-        elif name in _ADDS:
-            count, stride, hashed = _ADDS[name]
-            items = self.pop_mark() if count is None else self.pop(count)
-            self.add(self.top(), items, stride, hashed)
-        elif name in _BUILDS:
-            stride, hashed = _BUILDS[name]
+            stack.append(_Value(weight, weight - 1, items))
+        elif kind in (_APPEND, _SETITEM):
+            items = self.pop(1 if kind == _APPEND else 2)
+            self.add(self.top(), items, len(items), kind == _SETITEM)
+        elif kind in (_APPENDS, _SETITEMS, _ADDITEMS):
+            items = self.pop_mark()
+            self.add(self.top(), items, 2 if kind == _SETITEMS else 1, kind != _APPENDS)
+        elif kind in (_LIST, _DICT, _FROZENSET):
             container = _Value()
-            self.add(container, self.pop_mark(), stride, hashed)
-            self.stack.append(container)
-        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "INST", "OBJ"):
-            # A call may hash what its arguments hold (set(list), OrderedDict(pairs)); BUILD
-            # re-inserts the keys of a state dict.
-            if name in ("INST", "OBJ"):
-                args = self.pop_mark()
+            self.add(container, self.pop_mark(), 2 if kind == _DICT else 1, kind != _LIST)
+            stack.append(container)
+        elif kind == _BUILD:
+            self.call(self.pop(1))
+            self.top()
+        elif kind in (_CALL2, _NEWOBJ_EX):
+            self.call(self.pop(3 if kind == _NEWOBJ_EX else 2)[1:])
+            stack.append(_Value())
+        elif kind == _CALL_MARK:
+            self.call(self.pop_mark())
+            stack.append(_Value())
+        elif kind == _POP:
+            if stack and stack[-1] is _MARK:
+                self.pop_mark()  # POP drops a MARK as well (Lib/pickle.py load_pop)
             else:
-                args = self.pop(3 if name == "NEWOBJ_EX" else 2)[1:]
-            self.spend(sum(a.elems + sum(c.elems for c in a.children or ()) for a in args))
-            if name != "BUILD":
-                self.stack.append(_Value())
-        else:
-            before = opcode.stack_before
-            if pickletools.markobject in before:
-                self.pop_mark()
-                before = before[: before.index(pickletools.markobject)]
-            self.pop(len(before))
-            self.stack.extend(_Value() for _ in opcode.stack_after)
+                self.pop(1)
+        elif kind == _POP_MARK:
+            self.pop_mark()
+        elif kind == _DUP:
+            stack.append(self.top())
+        elif kind in (_POP1_PUSH, _POP2_PUSH):
+            self.pop(1 if kind == _POP1_PUSH else 2)
+            stack.append(_LEAF)
 
 
 def prescan(data: bytes) -> None:
     """Walk the opcode stream without executing it; refuse what could exhaust memory or time."""
-    ops = 0
     scan = _Prescan()
+    kinds = _KINDS
+    stack = scan.stack
     try:
-        for opcode, arg, _ in pickletools.genops(data):
-            ops += 1
+        for ops, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
             if ops > MAX_OPCODES:
                 raise UnsafePickleError(f"pickle has more than {MAX_OPCODES} opcodes")
-            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                index = int(arg)
-                if index < 0 or index > ops:
-                    raise UnsafePickleError(f"pickle memo index {index} out of range")
-            if opcode.name == "STOP":
+            kind = kinds.get(opcode.name, _PUSH_LEAF)
+            if kind == _PUSH_LEAF:  # the most frequent kinds first, inline
+                stack.append(_LEAF)
+            elif kind == _PUT:
+                if not 0 <= arg <= ops:
+                    raise UnsafePickleError(f"pickle memo index {arg} out of range")
+                scan.memo[arg] = scan.top()
+            elif kind == _STOP:
                 return
-            scan.step(opcode.name, opcode, arg)
+            else:
+                scan.step(kind, opcode.name, arg)
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(f"malformed pickle: {exc}") from exc
     raise CheckpointFormatError("malformed pickle: no STOP opcode")

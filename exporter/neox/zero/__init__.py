@@ -131,6 +131,7 @@ def plan_optimizer(
             units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
         for tf in tfs:
             per_file[tf.path.name] = _render_scalars(tf)
+        _check_same_step([files.optim_files[(r, mp)] for r in range(dp)], per_file)
     jobs, unit_tp_rank, stages, missing = _merge_units(units, model)
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
@@ -171,6 +172,27 @@ def _loss_scale(root: Any) -> float | None:
     if isinstance(state, dict) and isinstance(state.get("cur_scale"), (int, float)):
         return float(state["cur_scale"])
     return None
+
+
+# Values every partition file of one checkpoint shares: the loss scaler is updated in lockstep
+# on all ranks (its overflow check is all-reduced), and so is the optimizer's step count.
+_SHARED_STATE = ("loss_scaler", "overflow", "base_optimizer_state_step", "zero_stage")
+
+
+def _check_same_step(paths: list[Any], rendered: dict[str, Any]) -> None:
+    """Refuse partition files that disagree on state all ranks share (mixed-up steps)."""
+    first = None
+    for path in paths:
+        osd = rendered[path.name].get("optimizer_state_dict", {}) if isinstance(rendered[path.name], dict) else {}
+        shared = {k: osd.get(k) for k in _SHARED_STATE} if isinstance(osd, dict) else {}
+        if first is None:
+            first = (path, shared)
+        elif shared != first[1]:
+            differ = sorted(k for k in shared if shared[k] != first[1].get(k))
+            raise LayoutError(
+                f"{path}: partition file disagrees with {first[0].name} on {', '.join(differ)} "
+                f"(files from different steps or runs?)"
+            )
 
 
 def _render_scalars(tf: TorchFile) -> Any:

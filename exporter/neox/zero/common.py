@@ -8,6 +8,7 @@ several ranks — and is read segment by segment, never by concatenating whole p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +117,13 @@ def partition_state_dicts(files: list[Any]) -> list[dict[str, Any]]:
         count = osd.get("partition_count")
         counts = count if isinstance(count, (list, tuple)) else [count]
         if not counts or any(c != dp for c in counts):
+            hint = ""
+            if all(isinstance(c, int) and not isinstance(c, bool) for c in counts) and counts[0] > dp:
+                name = re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{dp}_", tf.path.name)
+                hint = f" (missing {name}?)"
             raise LayoutError(
-                f"{tf.path}: partition_count {count!r} disagrees with the {dp} partition files found"
+                f"{tf.path}: partition_count {count!r} disagrees with the {dp} partition files "
+                f"found{hint}"
             )
         states.append(osd)
     return states
