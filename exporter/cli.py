@@ -83,6 +83,8 @@ def inspect(path: Path, as_json: bool) -> None:
     report = inspect_path(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        if report["errors"]:
+            raise ExporterError(f"{len(report['errors'])} file(s) could not be read")
         return
     for f in report["files"]:
         click.echo(f"{f['file']}  ({f['bytes']:,} bytes, {len(f['tensors'])} tensors, "
