@@ -132,8 +132,9 @@ class StatsAccumulator:
             flat = torch.view_as_real(flat).reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.view(torch.uint8)
-        for start in range(0, flat.numel(), SUB_BLOCK):
-            self._add_block(flat[start : start + SUB_BLOCK])
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is expected
+            for start in range(0, flat.numel(), SUB_BLOCK):
+                self._add_block(flat[start : start + SUB_BLOCK])
 
     def _add_block(self, block: torch.Tensor) -> None:
         n = block.numel()

@@ -11,8 +11,8 @@ and file writes all release the GIL on large buffers)::
 
     reader thread ──chunks──> caller thread: cast (CPU, or GPU via exporter.convert.device)
                                   │ one output piece, shared by
-                ┌─────────────────┼──────────────────────┐
-          statistics thread   tensor sha256 thread   writer thread: file bytes + file sha256
+           ┌──────────────┬───────┴───────┬─────────────────┐
+      statistics     tensor sha256    file sha256     writer (page-cache writeback hints)
 
 Bounded queues between the stages keep at most a few chunks in flight. The sha256 of every
 written file is computed as it is written (:attr:`Converter.written_files`), so nothing needs
@@ -37,7 +37,7 @@ from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
 from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator, TensorStats
 from exporter.errors import ExporterError
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 QUEUE_DEPTH = 2  # chunks waiting in front of each stage
 CAST_BUFFERS = 3  # reusable CPU output buffers: one being filled, the rest downstream
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
@@ -199,8 +199,9 @@ class Converter:
         return job.dtype
 
     def engine_for(self, job: TensorJob) -> CastEngine:
-        """The engine that casts ``job``: the GPU for floating tensors of at least one chunk
-        when a CUDA device is selected (small ones are not worth the transfers), else the CPU."""
+        """The engine that casts ``job``: the GPU for floating tensors of 1 MiB or more (or one
+        chunk, if smaller) when a CUDA device is selected, since small ones are not worth the
+        transfers; else the CPU."""
         if self.device != "cpu" and job.dtype.is_floating_point:
             if job.numel * job.dtype.itemsize >= min(self.chunk_bytes, 1 << 20):
                 if "device" not in self._engines:
@@ -223,7 +224,7 @@ class Converter:
         relative. The file's size and sha256 are appended to :attr:`written_files`."""
         specs = [TensorSpec(j.name, self.output_dtype(j), j.shape) for j in jobs]
         rel = str(Path(path).relative_to(root)) if root else str(path)
-        with _HashingWriter(Path(path), specs, metadata or {"format": "pt"}) as writer:
+        with _Writer(Path(path), specs, metadata or {"format": "pt"}) as writer:
             pipeline = _Pipeline(self, jobs, specs, writer)
             digests, stats = pipeline.run()
         placed = {p.name: p for p in writer.placed}
@@ -234,29 +235,32 @@ class Converter:
             )
             for i, (job, spec) in enumerate(zip(jobs, specs, strict=True))
         ]
-        self.written_files.append(WrittenFile(rel, writer.total_bytes, writer.sha256))
+        self.written_files.append(WrittenFile(rel, writer.total_bytes, pipeline.file_sha256))
         return records
 
 
-class _HashingWriter(SafetensorsWriter):
-    """A :class:`SafetensorsWriter` that hashes every byte it writes, header included, and
-    starts writing its pages back to disk as it goes.
+class _Writer(SafetensorsWriter):
+    """A :class:`SafetensorsWriter` that starts writing its pages back to disk as it goes.
 
     Linux starts writeback of a range's dirty pages on ``POSIX_FADV_DONTNEED``
     (``mm/fadvise.c`` ``generic_fadvise`` -> ``__filemap_fdatawrite_range``, without waiting),
     and drops them from the page cache once clean: the writer's final ``fsync`` then finds
-    little left to flush, and an export of hundreds of GB does not crowd the page cache.
+    little left to flush, an export of hundreds of GB does not crowd the page cache, and
+    (measured) page-cache writes cost less CPU when memory is not full of dirty pages.
     """
 
-    def __enter__(self) -> _HashingWriter:
+    def __enter__(self) -> _Writer:
         super().__enter__()
-        self._digest = hashlib.sha256(self._header)
         self._advised = 0
         return self
 
+    @property
+    def header(self) -> bytes:
+        """The bytes in front of the tensor data (length prefix and JSON header)."""
+        return self._header
+
     def write(self, name: str, data: bytes | memoryview | bytearray) -> None:
         super().write(name, data)
-        self._digest.update(data)
         fh = self._fh
         if fh is not None and hasattr(os, "posix_fadvise"):
             end = fh.tell()
@@ -265,10 +269,6 @@ class _HashingWriter(SafetensorsWriter):
                 os.posix_fadvise(fh.fileno(), self._advised, end - self._advised,
                                  os.POSIX_FADV_DONTNEED)
                 self._advised = end
-
-    @property
-    def sha256(self) -> str:
-        return self._digest.hexdigest()
 
 
 class _Piece:
@@ -396,7 +396,7 @@ class _Pipeline:
     """The threads of one :meth:`Converter.write_file` call."""
 
     def __init__(self, converter: Converter, jobs: Sequence[TensorJob],
-                 specs: Sequence[TensorSpec], writer: _HashingWriter) -> None:
+                 specs: Sequence[TensorSpec], writer: _Writer) -> None:
         self.converter = converter
         self.jobs = jobs
         self.specs = specs
@@ -404,7 +404,12 @@ class _Pipeline:
         self.digests: list[str] = [""] * len(jobs)
         self.stats: list[TensorStats | None] = [None] * len(jobs)
         self._tensor_digest = hashlib.sha256()
+        self._file_digest = hashlib.sha256(writer.header)
         self._stats = StatsAccumulator()
+
+    @property
+    def file_sha256(self) -> str:
+        return self._file_digest.hexdigest()
 
     def _hash(self, kind: str, index: int, piece: _Piece | None) -> None:
         if kind == _BEGIN:
@@ -419,6 +424,10 @@ class _Pipeline:
         if piece is not None:
             self.writer.write(self.jobs[index].name, piece.data)
 
+    def _hash_file(self, kind: str, index: int, piece: _Piece | None) -> None:
+        if piece is not None:
+            self._file_digest.update(piece.data)
+
     def _summarise(self, kind: str, index: int, piece: _Piece | None) -> None:
         if kind == _BEGIN:
             self._stats = StatsAccumulator()
@@ -430,19 +439,22 @@ class _Pipeline:
 
     def run(self) -> tuple[list[str], list[TensorStats]]:
         failed = threading.Event()
-        hasher = _Stage("convert-sha256", self._hash, failed)
-        writer = _Stage("convert-write", self._write, failed)
+        writers = [
+            _Stage("convert-write", self._write, failed),
+            _Stage("convert-file-sha256", self._hash_file, failed),
+            _Stage("convert-sha256", self._hash, failed),
+        ]
         summariser = _Stage("convert-stats", self._summarise, failed)
         reader = _Reader(self.jobs, self.converter.chunk_bytes, failed)
         try:
-            self._feed(reader, hasher, writer, summariser)
+            self._feed(reader, writers, summariser)
         except _Aborted:
             pass
         finally:
             reader.stop()
-            for stage in (hasher, writer, summariser):
+            for stage in (*writers, summariser):
                 stage.stop()
-        for stage in (writer, hasher, summariser):
+        for stage in (*writers, summariser):
             if stage.error is not None:
                 raise stage.error
         stats = [s for s in self.stats if s is not None]
@@ -450,11 +462,11 @@ class _Pipeline:
             raise ExporterError("conversion pipeline finished without every tensor's statistics")
         return self.digests, stats
 
-    def _feed(self, reader: _Reader, hasher: _Stage, writer: _Stage, summariser: _Stage) -> None:
+    def _feed(self, reader: _Reader, writers: list[_Stage], summariser: _Stage) -> None:
         for index, (job, spec) in enumerate(zip(self.jobs, self.specs, strict=True)):
             engine = self.converter.engine_for(job)
             stats = StatsAccumulator()
-            users = [hasher, writer] if engine.computes_stats else [hasher, writer, summariser]
+            users = writers if engine.computes_stats else [*writers, summariser]
             for stage in users:
                 stage.put((_BEGIN, index, None))
             source = _Counted(reader.chunks(), self.converter.progress)

@@ -1,0 +1,79 @@
+"""Where an export's CPU time goes: each stage of the pipeline run alone, one thread, in order.
+
+    python benchmarks/components.py CHECKPOINT_FOLDER [CHUNK_BYTES]
+
+For every tensor the export writes, chunk by chunk: read it (``TensorJob.chunks``: ``os.pread``
+plus the readers' copy into a tensor), compute its statistics, hash it once with sha256 (the
+export hashes every byte twice: per tensor and per file), write it to a scratch file (fsync at
+the end). Prints one JSON object: bytes and CPU seconds per stage, plus the planning time
+(finding the files and reading their pickles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from exporter.convert.stats import StatsAccumulator
+from exporter.convert.stream import CHUNK_BYTES
+from exporter.neox.checkpoint import scan_checkpoint
+from exporter.neox.config import load_neox_config
+from exporter.neox.model import plan_model
+from exporter.neox.state import read_engine_state
+from exporter.neox.zero import plan_optimizer
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def profile(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
+    costs = dict.fromkeys(("plan", "read", "statistics", "sha256 (one pass)", "write + fsync"), 0.0)
+    start = _cpu()
+    files = scan_checkpoint(folder)
+    cfg = load_neox_config(files.configs)
+    model = plan_model(files, cfg)
+    engine = read_engine_state(files, exported_module=True)
+    optimizer = plan_optimizer(files, model, engine)
+    costs["plan"] = _cpu() - start
+    jobs = [*model.jobs, *engine.tensor_jobs]
+    if optimizer is not None:
+        jobs += optimizer.jobs
+    nbytes = 0
+    with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".components-") as scratch:
+        for job in jobs:
+            chunks = job.chunks(chunk_bytes)
+            while True:
+                start = _cpu()
+                chunk = next(chunks, None)
+                costs["read"] += _cpu() - start
+                if chunk is None:
+                    break
+                nbytes += chunk.numel() * chunk.element_size()
+                start = _cpu()
+                StatsAccumulator().update(chunk)
+                costs["statistics"] += _cpu() - start
+                raw = memoryview(chunk.reshape(-1).view(torch.uint8).numpy())
+                start = _cpu()
+                hashlib.sha256(raw)
+                costs["sha256 (one pass)"] += _cpu() - start
+                start = _cpu()
+                scratch.write(raw)
+                costs["write + fsync"] += _cpu() - start
+        start = _cpu()
+        scratch.flush()
+        os.fsync(scratch.fileno())
+        costs["write + fsync"] += _cpu() - start
+    return {"bytes": nbytes, **costs}
+
+
+if __name__ == "__main__":
+    chunk = int(sys.argv[2]) if len(sys.argv) > 2 else CHUNK_BYTES
+    print(json.dumps(profile(Path(sys.argv[1]), chunk)))
