@@ -118,8 +118,11 @@ def inspect(path: Path, as_json: bool) -> None:
               help="Where casts and statistics run.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Split model.safetensors into shards above this size, as transformers does.")
+@click.option("--compress", default=None, metavar="zstd[:LEVEL]",
+              help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
+                   "the loader without mmap. Default: plain safetensors.")
 def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: str, device: str,
-            max_shard_size: str) -> None:
+            max_shard_size: str, compress: str | None) -> None:
     """Convert one checkpoint folder to safetensors + JSON.
 
     Writes model.safetensors under Hugging Face GPTNeoX names with config.json (loadable by
@@ -131,7 +134,7 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
     from exporter.export import export_checkpoint
     from exporter.progress import byte_bar
 
-    options = _export_options(include, dtype, device, max_shard_size)
+    options = _export_options(include, dtype, device, max_shard_size, compress)
     quiet = click.get_current_context().obj["quiet"]
     with byte_bar(f"convert {checkpoint.name}", disable=quiet) as advance:
         result = export_checkpoint(checkpoint, out_dir, options, progress=advance)
@@ -208,7 +211,9 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
     click.echo(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")
 
 
-def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str) -> Any:
+def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str,
+                    compress: str | None = None) -> Any:
+    from exporter.convert.compress import parse_compression
     from exporter.convert.sharding import parse_size
     from exporter.export import ExportOptions
 
@@ -216,8 +221,12 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
         shard = parse_size(max_shard_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-shard-size") from exc
+    try:
+        level = parse_compression(compress) if compress else None
+    except ExporterError as exc:
+        raise click.BadParameter(str(exc), param_hint="--compress") from exc
     return ExportOptions(include=include, dtype=_torch_dtype(dtype), device=_device(device),
-                         max_shard_size=shard)
+                         max_shard_size=shard, compress_level=level)
 
 
 @cli.command()
@@ -233,6 +242,9 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where casts and statistics run.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Model shard size limit.")
+@click.option("--compress", default=None, metavar="zstd[:LEVEL]",
+              help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
+                   "the loader without mmap. Default: plain safetensors.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Steps converted in parallel.")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
@@ -251,7 +263,7 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
               help="With --push-to: remove a step's safetensors once the Hub holds them.")
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
-          dtype: str, device: str, max_shard_size: str, workers: int, executor: str,
+          dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
           push_to: str | None, delete_after_push: bool) -> None:
@@ -271,7 +283,7 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
     from exporter.pipeline import build as run_build
     from exporter.sources import open_source
 
-    options = _export_options(include, dtype, device, max_shard_size)
+    options = _export_options(include, dtype, device, max_shard_size, compress)
     hub: dict[str, Any] = {}
     if source.startswith("hf://"):
         from exporter.convert.sharding import parse_size

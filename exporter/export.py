@@ -51,6 +51,8 @@ class ExportOptions:
     Attributes:
         include: subset of ``INCLUDE_CHOICES``.
         dtype: output dtype of model weights (None keeps the source's).
+        compress_level: write tensor files as byte-shuffled zstd (``.safetensors.zst``,
+            :mod:`exporter.convert.compress`) at this level; None writes plain safetensors.
         device: where casts and statistics run (``cpu``, ``cuda``).
         max_shard_size: model shards are split above this many bytes.
     """
@@ -59,6 +61,7 @@ class ExportOptions:
     dtype: torch.dtype | None = None
     device: str = "cpu"
     max_shard_size: int = DEFAULT_SHARD_SIZE
+    compress_level: int | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.include) - set(INCLUDE_CHOICES)
@@ -79,6 +82,7 @@ class ExportResult:
     bytes_in: int
     bytes_out: int
     seconds: float
+    file_sha256: dict[str, str]
 
 
 def export_checkpoint(
@@ -120,6 +124,9 @@ def export_checkpoint(
     tmp.mkdir(parents=True)
     try:
         records = _write_all(tmp, files, cfg, model, engine, optimizer, options, converter)
+        hashes = {f.path: f.sha256 for f in converter.written_files}
+        if options.compress_level is not None:
+            hashes = _compress(tmp, records, hashes, options.compress_level)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -138,6 +145,7 @@ def export_checkpoint(
         bytes_in=sum(p.stat().st_size for p in used),
         bytes_out=bytes_out,
         seconds=time.perf_counter() - start,
+        file_sha256=hashes,
     )
 
 
@@ -180,6 +188,25 @@ def _write_all(
         _write_json(tmp / "state.json", state)
     _copy_config(files, cfg, tmp / "neox.yml")
     return records
+
+
+def _compress(
+    tmp: Path, records: list[WrittenRecord], hashes: dict[str, str], level: int
+) -> dict[str, str]:
+    """Replace each safetensors file by its ``.zst`` form; records point to the new files
+    (their offsets stay those of the uncompressed layout, their sha256s those of the bytes)."""
+    from exporter.convert.compress import compress_safetensors
+
+    renamed: dict[str, str] = {}
+    for rel in sorted({r.file for r in records}):
+        src = tmp / rel
+        dst = src.with_name(src.name + ".zst")
+        compress_safetensors(src, dst, level)
+        src.unlink()
+        renamed[rel] = rel + ".zst"
+    for r in records:
+        r.file = renamed.get(r.file, r.file)
+    return {k: v for k, v in hashes.items() if k not in renamed}
 
 
 def _write_sharded(

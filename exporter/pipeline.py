@@ -207,12 +207,16 @@ def _write_index(
     prefix = f"steps/step{step}"
     write_tensor_index(tensor_index_path(root, step), tensor_rows(step, result.records, prefix))
     folder = step_dir(root, step)
+    # Tensor files were hashed as they were written; only the small JSON/YAML files are read.
     outputs = [
-        {"path": str(p.relative_to(root)), "sha256": file_sha256(p), "bytes": p.stat().st_size}
+        {"path": str(p.relative_to(root)),
+         "sha256": result.file_sha256.get(str(p.relative_to(folder))) or file_sha256(p),
+         "bytes": p.stat().st_size}
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     ]
-    source_files = [{"path": f.path, "sha256": f.sha256, "bytes": f.size} for f in fetched.files]
+    source_files = [{"path": f.path, "sha256": f.sha256, "bytes": f.size}
+                    for f in fetched.source_files()]
     engine = result.engine
     optim = result.optimizer
     info = optim.summary if optim is not None else {}
@@ -263,7 +267,9 @@ class Manifest:
             "tool": {"name": "neox-exporter", "version": __version__},
             "source": source,
             "options": {"include": list(options.include),
-                        "dtype": dtype_name(options.dtype) if options.dtype else None},
+                        "dtype": dtype_name(options.dtype) if options.dtype else None,
+                        "compress": (f"zstd:{options.compress_level}"
+                                     if options.compress_level is not None else None)},
             "steps": {},
             "failed": {},
         }

@@ -127,7 +127,19 @@ def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor)
         )
 
 
+def _raw(tensor: torch.Tensor) -> bytes:
+    flat = tensor.contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.name.endswith(".zst"):
+        from exporter.convert.compress import read_compressed_index, read_compressed_tensor
+
+        for key in read_compressed_index(path):
+            if not key.startswith("__"):
+                yield key, read_compressed_tensor(path, key)
+        return
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
             yield key, f.get_tensor(key)
@@ -139,7 +151,9 @@ def verify_export(folder: Path) -> Report:
     hashes = Check("hashes")
     coverage = Check("coverage")
     master_file = folder / "optimizer" / "master.safetensors"
-    model_files = sorted(folder.glob("model*.safetensors"))
+    if not master_file.exists() and master_file.with_name("master.safetensors.zst").exists():
+        master_file = master_file.with_name("master.safetensors.zst")
+    model_files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("model*.safetensors.zst"))
     if not model_files:
         coverage.failures.append(f"{folder}: no model.safetensors")
     model = {k: v for p in model_files for k, v in _tensors(p)}
@@ -158,9 +172,14 @@ def verify_export(folder: Path) -> Report:
     rows = _index_rows(folder)
     for row in rows:
         path = folder.parent.parent / row["file"]
-        with open(path, "rb") as fh:
-            fh.seek(row["data_offset_begin"])
-            data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
+        if path.name.endswith(".zst"):
+            from exporter.convert.compress import read_compressed_tensor
+
+            data = _raw(read_compressed_tensor(path, row["name"]))
+        else:
+            with open(path, "rb") as fh:
+                fh.seek(row["data_offset_begin"])
+                data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
         if hashlib.sha256(data).hexdigest() == row["sha256"]:
             hashes.passed += 1
         else:
@@ -205,6 +224,6 @@ def verify_path(path: str | Path) -> list[Report]:
         if not steps:
             raise ExporterError(f"{path}: archive has no complete steps")
         return [verify_export(path / "steps" / f"step{s}") for s in steps]
-    if (path / "config.json").exists() or list(path.glob("model*.safetensors")):
+    if (path / "config.json").exists() or list(path.glob("model*.safetensors*")):
         return [verify_export(path)]
     return [verify_checkpoint(path)]

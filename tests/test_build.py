@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from exporter.archive.schema import (
     CHECKPOINT_SCHEMA,
@@ -160,3 +161,22 @@ def test_step_selection_names_what_is_wrong() -> None:
 def test_tables_are_arrow_native(archive: Path) -> None:
     table = pq.read_table(archive / "index" / "tensors")
     assert table.schema.field("shape").type == pa.list_(pa.int64())
+
+
+def test_compressed_archive_reads_back_the_same_tensors(run: Path, archive: Path, tmp_path: Path) -> None:
+    from exporter import open_archive
+    from exporter.verify import verify_path
+
+    out = tmp_path / "z"
+    build(LocalSource(run), out, BuildOptions(export=ExportOptions(compress_level=3), steps="8",
+                                               quiet=True))
+    assert not list(out.rglob("*.safetensors"))
+    plain, packed = open_archive(archive), open_archive(out)
+    for kind in ("model", "master", "exp_avg", "exp_avg_sq"):
+        a, b = plain.state_dict(8, kind), packed.state_dict(8, kind)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[n], b[n]) for n in a), kind
+    assert _rows(out, "tensors") == [
+        {**r, "file": r["file"] + ".zst"} for r in _rows(archive, "tensors") if r["step"] == 8]
+    assert all(r.ok for r in verify_path(out))
+    jsonschema.validate(json.loads((out / "manifest.json").read_text()), MANIFEST_SCHEMA)

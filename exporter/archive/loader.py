@@ -129,6 +129,19 @@ class SafetensorsMap:
         return raw.view(dtype).reshape(shape)
 
 
+class CompressedTensors:
+    """A ``.safetensors.zst`` file (``--compress zstd``): tensors are decompressed on read, not
+    memory-mapped (still no pickle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, name: str) -> torch.Tensor:
+        from exporter.convert.compress import read_compressed_tensor
+
+        return read_compressed_tensor(self.path, name)
+
+
 class Archive:
     """An archive written by ``neox-export build``: steps, index, tensors, state.
 
@@ -182,13 +195,18 @@ class Archive:
             raise ArchiveError(f"{self.label}: step {step} has no {kind} tensor {name!r}")
         return rows[0]
 
-    def _map(self, relative: str) -> SafetensorsMap:
+    def _map(self, relative: str) -> SafetensorsMap | CompressedTensors:
         if relative not in self._maps:
-            self._maps[relative] = SafetensorsMap(self._files.path(relative))
+            path = self._files.path(relative)
+            if relative.endswith(".zst"):
+                self._maps[relative] = CompressedTensors(path)
+            else:
+                self._maps[relative] = SafetensorsMap(path)
         return self._maps[relative]
 
     def tensor(self, step: int, name: str, kind: str = "model") -> torch.Tensor:
-        """One tensor, memory-mapped (read-only semantics: writes stay private to the process).
+        """One tensor, memory-mapped (read-only semantics: writes stay private to the process;
+        tensors of ``--compress`` archives are decompressed instead).
 
         Args:
             step: training step.

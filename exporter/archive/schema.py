@@ -97,6 +97,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {
                 "include": {"type": "array", "items": {"enum": ["model", "optimizer", "state"]}},
                 "dtype": {"type": ["string", "null"]},
+                "compress": {"type": ["string", "null"], "pattern": "^zstd:[0-9]+$"},
             },
         },
         "steps": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,14 @@ class FetchedCheckpoint:
     folder: Path
     revision: str | None = None
     files: list[SourceFile] = field(default_factory=list)
+    pending_files: Future[list[SourceFile]] | None = field(default=None, repr=False)
+
+    def source_files(self) -> list[SourceFile]:
+        """The files with their hashes (waiting for a background hash, if one runs)."""
+        if self.pending_files is not None:
+            self.files = self.pending_files.result()
+            self.pending_files = None
+        return self.files
 
 
 class Source(abc.ABC):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,9 +74,15 @@ class LocalSource(Source):
         if step not in self._folders:
             raise SourceError(f"{self.root}: no step {step}")
         folder = self._folders[step]
-        files = [
-            SourceFile(str(p.relative_to(folder)), p.stat().st_size, file_sha256(p))
-            for p in sorted(folder.rglob("*"))
-            if p.is_file()
-        ]
-        yield FetchedCheckpoint(step, folder, None, files)
+
+        def hash_all() -> list[SourceFile]:
+            return [
+                SourceFile(str(p.relative_to(folder)), p.stat().st_size, file_sha256(p))
+                for p in sorted(folder.rglob("*"))
+                if p.is_file()
+            ]
+
+        # Hash the source in a thread while the step converts: hashlib releases the GIL, and
+        # the export reads the same files, so the second read comes from the page cache.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash-source") as pool:
+            yield FetchedCheckpoint(step, folder, None, [], pool.submit(hash_all))
