@@ -74,3 +74,11 @@ def test_reconstructing_1_gb_of_optimizer_state_stays_within_one_and_a_half_tens
     peak = _peak_rss_of_convert(wide_checkpoint, tmp_path / "out", "--include", "optimizer")
     assert (tmp_path / "out" / "optimizer" / "master.safetensors").exists()
     assert peak <= 1.5 * largest + 300 * MB, f"peak RSS {peak / MB:.0f} MB"
+
+
+def test_tensor_parallel_merges_stream_within_the_same_bound(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "checkpoint", SHAPE, dp=2, tp=2)
+    largest = max(s.numel for s in parameter_specs(SHAPE, tp=1, tp_rank=0)) * 4
+    peak = _peak_rss_of_convert(tmp_path / "checkpoint", tmp_path / "out")
+    assert (tmp_path / "out" / "optimizer" / "master.safetensors").exists()
+    assert peak <= 1.5 * largest + 300 * MB, f"peak RSS {peak / MB:.0f} MB"

@@ -11,6 +11,7 @@ merged in memory one tensor at a time.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES
-from exporter.convert.stream import TensorJob, chunks_of
+from exporter.convert.stream import TensorJob
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.names import Merge, map_name_lenient, split_module_name
@@ -66,15 +67,58 @@ def merge_shards(tensors: list[torch.Tensor], merge: Merge) -> torch.Tensor:
     return total / len(tensors) if merge is Merge.AVERAGE else total
 
 
+@dataclass
+class Shard:
+    """One tensor-parallel shard as the streaming merge reads it."""
+
+    shape: tuple[int, ...]
+    element_size: int
+    chunks: Callable[[int], Iterator[torch.Tensor]]
+    read_range: Callable[[int, int], torch.Tensor]  # flat elements [start, start + count)
+
+
+def merged_chunks(shards: list[Shard], merge: Merge) -> Callable[[int], Iterator[torch.Tensor]]:
+    """Chunks of the merged tensor, read shard piece by shard piece: memory stays at about one
+    chunk per shard, never the whole merged tensor (row-parallel weights go by blocks of rows;
+    sums and averages are element-wise, so they go by aligned flat ranges)."""
+    if len(shards) == 1 or merge is Merge.FIRST:
+        return shards[0].chunks
+    if merge is Merge.CONCAT_DIM0:
+        def concat0(max_bytes: int) -> Iterator[torch.Tensor]:
+            for shard in shards:
+                yield from shard.chunks(max_bytes)
+
+        return concat0
+    size = shards[0].element_size
+    if merge is Merge.CONCAT_DIM1:
+        rows = shards[0].shape[0]
+        widths = [math.prod(s.shape[1:]) for s in shards]
+
+        def concat1(max_bytes: int) -> Iterator[torch.Tensor]:
+            block = max(1, max_bytes // max(1, sum(widths) * size))
+            for r0 in range(0, rows, block):
+                n = min(block, rows - r0)
+                parts = [s.read_range(r0 * w, n * w).reshape(n, w) for s, w in zip(shards, widths, strict=True)]
+                yield torch.cat(parts, dim=1).reshape(-1)
+
+        return concat1
+    numel = math.prod(shards[0].shape)
+
+    def elementwise(max_bytes: int) -> Iterator[torch.Tensor]:
+        step = max(1, max_bytes // size)
+        for start in range(0, numel, step):
+            n = min(step, numel - start)
+            yield merge_shards([s.read_range(start, n) for s in shards], merge)
+
+    return elementwise
+
+
+def _tensor_shard(ref: TensorRef) -> Shard:
+    return Shard(ref.shape, ref.element_size, ref.iter_chunks, ref.read_range)
+
+
 def _shard_chunks(refs: list[TensorRef], merge: Merge) -> Callable[[int], Iterator[torch.Tensor]]:
-    if len(refs) == 1:
-        return refs[0].iter_chunks
-
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-        merged = merge_shards([r.read() for r in refs], merge)
-        yield from chunks_of(merged)(max_bytes)
-
-    return gen
+    return merged_chunks([_tensor_shard(r) for r in refs], merge)
 
 
 def _tensor_dict(obj: Any, where: str) -> dict[str, TensorRef]:

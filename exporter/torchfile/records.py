@@ -195,6 +195,16 @@ class TensorRef:
         flat = _from_bytes(raw, self.dtype)
         return flat.as_strided(self.shape, self.stride, self.offset).contiguous()
 
+    def read_range(self, start: int, count: int) -> torch.Tensor:
+        """Flat elements ``[start, start + count)`` in row-major order, as a 1-D tensor."""
+        if start < 0 or count < 0 or start + count > self.numel:
+            raise CheckpointFormatError(f"{self.path}: element range outside a tensor of {self.numel}")
+        if not self.is_contiguous:
+            return self.read().reshape(-1)[start : start + count].clone()
+        size = self.element_size
+        return _from_bytes(self.storage.zip.read(self.file_offset + start * size, count * size),
+                           self.dtype)
+
     def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
         """The elements in row-major order as 1-D tensors of at most ``max_bytes`` each.
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from exporter.convert.stream import TensorJob, chunks_of
+from exporter.convert.stream import TensorJob
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
-from exporter.neox.model import merge_shards, merged_shape
+from exporter.neox.model import Shard, merged_chunks, merged_shape
 from exporter.neox.names import map_name_lenient, split_module_name
 from exporter.neox.zero.common import OPTIMIZER_KINDS, ParamSlices
 from exporter.neox.zero.current import read_current
@@ -262,10 +262,11 @@ def _merge_units(
 
 
 def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
-    if len(shards) == 1:
-        return shards[0].chunks(kind)
+    def shard(param: ParamSlices) -> Shard:
+        def read_range(start: int, count: int) -> torch.Tensor:
+            return param.read_range(kind, start, count)
 
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-        yield from chunks_of(merge_shards([s.read(kind) for s in shards], merge))(max_bytes)
+        size = param.segments[kind][0].ref.element_size if param.segments[kind] else 4
+        return Shard(param.shape, size, param.chunks(kind), read_range)
 
-    return gen
+    return merged_chunks([shard(s) for s in shards], merge)

@@ -62,6 +62,18 @@ class ParamSlices:
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)
         return flat.reshape(self.shape)
 
+    def read_range(self, kind: str, start: int, count: int) -> torch.Tensor:
+        """Flat elements ``[start, start + count)`` of one kind, reading only those bytes."""
+        parts, base = [], 0
+        for seg in self.segments[kind]:
+            lo, hi = max(start, base), min(start + count, base + seg.count)
+            if lo < hi:
+                parts.append(Segment(seg.ref, seg.start + lo - base, hi - lo).read())
+            base += seg.count
+        if not parts:
+            return torch.empty(0, dtype=torch.float32)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
         segments = self.segments[kind]
 
