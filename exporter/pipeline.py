@@ -176,12 +176,18 @@ def remove_temporaries(root: Path) -> int:
     return count
 
 
-def convert_step(source: Source, step: int, root: Path, options: ExportOptions) -> StepOutcome:
+def convert_step(
+    source: Source,
+    step: int,
+    root: Path,
+    options: ExportOptions,
+    progress: Callable[[int], None] | None = None,
+) -> StepOutcome:
     """Fetch, convert and index one step (runs in a worker process or Ray task)."""
     start = time.perf_counter()
     clear_step(root, step)
     with source.fetch(step) as fetched:
-        result = export_checkpoint(fetched.folder, step_dir(root, step), options)
+        result = export_checkpoint(fetched.folder, step_dir(root, step), options, progress)
         _write_index(root, step, source, fetched, result, options, start)
     return StepOutcome(
         step=step,
@@ -376,9 +382,15 @@ def _report(options: BuildOptions, outcome: StepOutcome) -> None:
                  outcome.tensors, outcome.seconds)
 
 
-def _safe_convert(source: Source, step: int, root: Path, options: ExportOptions) -> StepOutcome:
+def _safe_convert(
+    source: Source,
+    step: int,
+    root: Path,
+    options: ExportOptions,
+    progress: Callable[[int], None] | None = None,
+) -> StepOutcome:
     try:
-        return convert_step(source, step, root, options)
+        return convert_step(source, step, root, options, progress)
     except ExporterError as exc:
         clear_step(root, step)
         return StepOutcome(step, "failed", error=str(exc))
@@ -400,8 +412,12 @@ def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) ->
     if options.executor != "local":
         raise ExporterError(f"unknown executor {options.executor!r} (local or ray)")
     if options.workers <= 1:
+        from exporter.progress import byte_bar
+
         for step in steps:
-            yield _safe_convert(source, step, root, options.export)
+            with byte_bar(f"step {step}", total=source.step_bytes(step), disable=options.quiet) as bar:
+                outcome = _safe_convert(source, step, root, options.export, bar)
+            yield outcome
         return
     with ProcessPoolExecutor(max_workers=options.workers) as pool:
         pending: dict[Future[StepOutcome], int] = {}
