@@ -112,8 +112,11 @@ def plan_optimizer(
     per_file: dict[str, Any] = {}
     summaries: dict[int, Any] = {}
     formats = set()
+    loss_scale = None
     for mp in mps:
         tfs = [load_torch_file(files.optim_files[(r, mp)]) for r in range(dp)]
+        if mp == mps[0]:
+            loss_scale = _loss_scale(tfs[0].obj)
         fmt = detect_format(tfs[0])
         formats.add(fmt)
         for tf in tfs[1:]:
@@ -136,10 +139,9 @@ def plan_optimizer(
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()
-    first = files.optim_files[(0, mps[0])]
     summary = {
         **_summarise(summaries[mps[0]]),
-        "loss_scale": _loss_scale(load_torch_file(first).obj),
+        "loss_scale": loss_scale,
         "pp_size": stages,
         "parameters_without_state": missing,
     }
