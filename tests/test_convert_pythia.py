@@ -85,3 +85,15 @@ def test_run_converts_step_by_step_and_verifies(tmp_path: Path) -> None:
         state = json.loads((out / "state.json").read_text())
         assert state["engine"]["mp_rank_00_model_states"]["iteration"] == truth.iteration
         assert verify_path(tmp_path / "run" / f"step{step}")[0].ok
+
+
+def test_a_checkpoint_nested_one_folder_down_is_found(tmp_path: Path) -> None:
+    # Hub branches or uploads may keep the files under global_stepN/ with the yml beside it.
+    truth = write_checkpoint(tmp_path / "step5" / "global_step5", TINY, dp=2)
+    (tmp_path / "step5" / "global_step5" / "tiny.yml").rename(tmp_path / "step5" / "tiny.yml")
+    result = export_checkpoint(tmp_path / "step5", tmp_path / "out")
+    assert result.optimizer is not None and result.optimizer.summary["adam_step"] == truth.adam_step
+    assert (tmp_path / "out" / "neox.yml").read_text() == (tmp_path / "step5" / "tiny.yml").read_text()
+    from exporter.sources import LocalSource
+
+    assert LocalSource(tmp_path).steps() == [5]

@@ -72,7 +72,10 @@ def scan_checkpoint(folder: str | Path) -> CheckpointFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise LayoutError(f"{folder}: not a checkpoint folder")
+    outer, folder = folder, checkpoint_root(folder)
     files = CheckpointFiles(folder)
+    if outer != folder:
+        files.configs += sorted(p for p in outer.glob("*.y*ml") if p.is_file())
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.name
         if path.parent != folder and not name.endswith((".yml", ".yaml")):
@@ -97,6 +100,25 @@ def scan_checkpoint(folder: str | Path) -> CheckpointFiles:
         raise LayoutError(f"{folder}: missing mp_rank_00_model_states.pt (engine state)")
     _check_complete(files)
     return files
+
+
+def holds_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` or its one checkpoint subfolder holds GPT-NeoX checkpoint files."""
+    return _holds_checkpoint(checkpoint_root(folder))
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    return any(p.is_file() and (LAYER_FILE.match(p.name) or MP_FILE.match(p.name))
+               for p in folder.iterdir())
+
+
+def checkpoint_root(folder: Path) -> Path:
+    """``folder``, or its one subfolder holding the checkpoint files (a Hub branch or an upload
+    may keep them under ``global_stepN/``)."""
+    if _holds_checkpoint(folder):
+        return folder
+    inner = [p for p in folder.iterdir() if p.is_dir() and _holds_checkpoint(p)]
+    return inner[0] if len(inner) == 1 else folder
 
 
 def _check_complete(files: CheckpointFiles) -> None:

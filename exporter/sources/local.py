@@ -17,14 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from exporter.errors import SourceError
-from exporter.neox.checkpoint import LAYER_FILE, MP_FILE
+from exporter.neox.checkpoint import holds_checkpoint
 from exporter.sources.base import FetchedCheckpoint, Source, SourceFile
 
 STEP_FOLDER = re.compile(r"^(?:global_)?step(\d+)$")
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    return any(LAYER_FILE.match(p.name) or MP_FILE.match(p.name) for p in folder.iterdir())
+    return holds_checkpoint(folder)
 
 
 def file_sha256(path: Path, block: int = 8 << 20) -> str:
