@@ -195,3 +195,26 @@ def test_model_only_export_needs_no_optimizer_files(tmp_path: Path) -> None:
     assert result.optimizer is None
     assert not (tmp_path / "out" / "optimizer").exists()
     assert {r.job.kind for r in result.records} == {"model", "buffer"}
+
+
+def test_one_param_shapes_dict_for_all_groups_is_split_like_gpt_neox(tmp_path: Path) -> None:
+    # Older engines saved param_shapes as one OrderedDict; the groups follow GPT-NeoX's
+    # weight-decay rule (norms and biases apart), each keeping its own order.
+    import collections
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "dp2_z1_bf16" / "checkpoint", ckpt)
+    path = ckpt / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=False)  # our own fixture
+    merged = collections.OrderedDict()
+    for group in state["param_shapes"]:
+        merged.update(group)
+    state["param_shapes"] = merged
+    torch.save(state, path)
+    export_checkpoint(ckpt, tmp_path / "one")
+    export_checkpoint(FIXTURES / "dp2_z1_bf16" / "checkpoint", tmp_path / "groups")
+    for kind in ("master", "exp_avg", "exp_avg_sq"):
+        one = _read(tmp_path / "one" / "optimizer" / f"{kind}.safetensors")
+        groups = _read(tmp_path / "groups" / "optimizer" / f"{kind}.safetensors")
+        assert one.keys() == groups.keys()
+        assert all(torch.equal(one[k], groups[k]) for k in one), kind

@@ -26,6 +26,7 @@ from exporter.neox.zero.common import (
     scalar,
     slice_flat,
 )
+from exporter.neox.zero.elastic import split_groups
 from exporter.torchfile import TorchFile
 
 
@@ -51,8 +52,11 @@ def read_current(
         (Adam step per group, hyper-parameters, partition geometry).
     """
     dp = len(files)
-    groups = len(param_shapes)
     states = partition_state_dicts(files)
+    saved = states[0].get("single_partition_of_fp32_groups")
+    groups = len(saved) if isinstance(saved, list) else len(param_shapes)
+    # Older engines saved one param_shapes dict for all groups: split it as GPT-NeoX groups.
+    param_shapes = split_groups(param_shapes, groups)
 
     params: list[ParamSlices] = []
     summary: dict[str, Any] = {"groups": []}
