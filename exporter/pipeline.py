@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,10 @@ from exporter.archive.index import (
 from exporter.archive.layout import (
     checkpoint_index_path,
     is_temporary,
-    manifest_path,
     step_dir,
     tensor_index_path,
-    write_json_atomic,
 )
-from exporter.archive.schema import FORMAT_VERSION
+from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError
 from exporter.export import ExportOptions, ExportResult, export_checkpoint
 from exporter.sources import Source
@@ -261,62 +258,6 @@ def _int(value: Any, bits: int = 64) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and -limit <= value < limit:
         return value
     return None
-
-
-class Manifest:
-    """``manifest.json``: format version, source, options, completed and failed steps."""
-
-    def __init__(self, root: Path, source: str, options: ExportOptions) -> None:
-        self.path = manifest_path(root)
-        self.data: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "tool": {"name": "neox-exporter", "version": __version__},
-            "source": source,
-            "options": {"include": list(options.include),
-                        "dtype": dtype_name(options.dtype) if options.dtype else None,
-                        "compress": (f"zstd:{options.compress_level}"
-                                     if options.compress_level is not None else None)},
-            "steps": {},
-            "failed": {},
-        }
-        if self.path.exists():
-            try:
-                old = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ExporterError(f"{self.path}: unreadable manifest: {exc}") from exc
-            if old.get("source") not in (None, source):
-                raise ExporterError(
-                    f"{self.path}: archive was built from {old.get('source')!r}, not {source!r}"
-                )
-            if old.get("options") and old["options"] != self.data["options"]:
-                raise ExporterError(
-                    f"{self.path}: archive was built with options {old['options']}, now "
-                    f"{self.data['options']}; use a new --out folder"
-                )
-            self.data["steps"] = old.get("steps", {})
-            self.data["failed"] = old.get("failed", {})
-
-    def record(self, outcome: StepOutcome) -> None:
-        key = str(outcome.step)
-        if outcome.status == "failed":
-            self.data["failed"][key] = {"error": outcome.error or "unknown error"}
-            self.data["steps"].pop(key, None)
-        else:
-            self.data["failed"].pop(key, None)
-            if outcome.status == "done" or key not in self.data["steps"]:
-                self.data["steps"][key] = {
-                    "tensors": outcome.tensors,
-                    "bytes_out": outcome.bytes_out,
-                    "files": outcome.files,
-                    "source_revision": outcome.revision,
-                }
-        self.save()
-
-    def save(self) -> None:
-        self.data["steps"] = dict(sorted(self.data["steps"].items(), key=lambda kv: int(kv[0])))
-        self.data["failed"] = dict(sorted(self.data["failed"].items(), key=lambda kv: int(kv[0])))
-        self.data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-        write_json_atomic(self.path, self.data)
 
 
 def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | None = None) -> BuildSummary:

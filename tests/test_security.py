@@ -366,9 +366,9 @@ def test_traversal_names_reach_nothing_outside(bomb_results: dict[str, dict]) ->
 
 
 def test_opcode_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exporter.torchfile import unpickler
+    from exporter.torchfile import prescan
 
-    monkeypatch.setattr(unpickler, "MAX_OPCODES", 1000)
+    monkeypatch.setattr(prescan, "MAX_OPCODES", 1000)
     assert safe_unpickle(b"\x80\x02" + b"N0" * 400 + b"N.").obj is None  # 803 opcodes
     with pytest.raises(UnsafePickleError, match="more than 1000 opcodes"):
         safe_unpickle(b"\x80\x02" + b"N0" * 600 + b"N.")

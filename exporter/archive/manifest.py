@@ -1,0 +1,77 @@
+"""``manifest.json``: format version, tool, source, options, completed and failed steps.
+
+Only the process coordinating a build writes it, after each step, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporter import __version__
+from exporter.archive.index import dtype_name
+from exporter.archive.layout import manifest_path, write_json_atomic
+from exporter.archive.schema import FORMAT_VERSION
+from exporter.errors import ExporterError
+
+if TYPE_CHECKING:
+    from exporter.export import ExportOptions
+    from exporter.pipeline import StepOutcome
+
+
+class Manifest:
+    """``manifest.json``: format version, source, options, completed and failed steps."""
+
+    def __init__(self, root: Path, source: str, options: ExportOptions) -> None:
+        self.path = manifest_path(root)
+        self.data: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "tool": {"name": "neox-exporter", "version": __version__},
+            "source": source,
+            "options": {"include": list(options.include),
+                        "dtype": dtype_name(options.dtype) if options.dtype else None,
+                        "compress": (f"zstd:{options.compress_level}"
+                                     if options.compress_level is not None else None)},
+            "steps": {},
+            "failed": {},
+        }
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ExporterError(f"{self.path}: unreadable manifest: {exc}") from exc
+            if old.get("source") not in (None, source):
+                raise ExporterError(
+                    f"{self.path}: archive was built from {old.get('source')!r}, not {source!r}"
+                )
+            if old.get("options") and old["options"] != self.data["options"]:
+                raise ExporterError(
+                    f"{self.path}: archive was built with options {old['options']}, now "
+                    f"{self.data['options']}; use a new --out folder"
+                )
+            self.data["steps"] = old.get("steps", {})
+            self.data["failed"] = old.get("failed", {})
+
+    def record(self, outcome: StepOutcome) -> None:
+        key = str(outcome.step)
+        if outcome.status == "failed":
+            self.data["failed"][key] = {"error": outcome.error or "unknown error"}
+            self.data["steps"].pop(key, None)
+        else:
+            self.data["failed"].pop(key, None)
+            if outcome.status == "done" or key not in self.data["steps"]:
+                self.data["steps"][key] = {
+                    "tensors": outcome.tensors,
+                    "bytes_out": outcome.bytes_out,
+                    "files": outcome.files,
+                    "source_revision": outcome.revision,
+                }
+        self.save()
+
+    def save(self) -> None:
+        self.data["steps"] = dict(sorted(self.data["steps"].items(), key=lambda kv: int(kv[0])))
+        self.data["failed"] = dict(sorted(self.data["failed"].items(), key=lambda kv: int(kv[0])))
+        self.data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        write_json_atomic(self.path, self.data)

@@ -1,0 +1,192 @@
+"""The walk over a pickle's opcodes that runs before any unpickling.
+
+:func:`pickletools.genops` parses opcodes without executing anything. The walk bounds what the
+C unpickler would otherwise do unchecked: memo indices (it sizes its memo table from the largest
+index it sees, so ``LONG_BINPUT 2**31`` alone could exhaust memory), nesting, the number of
+opcodes, and hashing work — it follows the stack symbolically, because a tuple holding the same
+tuple twice, nested sixty times, is a few hundred bytes of pickle but 2**60 steps to hash, and
+the C unpickler hashes every dict key and set item it builds.
+"""
+
+from __future__ import annotations
+
+import pickletools
+from typing import Any
+
+from exporter.errors import CheckpointFormatError, UnsafePickleError
+
+MAX_OPCODES = 20_000_000
+MAX_DEPTH = 1_000
+#: Elements hashed while building dict keys, set items and call arguments (tuples count
+#: every element they reach through nested tuples, shared or not).
+MAX_HASH_WORK = 10_000_000
+
+
+class _Value:
+    """What the prescan knows of one stack value: how much hashing it costs.
+
+    ``weight``: the elements ``hash()`` visits (a tuple descends into the tuples it holds;
+    anything else hashes in one step or fails at once). ``elems``: what hashing each element
+    of this list, tuple or dict (its keys) costs, as ``set(x)`` or ``OrderedDict(x)`` would.
+    """
+
+    __slots__ = ("weight", "elems", "children")
+
+    def __init__(self, weight: int = 1, elems: int = 0, children: list[_Value] | None = None):
+        self.weight = weight
+        self.elems = elems
+        self.children = children
+
+
+_MARK = _Value()
+_LEAF = _Value()  # any value that is neither a container nor a call result; never mutated
+_CAP = MAX_HASH_WORK + 1
+
+# Opcode kinds for the prescan (stack effects as listed in Lib/pickletools.py).
+(_PUSH_LEAF, _NOTHING, _NEW_CONTAINER, _PUT, _GET, _MEMOIZE, _MARK_OP, _POP, _POP_MARK, _DUP,
+ _TUPLE_N, _TUPLE_MARK, _APPEND, _SETITEM, _APPENDS, _SETITEMS, _ADDITEMS, _LIST, _DICT,
+ _FROZENSET, _CALL2, _NEWOBJ_EX, _BUILD, _CALL_MARK, _POP1_PUSH, _POP2_PUSH, _STOP) = range(27)
+_KINDS: dict[str, int] = {
+    "PROTO": _NOTHING, "FRAME": _NOTHING, "STOP": _STOP,
+    "EMPTY_LIST": _NEW_CONTAINER, "EMPTY_DICT": _NEW_CONTAINER, "EMPTY_SET": _NEW_CONTAINER,
+    "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
+    "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET,
+    "MARK": _MARK_OP, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP,
+    "EMPTY_TUPLE": _TUPLE_N, "TUPLE1": _TUPLE_N, "TUPLE2": _TUPLE_N, "TUPLE3": _TUPLE_N,
+    "TUPLE": _TUPLE_MARK, "APPEND": _APPEND, "SETITEM": _SETITEM, "APPENDS": _APPENDS,
+    "SETITEMS": _SETITEMS, "ADDITEMS": _ADDITEMS, "LIST": _LIST, "DICT": _DICT,
+    "FROZENSET": _FROZENSET, "REDUCE": _CALL2, "NEWOBJ": _CALL2, "NEWOBJ_EX": _NEWOBJ_EX,
+    "BUILD": _BUILD, "INST": _CALL_MARK, "OBJ": _CALL_MARK,
+    "READONLY_BUFFER": _POP1_PUSH, "BINPERSID": _POP1_PUSH, "STACK_GLOBAL": _POP2_PUSH,
+}
+_TUPLE_SIZES = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+
+
+class _Prescan:
+    """Follows a pickle's stack symbolically: each value is a :class:`_Value`, never an object."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Value] = []
+        self.memo: dict[int, _Value] = {}
+        self.work = 0
+        self.depth = 0
+
+    def spend(self, amount: int) -> None:
+        self.work += amount
+        if self.work > MAX_HASH_WORK:
+            raise UnsafePickleError(
+                f"pickle needs more than {MAX_HASH_WORK} hashing steps (shared references)"
+            )
+
+    def pop(self, count: int) -> list[_Value]:
+        start = len(self.stack) - count
+        if start < 0 or any(v is _MARK for v in self.stack[start:]):
+            raise CheckpointFormatError("malformed pickle: stack underflow")
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def pop_mark(self) -> list[_Value]:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i] is _MARK:
+                items = self.stack[i + 1 :]
+                del self.stack[i:]
+                self.depth -= 1
+                return items
+        raise CheckpointFormatError("malformed pickle: MARK missing")
+
+    def top(self) -> _Value:
+        if not self.stack or self.stack[-1] is _MARK:
+            raise CheckpointFormatError("malformed pickle: stack underflow")
+        return self.stack[-1]
+
+    def add(self, target: _Value, items: list[_Value], stride: int, hashed: bool) -> None:
+        """``items`` (or key, value pairs) go into the list, dict or set ``target``."""
+        cost = sum(v.weight for v in items[::stride])
+        if hashed:
+            self.spend(cost)
+        if target is not _LEAF and target.children is None:
+            target.elems = min(target.elems + cost, _CAP)
+
+    def call(self, args: list[_Value]) -> None:
+        # A call may hash what its arguments hold (set(list), OrderedDict(pairs)); BUILD
+        # re-inserts the keys of a state dict.
+        self.spend(sum(a.elems + sum(c.elems for c in a.children or ()) for a in args))
+
+    def step(self, kind: int, name: str, arg: Any) -> None:
+        """The stack effect of one opcode (PROTO, FRAME and leaf pushes are done by the caller)."""
+        stack = self.stack
+        if kind == _GET:
+            value = self.memo.get(int(arg))
+            if value is None:
+                raise CheckpointFormatError(f"pickle reads memo slot {arg} that was never set")
+            stack.append(value)
+        elif kind == _MEMOIZE:
+            self.memo[len(self.memo)] = self.top()
+        elif kind == _NEW_CONTAINER:
+            stack.append(_Value())
+        elif kind == _MARK_OP:
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise UnsafePickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
+            stack.append(_MARK)
+        elif kind in (_TUPLE_N, _TUPLE_MARK):
+            items = self.pop_mark() if kind == _TUPLE_MARK else self.pop(_TUPLE_SIZES[name])
+            weight = min(1 + sum(i.weight for i in items), _CAP)
+            stack.append(_Value(weight, weight - 1, items))
+        elif kind in (_APPEND, _SETITEM):
+            items = self.pop(1 if kind == _APPEND else 2)
+            self.add(self.top(), items, len(items), kind == _SETITEM)
+        elif kind in (_APPENDS, _SETITEMS, _ADDITEMS):
+            items = self.pop_mark()
+            self.add(self.top(), items, 2 if kind == _SETITEMS else 1, kind != _APPENDS)
+        elif kind in (_LIST, _DICT, _FROZENSET):
+            container = _Value()
+            self.add(container, self.pop_mark(), 2 if kind == _DICT else 1, kind != _LIST)
+            stack.append(container)
+        elif kind == _BUILD:
+            self.call(self.pop(1))
+            self.top()
+        elif kind in (_CALL2, _NEWOBJ_EX):
+            self.call(self.pop(3 if kind == _NEWOBJ_EX else 2)[1:])
+            stack.append(_Value())
+        elif kind == _CALL_MARK:
+            self.call(self.pop_mark())
+            stack.append(_Value())
+        elif kind == _POP:
+            if stack and stack[-1] is _MARK:
+                self.pop_mark()  # POP drops a MARK as well (Lib/pickle.py load_pop)
+            else:
+                self.pop(1)
+        elif kind == _POP_MARK:
+            self.pop_mark()
+        elif kind == _DUP:
+            stack.append(self.top())
+        elif kind in (_POP1_PUSH, _POP2_PUSH):
+            self.pop(1 if kind == _POP1_PUSH else 2)
+            stack.append(_LEAF)
+
+
+def prescan(data: bytes) -> None:
+    """Walk the opcode stream without executing it; refuse what could exhaust memory or time."""
+    scan = _Prescan()
+    kinds = _KINDS
+    stack = scan.stack
+    try:
+        for ops, (opcode, arg, _) in enumerate(pickletools.genops(data), 1):
+            if ops > MAX_OPCODES:
+                raise UnsafePickleError(f"pickle has more than {MAX_OPCODES} opcodes")
+            kind = kinds.get(opcode.name, _PUSH_LEAF)
+            if kind == _PUSH_LEAF:  # the most frequent kinds first, inline
+                stack.append(_LEAF)
+            elif kind == _PUT:
+                if not 0 <= arg <= ops:
+                    raise UnsafePickleError(f"pickle memo index {arg} out of range")
+                scan.memo[arg] = scan.top()
+            elif kind == _STOP:
+                return
+            else:
+                scan.step(kind, opcode.name, arg)
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"malformed pickle: {exc}") from exc
+    raise CheckpointFormatError("malformed pickle: no STOP opcode")
