@@ -1,9 +1,9 @@
 """Stream tensors into safetensors files: read chunk -> cast -> statistics + sha256 -> write.
 
 Each output tensor is a :class:`TensorJob` that knows its shape and dtype up front and
-yields its elements as 1-D chunks in row-major order. Memory is bounded by a few chunks for
-tensors read straight from a file and by one tensor for those that must be assembled
-(tensor-parallel merges).
+yields its elements as 1-D chunks in row-major order. Memory is bounded by a few chunks,
+whether a tensor is read straight from a file, from ZeRO partition slices, or merged from
+tensor-parallel shards (:func:`exporter.neox.model.merged_chunks`).
 
 :meth:`Converter.write_file` runs the stages of one file as a pipeline of threads, so reading,
 casting, statistics and hashing overlap (``os.pread``, torch casts, numpy reductions, hashlib
