@@ -27,7 +27,7 @@ from exporter.convert.stream import TensorJob
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
-from exporter.neox.model import layer_sources, plan_model
+from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
@@ -97,7 +97,7 @@ def verify_checkpoint(folder: Path) -> Report:
         for name in optimizer.summary.get("parameters_without_state", []):
             coverage.failures.append(f"{name}: no optimizer state in the partition files")
         # Compare shard by shard: the invariant holds on each rank, not after a sum/average merge.
-        shards = layer_sources(files)
+        shards = model.shards
         hf_names = {j.neox_name: j.name for j in model.jobs}
         for mp, params in sorted(optimizer.units.items()):
             tp = optimizer.unit_tp_rank[mp]

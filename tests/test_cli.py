@@ -68,10 +68,6 @@ def test_convert_and_inspect(tmp_path: Path) -> None:
 
 
 def test_inspect_flags_unknown_globals(tmp_path: Path) -> None:
-    class Custom:
-        pass
-
-    Custom.__module__ = "__main__"
     torch.save({"w": torch.ones(1), "obj": _Odd()}, tmp_path / "x.pt")
     result = _cli("inspect", str(tmp_path / "x.pt"))
     assert result.returncode == 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class ModelPlan:
     hidden_size: int
     intermediate_size: int
     dtype: torch.dtype
+    shards: dict[int, list[dict[str, TensorRef]]] = field(default_factory=dict, repr=False)
 
 
 def merged_shape(shapes: list[tuple[int, ...]], merge: Merge) -> tuple[int, ...]:
@@ -248,4 +249,5 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
         hidden_size=shapes["gpt_neox.embed_in.weight"][1],
         intermediate_size=shapes["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][0],
         dtype=dtypes.pop(),
+        shards=layers,
     )
