@@ -137,7 +137,8 @@ def in_memory(size_gib: float, device: str, repeats: int, chunk_bytes: int) -> l
 
     from exporter.convert.device import DeviceCastEngine, device_moments, merge_moments
     from exporter.convert.stats import StatsAccumulator
-    from exporter.convert.stream import CpuCastEngine, chunks_of
+    from exporter.convert.stream import CpuCastEngine
+    from exporter.records import chunks_of
 
     numel = int(size_gib * 2**30) // 4
     generator = torch.Generator().manual_seed(0)

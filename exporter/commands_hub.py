@@ -8,12 +8,10 @@ from typing import TYPE_CHECKING
 import click
 
 from exporter.archive.plot import STATISTICS
+from exporter.records import KINDS
 
 if TYPE_CHECKING:
     from exporter.publish import PushEvent
-
-KINDS = ("model", "master", "exp_avg", "exp_avg_sq", "buffer", "state")
-
 
 def echo_push_event(event: PushEvent) -> None:
     """Print one :class:`exporter.publish.PushEvent` (retries on stderr)."""

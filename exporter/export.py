@@ -29,15 +29,15 @@ from typing import Any
 import torch
 import yaml
 
-from exporter.convert.safetensors_writer import element_size
 from exporter.convert.sharding import plan_shards
-from exporter.convert.stream import Converter, TensorJob, WrittenRecord
+from exporter.convert.stream import Converter
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import hf_config, load_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
 from exporter.neox.zero import OptimizerPlan, plan_optimizer
+from exporter.records import TensorJob, WrittenRecord, element_size
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
@@ -45,6 +45,9 @@ from exporter.sources.local import file_sha256
 from exporter.steps import parse_steps
 
 log = logging.getLogger(__name__)
+
+#: What happened to a step: converted now, found complete, or failed (with a reason).
+StepStatus = Literal["done", "skipped", "failed"]
 
 
 @dataclass
@@ -80,7 +83,7 @@ class StepOutcome:
     """What happened to one step."""
 
     step: int
-    status: str  # done | skipped | failed
+    status: StepStatus
     tensors: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -95,7 +98,7 @@ class BuildSummary:
     outcomes: list[StepOutcome]
     seconds: float
 
-    def count(self, status: str) -> int:
+    def count(self, status: StepStatus) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
 
     @property

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -56,6 +56,11 @@ PATHS_PER_REQUEST = 256
 
 T = TypeVar("T")
 
+#: plan: steps to push; skip: already on the remote; commit: steps committed; retry: a
+#: transient Hub error is retried; delete: local files removed after a verified push; card:
+#: the dataset card and manifest committed.
+PushAction = Literal["plan", "skip", "commit", "retry", "delete", "card"]
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -74,9 +79,9 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class PushEvent:
-    """Progress of a push: ``action`` is plan, skip, commit, retry, delete or card."""
+    """Progress of a push: one :data:`PushAction` on some steps."""
 
-    action: str
+    action: PushAction
     steps: tuple[int, ...] = ()
     commit: str | None = None
     detail: str = ""

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from exporter.convert.stream import TensorJob
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
@@ -31,6 +30,7 @@ from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
+from exporter.records import TensorJob
 
 
 @dataclass

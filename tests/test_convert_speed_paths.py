@@ -34,8 +34,9 @@ from exporter.convert.compress import (
 )
 from exporter.convert.device import DeviceCastEngine
 from exporter.convert.stats import StatsAccumulator
-from exporter.convert.stream import Converter, TensorJob, chunks_of
+from exporter.convert.stream import Converter
 from exporter.errors import ArchiveError, ExporterError
+from exporter.records import TensorJob, chunks_of
 
 NAN, INF = float("nan"), float("inf")
 

@@ -27,8 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES, SafetensorsWriter, TensorSpec
+from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
 from exporter.errors import ExporterError
+from exporter.records import SAFETENSORS_DTYPES
 from exporter.torchfile import load_torch_file, to_json
 from exporter.torchfile.container import TorchZip
 from exporter.torchfile.unpickler import safe_unpickle

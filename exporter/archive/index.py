@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from exporter.archive.layout import write_bytes_atomic
 from exporter.archive.schema import CHECKPOINT_SCHEMA, TENSOR_SCHEMA
-from exporter.convert.stream import WrittenRecord
+from exporter.records import WrittenRecord
 
 
 def dtype_name(dtype: Any) -> str:

@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 import torch
 
 from exporter.archive.layout import step_dir
-from exporter.convert.safetensors_writer import TORCH_DTYPES
 from exporter.errors import ArchiveError
+from exporter.records import TORCH_DTYPES
 
 KIND_FILES = {
     "master": "optimizer/master.safetensors",

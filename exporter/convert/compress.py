@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import zstandard
 
-from exporter.convert.safetensors_writer import TORCH_DTYPES
 from exporter.errors import ArchiveError, ExporterError
+from exporter.records import TORCH_DTYPES
 
 MAGIC = b"NEOXZST\x01"
 DEFAULT_LEVEL = 3

@@ -22,34 +22,17 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from exporter.records import TensorStats
 
 SUB_BLOCK = 1 << 20  # elements per pass: 8 MiB of float64 scratch
 # at::internal::GRAIN_SIZE (ATen/Parallel.h): element-wise ops on fewer elements run serially.
 TORCH_SERIAL_ELEMENTS = 32768
 _NUMPY_NATIVE = (torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
                   torch.uint8)
-
-
-@dataclass
-class TensorStats:
-    """Summary statistics of one tensor (``None`` where undefined, e.g. no finite value)."""
-
-    min: float | None
-    max: float | None
-    mean: float | None
-    std: float | None
-    l2: float | None
-    absmax: float | None
-    nan_count: int
-    inf_count: int
-    zero_count: int
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
 
 
 class _Scratch(threading.local):

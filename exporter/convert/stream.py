@@ -22,7 +22,6 @@ to read the output back.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import queue
 import threading
@@ -34,80 +33,14 @@ from typing import Any, Protocol
 import torch
 
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
-from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator, TensorStats
+from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator
 from exporter.errors import ExporterError
+from exporter.records import TensorJob, TensorStats, WrittenFile, WrittenRecord
 
 CHUNK_BYTES = 8 << 20
 QUEUE_DEPTH = 2  # chunks waiting in front of each stage
 CAST_BUFFERS = 3  # reusable CPU output buffers: one being filled, the rest downstream
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
-KINDS = ("model", "master", "exp_avg", "exp_avg_sq", "buffer", "state")
-
-
-@dataclass
-class TensorJob:
-    """One tensor to write.
-
-    Attributes:
-        name: key in the output file (Hugging Face name for model tensors).
-        kind: one of ``KINDS``.
-        dtype, shape: of the source tensor.
-        chunks: yields the source elements as 1-D tensors of about ``max_bytes`` each.
-        neox_name: the source's name (``2.attention.dense.weight``), if any.
-        layer: the transformer block index, if any.
-    """
-
-    name: str
-    kind: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    chunks: Callable[[int], Iterator[torch.Tensor]]
-    neox_name: str | None = None
-    layer: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"TensorJob.kind must be one of {KINDS}, got {self.kind!r}")
-        self.shape = tuple(int(n) for n in self.shape)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def chunks_of(tensor: torch.Tensor) -> Callable[[int], Iterator[torch.Tensor]]:
-    """A ``chunks`` callable over an in-memory tensor."""
-
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-        flat = tensor.reshape(-1)
-        step = max(1, max_bytes // max(1, flat.element_size()))
-        for start in range(0, flat.numel(), step):
-            yield flat[start : start + step]
-
-    return gen
-
-
-@dataclass
-class WrittenRecord:
-    """What was written for one tensor: where, its hash and statistics."""
-
-    job: TensorJob
-    file: str
-    dtype: torch.dtype
-    begin: int
-    end: int
-    sha256: str
-    stats: TensorStats
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    """A file written by :meth:`Converter.write_file`: path (relative, as in
-    :attr:`WrittenRecord.file`), size in bytes and sha256 of its whole content."""
-
-    path: str
-    size: int
-    sha256: str
 
 
 Release = Callable[[], None]

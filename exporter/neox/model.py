@@ -3,7 +3,7 @@
 Pipeline saves keep one file per (layer, tensor-parallel rank); the non-pipeline
 ("sequential") form keeps every weight in ``mp_rank_XX_model_states.pt['module']`` under
 ``sequential.{idx}.`` names (GPT-NeoX ``convert_neox_to_hf.py`` ``get_state``). Either way
-each output tensor becomes one :class:`~exporter.convert.stream.TensorJob`; with one
+each output tensor becomes one :class:`~exporter.records.TensorJob`; with one
 tensor-parallel rank it streams straight from the source file, otherwise the shards are
 merged in memory one tensor at a time.
 """
@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES
-from exporter.convert.stream import TensorJob
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.names import Merge, map_name_lenient, split_module_name
+from exporter.records import SAFETENSORS_DTYPES, TensorJob
 from exporter.torchfile import TensorRef, load_torch_file
 
 log = logging.getLogger(__name__)

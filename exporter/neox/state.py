@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from exporter.convert.safetensors_writer import SAFETENSORS_DTYPES
-from exporter.convert.stream import TensorJob
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles
+from exporter.records import SAFETENSORS_DTYPES, TensorJob
 from exporter.torchfile import TensorRef, TorchFile, iter_tensors, load_torch_file, to_json
 
 

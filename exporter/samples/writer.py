@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from exporter.records import OPTIMIZER_KINDS
 from exporter.samples.pickling import DynamicLossScaler, save_legacy
 from exporter.samples.shapes import (
     ROTARY_BUFFER,
@@ -34,7 +35,6 @@ from exporter.samples.shapes import (
 from exporter.samples.state import EngineState, RunConfig, mp_rank_state, neox_config_text
 from exporter.samples.zero import GroupPartition, partition_group
 
-KINDS = ("master", "exp_avg", "exp_avg_sq")
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")  # FusedAdam keeps ``step`` in the param group
 GPUS_PER_NODE = 8
 LayerContainer = Literal["dict", "ordered"]
@@ -125,8 +125,8 @@ class CheckpointTruth:
 
     def tensor(self, kind: str, name: str, tp_rank: int = 0) -> torch.Tensor:
         """fp32 ``master``, ``exp_avg`` or ``exp_avg_sq`` of one parameter, shaped."""
-        if kind not in KINDS:
-            raise SampleSpecError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        if kind not in OPTIMIZER_KINDS:
+            raise SampleSpecError(f"unknown kind {kind!r}; expected one of {OPTIMIZER_KINDS}")
         spec = self.spec(name, tp_rank)
         return read_flat(self.source, kind, tp_rank, spec).reshape(spec.shape)
 
@@ -184,7 +184,7 @@ def optimizer_state_dict(
         for comm in range(part.num_comm_intervals):
             start, stop = part.lean_range(dp_rank, comm)
             lean = stop - start
-            buffers = {kind: torch.empty(part.sub_partition_size) for kind in KINDS}
+            buffers = {kind: torch.empty(part.sub_partition_size) for kind in OPTIMIZER_KINDS}
             for kind, buffer in buffers.items():
                 _fill(buffer, kind, source, tp_rank, specs, part, start, stop)
                 buffer[lean:] = 0  # alignment padding: zeros in stage 1's flat buffers

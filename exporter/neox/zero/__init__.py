@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from exporter.convert.stream import TensorJob
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.model import Shard, merged_chunks, merged_shape
 from exporter.neox.names import map_name_lenient, split_module_name
-from exporter.neox.zero.common import OPTIMIZER_KINDS, ParamSlices
+from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
+from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, to_json
 
 if TYPE_CHECKING:

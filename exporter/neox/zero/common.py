@@ -18,8 +18,6 @@ import torch
 from exporter.errors import CheckpointFormatError, LayoutError
 from exporter.torchfile import TensorRef
 
-OPTIMIZER_KINDS = ("master", "exp_avg", "exp_avg_sq")
-
 
 @dataclass(frozen=True)
 class Segment:

@@ -1,0 +1,151 @@
+"""The records that stages hand each other, and the vocabulary they share.
+
+``neox/`` (what a checkpoint means) produces :class:`TensorJob` s; ``convert/`` (cast,
+statistics, safetensors) consumes them and produces :class:`WrittenRecord` s and
+:class:`WrittenFile` s; ``archive/`` turns those into index rows. Every stage imports these
+from here, so no stage imports another to learn a record's shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+import torch
+
+
+class TensorKind(StrEnum):
+    """What a tensor of the archive is (the index's ``kind`` column)."""
+
+    MODEL = "model"
+    MASTER = "master"
+    EXP_AVG = "exp_avg"
+    EXP_AVG_SQ = "exp_avg_sq"
+    BUFFER = "buffer"
+    STATE = "state"
+
+
+#: Every kind, in archive order (the index ``kind`` column takes these values).
+KINDS: tuple[str, ...] = tuple(k.value for k in TensorKind)
+#: The kinds recovered from ZeRO optimizer partitions, in file order.
+OPTIMIZER_KINDS: tuple[str, ...] = tuple(
+    k.value for k in (TensorKind.MASTER, TensorKind.EXP_AVG, TensorKind.EXP_AVG_SQ)
+)
+
+# safetensors/src/tensor.rs `Dtype`, as spelled in the header.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def check_kind(kind: str, where: str) -> str:
+    """``kind`` if it is one of :data:`KINDS`; a ValueError naming ``where`` otherwise."""
+    if kind not in KINDS:
+        raise ValueError(f"{where} must be one of {', '.join(KINDS)}; got {kind!r}")
+    return str(kind)
+
+
+Chunks = Callable[[int], Iterator[torch.Tensor]]
+
+
+@dataclass
+class TensorJob:
+    """One tensor to write.
+
+    Attributes:
+        name: key in the output file (Hugging Face name for model tensors).
+        kind: one of :data:`KINDS`.
+        dtype, shape: of the source tensor.
+        chunks: yields the source elements as 1-D tensors of about ``max_bytes`` each.
+        neox_name: the source's name (``2.attention.dense.weight``), if any.
+        layer: the transformer block index, if any.
+    """
+
+    name: str
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Chunks
+    neox_name: str | None = None
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = check_kind(self.kind, "TensorJob.kind")
+        self.shape = tuple(int(n) for n in self.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def chunks_of(tensor: torch.Tensor) -> Chunks:
+    """A ``chunks`` callable over an in-memory tensor."""
+
+    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+        flat = tensor.reshape(-1)
+        step = max(1, max_bytes // max(1, flat.element_size()))
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
+
+    return gen
+
+
+@dataclass
+class TensorStats:
+    """Summary statistics of one tensor (``None`` where undefined, e.g. no finite value)."""
+
+    min: float | None
+    max: float | None
+    mean: float | None
+    std: float | None
+    l2: float | None
+    absmax: float | None
+    nan_count: int
+    inf_count: int
+    zero_count: int
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+@dataclass
+class WrittenRecord:
+    """What was written for one tensor: where, its hash and statistics."""
+
+    job: TensorJob
+    file: str
+    dtype: torch.dtype
+    begin: int
+    end: int
+    sha256: str
+    stats: TensorStats
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A written file: path (relative, as in :attr:`WrittenRecord.file`), size in bytes and
+    sha256 of its whole content."""
+
+    path: str
+    size: int
+    sha256: str
