@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m exporter.demo --out $(DEMO_OUT)
+	$(PY) -m exporter.cli.demo --out $(DEMO_OUT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -27,7 +27,7 @@ from exporter.convert.compress import (
     read_compressed_index,
     read_compressed_tensor,
 )
-from exporter.export import ExportOptions, export_checkpoint
+from exporter.pipeline.export import ExportOptions, export_checkpoint
 
 SAMPLE_BYTES = 64 << 20  # plain zstd, for comparison, on the start of each file
 LEVELS = (1, 3)

@@ -95,7 +95,7 @@ def end_to_end(workdir: Path, shape: str, device: str, repeats: int) -> list[dic
     sample = json.loads(out.stdout.strip().splitlines()[-1])
     src = Path(sample["folder"])
     cli = Path(sys.executable).parent / "neox-export"
-    export = [str(cli)] if cli.exists() else [sys.executable, "-m", "exporter.cli"]
+    export = [str(cli)] if cli.exists() else [sys.executable, "-m", "exporter"]
     rows = []
     for dtype in ("keep", "bf16"):
         outputs = {}
@@ -136,8 +136,8 @@ def in_memory(size_gib: float, device: str, repeats: int, chunk_bytes: int) -> l
     import torch
 
     from exporter.convert.device import DeviceCastEngine, device_moments, merge_moments
+    from exporter.convert.engines import CpuCastEngine
     from exporter.convert.stats import StatsAccumulator
-    from exporter.convert.stream import CpuCastEngine
     from exporter.records import chunks_of
 
     numel = int(size_gib * 2**30) // 4

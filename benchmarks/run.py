@@ -81,7 +81,7 @@ def _helper(script: str, *args: str) -> Any:
 def _methods(src: Path, dst: Path) -> list[Method]:
     py = sys.executable
     cli = Path(py).parent / "neox-export"
-    export = [str(cli)] if cli.exists() else [py, "-m", "exporter.cli"]
+    export = [str(cli)] if cli.exists() else [py, "-m", "exporter"]
     base = [*export, "-q", "convert", str(src), "--out", str(dst), "--device", "cpu"]
     baselines = str(HERE / "baselines.py")
     return [

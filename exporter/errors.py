@@ -41,3 +41,7 @@ class SourceError(ExporterError):
 
 class PublishError(ExporterError):
     """Publishing an archive to the Hub failed."""
+
+
+class OptionsError(ExporterError):
+    """An option has a value the tool cannot use (the message names the option and value)."""

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Literal
 
 import torch
 
@@ -149,3 +150,22 @@ class WrittenFile:
     path: str
     size: int
     sha256: str
+
+
+#: What happened to a step: converted now, found complete, or failed (with a reason).
+StepStatus = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class StepOutcome:
+    """What happened to one step of a build (the manifest records it)."""
+
+    step: int
+    status: StepStatus
+    tensors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    revision: str | None = None
+    files: int = 0
+    error: str | None = None

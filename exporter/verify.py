@@ -23,6 +23,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.archive.layout import (
+    CONFIG,
+    KIND_FILES,
+    STATE_JSON,
+    archive_of_step_dir,
+    checkpoint_index_path,
+    compressed,
+    folder_step,
+    is_archive,
+    manifest_path,
+    model_files,
+    step_dir,
+    tensor_index_path,
+)
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
@@ -30,7 +44,6 @@ from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
-from exporter.records import TensorJob
 
 
 @dataclass
@@ -67,12 +80,6 @@ class Report:
 
     def text(self) -> str:
         return "\n".join([f"verify {self.target}", *(c.line() for c in self.checks)])
-
-
-def _whole(job: TensorJob) -> torch.Tensor:
-    parts = list(job.chunks(64 << 20))
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=job.dtype)
-    return flat.reshape(job.shape)
 
 
 def verify_checkpoint(folder: Path) -> Report:
@@ -150,13 +157,13 @@ def verify_export(folder: Path) -> Report:
     invariant = Check("master->model")
     hashes = Check("hashes")
     coverage = Check("coverage")
-    master_file = folder / "optimizer" / "master.safetensors"
-    if not master_file.exists() and master_file.with_name("master.safetensors.zst").exists():
-        master_file = master_file.with_name("master.safetensors.zst")
-    model_files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("model*.safetensors.zst"))
-    if not model_files:
+    master_file = folder / KIND_FILES["master"]
+    if not master_file.exists() and (folder / compressed(KIND_FILES["master"])).exists():
+        master_file = folder / compressed(KIND_FILES["master"])
+    model_paths = model_files(folder)
+    if not model_paths:
         coverage.failures.append(f"{folder}: no model.safetensors")
-    model = {k: v for p in model_files for k, v in _tensors(p)}
+    model = {k: v for p in model_paths for k, v in _tensors(p)}
     coverage.passed += len(model)
     tp_size = _tp_size(folder)
     if master_file.exists():
@@ -171,7 +178,7 @@ def verify_export(folder: Path) -> Report:
                 _compare(invariant, name, master, model[name])
     rows = _index_rows(folder)
     for row in rows:
-        path = folder.parent.parent / row["file"]
+        path = folder.parent.parent / row["file"]  # rows only exist inside an archive
         if path.name.endswith(".zst"):
             from exporter.convert.compress import read_compressed_tensor
 
@@ -191,12 +198,13 @@ def verify_export(folder: Path) -> Report:
 def _tp_size(step_folder: Path) -> int:
     import pyarrow.parquet as pq
 
-    shard = step_folder.parent.parent / "index" / "checkpoints" / f"{step_folder.name}.parquet"
-    if shard.exists():
+    root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
+    shard = checkpoint_index_path(root, step) if root is not None and step is not None else None
+    if shard is not None and shard.exists():
         rows = pq.read_table(shard).to_pylist()
         if rows and rows[0].get("tp_size"):
             return int(rows[0]["tp_size"])
-    state = step_folder / "state.json"
+    state = step_folder / STATE_JSON
     if state.exists():
         engine = json.loads(state.read_text(encoding="utf-8")).get("engine", {})
         return max(1, len(engine))
@@ -206,24 +214,39 @@ def _tp_size(step_folder: Path) -> int:
 def _index_rows(step_folder: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    root = step_folder.parent.parent
-    shard = root / "index" / "tensors" / f"{step_folder.name}.parquet"
-    if step_folder.parent.name != "steps" or not shard.exists():
+    root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
+    if root is None or step is None or not tensor_index_path(root, step).exists():
         return []
+    shard = tensor_index_path(root, step)
     return pq.read_table(shard).to_pylist()
 
 
 def verify_path(path: str | Path) -> list[Report]:
-    """Verify a checkpoint folder, a step folder, or every step of an archive."""
+    """Verify a checkpoint folder, a step folder, or every step of an archive.
+
+    Returns:
+        One report per target (each step of an archive), with its named checks.
+
+    Raises:
+        ExporterError: ``path`` is not a folder, or an archive with no complete step.
+
+    Example (the archive of :func:`exporter.build`'s example):
+        >>> from exporter import verify_path
+        >>> reports = verify_path("archive")
+        >>> [(report.target.name, report.ok) for report in reports]
+        [('step0', True), ('step8', True)]
+        >>> [check.name for check in verify_path("runs/tiny/step8")[0].checks]
+        ['partitions', 'coverage', 'master->model']
+    """
     path = Path(path)
     if not path.is_dir():
         raise ExporterError(f"{path}: not a folder")
-    if (path / "manifest.json").exists():
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    if is_archive(path):
+        manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
         steps = sorted(int(s) for s in manifest.get("steps", {}))
         if not steps:
             raise ExporterError(f"{path}: archive has no complete steps")
-        return [verify_export(path / "steps" / f"step{s}") for s in steps]
-    if (path / "config.json").exists() or list(path.glob("model*.safetensors*")):
+        return [verify_export(step_dir(path, s)) for s in steps]
+    if (path / CONFIG).exists() or model_files(path):
         return [verify_export(path)]
     return [verify_checkpoint(path)]

@@ -1,4 +1,10 @@
-"""Shared fixtures. The Hub test server's fixtures live in conftest_hub.py (a plugin)."""
+"""Shared fixtures. The Hub test server's fixtures live in conftest_hub.py (a plugin).
+
+Dependencies: `make test` installs the package with its `test` and `ray` extras, so every test
+imports what it needs plainly (transformers, deepspeed, ray, yaml) and fails if it is missing;
+no test is skipped for a missing package. Only the CUDA tests are skipped, on machines with no
+CUDA device.
+"""
 
 from __future__ import annotations
 

@@ -19,11 +19,11 @@ from exporter.archive.schema import (
     schema_to_json,
 )
 from exporter.errors import ExporterError
-from exporter.export import ExportOptions
-from exporter.pipeline import BuildOptions, build, step_complete
+from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.run import BuildOptions, build, step_complete
+from exporter.pipeline.steps import parse_steps
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource
-from exporter.steps import parse_steps
 
 SCHEMAS = Path(__file__).parent.parent / "schemas"
 STEPS = (0, 1, 2, 4, 8)
@@ -125,8 +125,8 @@ def test_parallel_workers_build_the_same_archive(run: Path, archive: Path, tmp_p
     assert _rows(tmp_path / "p", "tensors") == _rows(archive, "tensors")
 
 
+@pytest.mark.ray
 def test_ray_executor_builds_the_same_archive(run: Path, archive: Path, tmp_path: Path) -> None:
-    pytest.importorskip("ray")
     build(LocalSource(run), tmp_path / "r",
           BuildOptions(executor="ray", workers=2, steps="0,8", quiet=True))
     expected = [r for r in _rows(archive, "tensors") if r["step"] in (0, 8)]

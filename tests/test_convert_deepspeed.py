@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from exporter.errors import ExporterError, LayoutError
-from exporter.export import ExportOptions, export_checkpoint
+from exporter.pipeline.export import ExportOptions, export_checkpoint
 from exporter.verify import verify_path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from exporter.export import ExportOptions, export_checkpoint
 from exporter.neox.names import map_name, split_module_name
+from exporter.pipeline.export import ExportOptions, export_checkpoint
 from exporter.samples import TINY, RunConfig, tiny_run_config, write_checkpoint, write_run
 from exporter.verify import verify_path
 

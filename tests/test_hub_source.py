@@ -22,15 +22,15 @@ from hubserver import HubServer
 from hubserver.wire import FileSlice
 from huggingface_hub import HfApi
 
-import exporter.pipeline
+import exporter.pipeline.run
 from exporter.errors import ExporterError, SourceError
-from exporter.export import ExportOptions
-from exporter.hubio import retry
-from exporter.pipeline import BuildOptions, build
+from exporter.files import file_sha256
+from exporter.hub.calls import RetryPolicy, retry
+from exporter.hub.source import HubSource
+from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, write_run
 from exporter.sources import LocalSource, open_source
-from exporter.sources.hub import HubSource
-from exporter.sources.local import file_sha256
 
 REPO = "EleutherAI/neox-ckpt-pythia-tiny"
 URI = f"hf://{REPO}"
@@ -57,7 +57,7 @@ def repo(hub_server: HubServer, run: Path) -> dict[int, str]:
 
 
 def hub_source(tmp_path: Path, **options: Any) -> HubSource:
-    options.setdefault("retry_base_delay", 0.01)
+    options.setdefault("retry", RetryPolicy(attempts=5, base_delay=0.01))
     return HubSource(URI, tmp_path / "downloads", **options)
 
 
@@ -304,13 +304,13 @@ def test_a_hub_build_keeps_at_most_one_step_on_disk(
 ) -> None:
     downloads = tmp_path / "downloads"
     on_export: list[dict[str, int]] = []
-    export = exporter.pipeline.export_checkpoint
+    export = exporter.pipeline.run.export_checkpoint
 
     def observed_export(folder: Path, *args: Any, **kwargs: Any) -> Any:
         on_export.append(files_below(downloads))
         return export(folder, *args, **kwargs)
 
-    monkeypatch.setattr(exporter.pipeline, "export_checkpoint", observed_export)
+    monkeypatch.setattr(exporter.pipeline.run, "export_checkpoint", observed_export)
     peak = 0
     stop = threading.Event()
 
@@ -432,7 +432,7 @@ def test_a_failure_that_persists_gives_up_with_a_source_error(
     hub_server: HubServer, repo: dict[int, str], tmp_path: Path
 ) -> None:
     rule = hub_server.inject(path_regex=rf"/resolve/.*/{LAYER_FILE}$", method="GET", times=None)
-    source = hub_source(tmp_path, retry_attempts=3)
+    source = hub_source(tmp_path, retry=RetryPolicy(attempts=3, base_delay=0.01))
 
     with pytest.raises(SourceError, match=rf"download {LAYER_FILE} .*HTTP 503.*after 3 attempts"):
         with source.fetch(2):

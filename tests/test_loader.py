@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import exporter.archive.loader as loader
 from exporter import open_archive
 from exporter.errors import ArchiveError
-from exporter.export import ExportOptions
-from exporter.pipeline import BuildOptions, build
+from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource
 

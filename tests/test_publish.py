@@ -21,22 +21,20 @@ from hubserver import HubServer
 from huggingface_hub import DatasetCard
 from safetensors.torch import load_file
 
-from exporter import open_archive, publish
-from exporter.archive.card import PLOT_FILE, card_text, write_card
+from exporter import open_archive
+from exporter.archive.card import card_text, write_card
 from exporter.archive.index import read_index
+from exporter.archive.layout import CARD_PLOT
 from exporter.archive.plot import plot_statistic, statistic_series
-from exporter.commands_hub import plot, push
+from exporter.archive.push_state import deleted_after_push
+from exporter.cli.hub import plot, push
 from exporter.errors import ArchiveError, PublishError
-from exporter.export import ExportOptions
-from exporter.pipeline import BuildOptions, build
-from exporter.publish import (
-    PushEvent,
-    RetryPolicy,
-    deleted_after_push,
-    make_push_hook,
-    push_archive,
-    step_files,
-)
+from exporter.hub import publish
+from exporter.hub.calls import RetryPolicy
+from exporter.hub.files import step_files
+from exporter.hub.publish import PushEvent, make_push_hook, push_archive
+from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource
 
@@ -79,7 +77,7 @@ def commit_titles(server: HubServer, repo_id: str, branch: str = "main") -> list
 def expected_remote(root: Path) -> dict[str, str]:
     """What a complete push holds: every step file and shard, the card, plot and manifest."""
     files = {f.path: f.sha256 for step in STEPS for f in step_files(root, step)}
-    for path in ("README.md", PLOT_FILE, "manifest.json"):
+    for path in ("README.md", CARD_PLOT, "manifest.json"):
         files[path] = hashlib.sha256((root / path).read_bytes()).hexdigest()
     return files
 
@@ -436,12 +434,12 @@ def test_card_declares_license_tags_and_one_config_per_index_table(archive: Path
 
 def test_card_is_regenerated_identically_and_embeds_its_plot(archive: Path) -> None:
     first = write_card(archive, "neox/tiny")
-    readme, png = (archive / "README.md").read_bytes(), (archive / PLOT_FILE).read_bytes()
+    readme, png = (archive / "README.md").read_bytes(), (archive / CARD_PLOT).read_bytes()
 
-    assert write_card(archive, "neox/tiny") == first == ["README.md", PLOT_FILE]
+    assert write_card(archive, "neox/tiny") == first == ["README.md", CARD_PLOT]
     assert (archive / "README.md").read_bytes() == readme
-    assert (archive / PLOT_FILE).read_bytes() == png and png.startswith(b"\x89PNG")
-    assert f"]({PLOT_FILE})" in readme.decode()
+    assert (archive / CARD_PLOT).read_bytes() == png and png.startswith(b"\x89PNG")
+    assert f"]({CARD_PLOT})" in readme.decode()
 
 
 def test_plot_series_are_the_index_statistic_of_each_matching_tensor(archive: Path) -> None:

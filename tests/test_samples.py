@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from exporter.samples import (
     PYTHIA_160M,
@@ -406,7 +407,6 @@ def test_cuda_storage_tags_need_a_map_location(tmp_path: Path) -> None:
 
 
 def test_config_file_is_a_gpt_neox_yaml(run: tuple[Path, dict]) -> None:
-    yaml = pytest.importorskip("yaml")
     config = yaml.safe_load((run[0] / "step8" / "tiny.yml").read_text())
     assert (config["num_layers"], config["hidden_size"], config["num_attention_heads"]) == (
         2,

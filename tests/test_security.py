@@ -39,8 +39,8 @@ from security.make_corpus import (
 )
 
 from exporter.errors import ExporterError, UnsafePickleError
-from exporter.export import export_checkpoint
-from exporter.pipeline import BuildOptions, build
+from exporter.pipeline.export import export_checkpoint
+from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, write_checkpoint
 from exporter.sources.local import LocalSource
 from exporter.torchfile import PickledObject, load_torch_file, to_json

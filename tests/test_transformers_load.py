@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from exporter.export import ExportOptions, export_checkpoint
+from exporter.pipeline.export import ExportOptions, export_checkpoint
 from exporter.samples import TINY, tiny_run_config, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"

@@ -21,11 +21,25 @@ import pyarrow.compute as pc
 import yaml
 
 from exporter.archive.index import read_index
-from exporter.archive.layout import manifest_path, write_bytes_atomic
+from exporter.archive.layout import (
+    CARD,
+    CARD_PLOT,
+    CHECKPOINT_INDEX_DIR,
+    MANIFEST,
+    STEP_FILES,
+    TENSOR_INDEX_DIR,
+    card_path,
+    checkpoint_index_file,
+    index_glob,
+    manifest_path,
+    step_file,
+    step_prefix,
+    tensor_index_file,
+)
 from exporter.errors import ArchiveError
+from exporter.files import write_bytes_atomic
 
 TAGS = ["gpt-neox", "pythia", "checkpoints", "safetensors", "training-dynamics"]
-PLOT_FILE = "assets/attention_dense_l2.png"
 PLOT_STAT = "l2"
 PLOT_MATCH = "layers.*.attention.dense.weight"
 #: a longer steps table shows its first and last rows only
@@ -40,9 +54,9 @@ def card_metadata(license: str, pretty_name: str) -> dict[str, Any]:
         "tags": list(TAGS),
         "configs": [
             {"config_name": "tensors", "default": True,
-             "data_files": [{"split": "train", "path": "index/tensors/*.parquet"}]},
+             "data_files": [{"split": "train", "path": index_glob(TENSOR_INDEX_DIR)}]},
             {"config_name": "checkpoints",
-             "data_files": [{"split": "train", "path": "index/checkpoints/*.parquet"}]},
+             "data_files": [{"split": "train", "path": index_glob(CHECKPOINT_INDEX_DIR)}]},
         ],
     }
 
@@ -84,35 +98,22 @@ def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-#: what each file of a step folder holds (exporter.export)
-STEP_FILES = {
-    "config.json": "transformers GPTNeoXConfig",
-    "model.safetensors": "model weights, Hugging Face names",
-    "model.safetensors.index.json": "which shard holds each model weight",
-    "buffers.safetensors": "persistent buffers (rotary inv_freq)",
-    "optimizer/master.safetensors": "fp32 master weights (ZeRO partitions merged)",
-    "optimizer/exp_avg.safetensors": "Adam first moments",
-    "optimizer/exp_avg_sq.safetensors": "Adam second moments",
-    "state.json": "engine and optimizer state (iteration, lr, loss scale ...)",
-    "state.safetensors": "tensor-valued engine state (rng states)",
-    "neox.yml": "the GPT-NeoX config",
-}
 INDEX_FILES = [
-    ("manifest.json", "format version, source, options, completed steps"),
-    ("index/tensors/step{N}.parquet", "one row per tensor: names, dtype, shape, file, offsets,"),
+    (MANIFEST, "format version, source, options, completed steps"),
+    (tensor_index_file("{N}"), "one row per tensor: names, dtype, shape, file, offsets,"),
     ("", "sha256, min/max/mean/std/l2/absmax, nan/inf/zero counts"),
-    ("index/checkpoints/step{N}.parquet", "one row per step: iteration, lr, loss scale,"),
+    (checkpoint_index_file("{N}"), "one row per step: iteration, lr, loss scale,"),
     ("", "parallelism, source and output files with sha256"),
 ]
 
 
 def _layout(output_files: list[dict[str, Any]], step: int) -> list[str]:
-    prefix = f"steps/step{step}/"
+    prefix = step_prefix(step) + "/"
     entries = list(INDEX_FILES)
     for entry in output_files:
         relative = entry["path"].removeprefix(prefix)
         what = STEP_FILES.get(relative, "model weights shard" if relative.startswith("model") else "")
-        entries.append((f"steps/step{{N}}/{relative}", what))
+        entries.append((step_file("{N}", relative), what))
     width = max(len(path) for path, _ in entries) + 2
     return [f"{path:<{width}}{what}".rstrip() for path, what in entries]
 
@@ -134,7 +135,7 @@ def _kinds(tensors: pa.Table, step: int) -> str:
 
 
 def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
-              plot_file: str | None = PLOT_FILE) -> str:
+              plot_file: str | None = CARD_PLOT) -> str:
     """The card of the archive at ``root`` as published under ``repo_id``.
 
     Args:
@@ -149,9 +150,9 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
     if not steps:
         raise ArchiveError(f"{root}: the archive has no completed steps")
     wanted = pa.array(steps, pa.int64())
-    checkpoints = read_index(root / "index" / "checkpoints")
+    checkpoints = read_index(root / CHECKPOINT_INDEX_DIR)
     checkpoints = checkpoints.filter(pc.is_in(checkpoints["step"], wanted)).sort_by("step")
-    tensors = read_index(root / "index" / "tensors")
+    tensors = read_index(root / TENSOR_INDEX_DIR)
     tensors = tensors.filter(pc.is_in(tensors["step"], wanted))
     rows = checkpoints.to_pylist()
     if not rows:
@@ -164,7 +165,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
     revisions = [r["source_revision"] for r in rows if r["source_revision"]]
     name = repo_id.split("/")[-1]
     model_file = next((f["path"] for f in last["output_files"]
-                       if f["path"].startswith(f"steps/step{step}/model")
+                       if f["path"].startswith(step_file(step, "model"))
                        and f["path"].endswith(".safetensors")), None)
     example = _example_name(tensors, step)
 
@@ -243,14 +244,14 @@ def write_card(root: str | Path, repo_id: str, *, license: str = "apache-2.0") -
 
     root = Path(root)
     written = []
-    plot_file: str | None = PLOT_FILE
+    plot_file: str | None = CARD_PLOT
     try:
-        plot_statistic(read_index(root / "index" / "tensors"), stat=PLOT_STAT, match=PLOT_MATCH,
-                       out=root / PLOT_FILE,
+        plot_statistic(read_index(root / TENSOR_INDEX_DIR), stat=PLOT_STAT, match=PLOT_MATCH,
+                       out=root / CARD_PLOT,
                        title=f"{PLOT_STAT} norm of attention.dense.weight, by layer")
-        written.append(PLOT_FILE)
+        written.append(CARD_PLOT)
     except ArchiveError:
         plot_file = None  # no model tensors were exported: a card without the plot
     text = card_text(root, repo_id, license=license, plot_file=plot_file)
-    write_bytes_atomic(root / "README.md", text.encode("utf-8"))
-    return ["README.md", *written]
+    write_bytes_atomic(card_path(root), text.encode("utf-8"))
+    return [CARD, *written]

@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exporter.archive.layout import write_bytes_atomic
 from exporter.archive.schema import CHECKPOINT_SCHEMA, TENSOR_SCHEMA
+from exporter.files import write_bytes_atomic
 from exporter.records import WrittenRecord
 
 

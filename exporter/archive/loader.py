@@ -34,17 +34,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from exporter.archive.layout import step_dir
+from exporter.archive.layout import (
+    CHECKPOINT_INDEX_DIR,
+    MANIFEST,
+    STATE_JSON,
+    TENSOR_INDEX_DIR,
+    is_archive,
+    model_patterns,
+    step_dir,
+    step_file,
+    step_prefix,
+)
 from exporter.errors import ArchiveError
 from exporter.records import TORCH_DTYPES
-
-KIND_FILES = {
-    "master": "optimizer/master.safetensors",
-    "exp_avg": "optimizer/exp_avg.safetensors",
-    "exp_avg_sq": "optimizer/exp_avg_sq.safetensors",
-    "buffer": "buffers.safetensors",
-    "state": "state.safetensors",
-}
 
 
 class _Files:
@@ -158,7 +160,7 @@ class Archive:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self._files.path("manifest.json").read_text(encoding="utf-8"))
+        return json.loads(self._files.path(MANIFEST).read_text(encoding="utf-8"))
 
     @property
     def steps(self) -> list[int]:
@@ -175,12 +177,12 @@ class Archive:
     @cached_property
     def index(self) -> pa.Table:
         """The tensor index (one row per tensor per step) as a pyarrow Table."""
-        return self._table("index/tensors")
+        return self._table(TENSOR_INDEX_DIR)
 
     @cached_property
     def checkpoints(self) -> pa.Table:
         """The checkpoint index (one row per step)."""
-        return self._table("index/checkpoints")
+        return self._table(CHECKPOINT_INDEX_DIR)
 
     def _check_step(self, step: int) -> None:
         if step not in self.steps:
@@ -228,7 +230,7 @@ class Archive:
     def state(self, step: int) -> dict[str, Any]:
         """The engine and optimizer state of a step (``state.json``)."""
         self._check_step(step)
-        return json.loads(self._files.path(f"steps/step{step}/state.json").read_text(encoding="utf-8"))
+        return json.loads(self._files.path(step_file(step, STATE_JSON)).read_text(encoding="utf-8"))
 
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
@@ -239,9 +241,9 @@ class Archive:
 
         folder = snapshot_download(
             self._files.repo_id, repo_type="dataset", revision=self._files.revision,
-            allow_patterns=[f"steps/step{step}/config.json", f"steps/step{step}/model*"],
+            allow_patterns=model_patterns(step),
         )
-        return Path(folder) / "steps" / f"step{step}"
+        return Path(folder) / step_prefix(step)
 
 
 def open_archive(location: str | os.PathLike[str], revision: str | None = None) -> Archive:
@@ -268,6 +270,6 @@ def open_archive(location: str | os.PathLike[str], revision: str | None = None) 
         repo_id = repo.removeprefix("datasets/").strip("/")
         return Archive(_Files(repo_id=repo_id, revision=revision), text)
     root = Path(location)
-    if not (root / "manifest.json").exists():
-        raise ArchiveError(f"{root}: not an archive (no manifest.json)")
+    if not is_archive(root):
+        raise ArchiveError(f"{root}: not an archive (no {MANIFEST})")
     return Archive(_Files(root=root), str(root))

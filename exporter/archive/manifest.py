@@ -8,32 +8,29 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exporter import __version__
-from exporter.archive.index import dtype_name
-from exporter.archive.layout import manifest_path, write_json_atomic
+from exporter.archive.layout import manifest_path
 from exporter.archive.schema import FORMAT_VERSION
 from exporter.errors import ExporterError
-
-if TYPE_CHECKING:
-    from exporter.export import ExportOptions
-    from exporter.pipeline import StepOutcome
+from exporter.files import write_json_atomic
+from exporter.records import StepOutcome
 
 
 class Manifest:
     """``manifest.json``: format version, source, options, completed and failed steps."""
 
-    def __init__(self, root: Path, source: str, options: ExportOptions) -> None:
+    def __init__(self, root: Path, source: str, options: dict[str, Any]) -> None:
+        """Open (or start) the manifest of the archive at ``root`` built from ``source`` with
+        ``options`` (:meth:`exporter.pipeline.export.ExportOptions.manifest_entry`); an existing
+        manifest of another source or other options is refused."""
         self.path = manifest_path(root)
         self.data: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "tool": {"name": "neox-exporter", "version": __version__},
             "source": source,
-            "options": {"include": list(options.include),
-                        "dtype": dtype_name(options.dtype) if options.dtype else None,
-                        "compress": (f"zstd:{options.compress_level}"
-                                     if options.compress_level is not None else None)},
+            "options": options,
             "steps": {},
             "failed": {},
         }

@@ -22,8 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from exporter.archive.layout import write_bytes_atomic
 from exporter.errors import ArchiveError
+from exporter.files import write_bytes_atomic
 
 #: index columns that hold one number per tensor and step (exporter.archive.schema)
 STATISTICS = ("min", "max", "mean", "std", "l2", "absmax", "nan_count", "inf_count", "zero_count")

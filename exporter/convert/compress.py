@@ -43,6 +43,7 @@ import torch
 import zstandard
 
 from exporter.errors import ArchiveError, ExporterError
+from exporter.files import atomic_open
 from exporter.records import TORCH_DTYPES
 
 MAGIC = b"NEOXZST\x01"
@@ -152,38 +153,31 @@ def compress_safetensors(
         "__metadata__": source_header.metadata,
         "__safetensors_header__": source_header.text,
     }
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as source, open(tmp, "wb") as out:
-            out.write(MAGIC)
-            for name, entry in source_header.entries.items():
-                itemsize = _itemsize(src, name, entry)
-                begin, end = entry["data_offsets"]
-                step = max(itemsize, frame_bytes // itemsize * itemsize)
-                frames = []
-                for pos in range(begin, end, step):
-                    size = min(step, end - pos)
-                    raw = os.pread(source.fileno(), size, source_header.data_start + pos)
-                    if len(raw) != size:
-                        raise ArchiveError(f"{src}: short read in tensor {name!r}")
-                    shuffled = shuffle_bytes(np.frombuffer(raw, dtype=np.uint8), itemsize)
-                    packed = compressor.compress(shuffled.data)
-                    frames.append([out.tell(), len(packed), size])
-                    out.write(packed)
-                index[name] = {
-                    "dtype": entry["dtype"],
-                    "shape": entry["shape"],
-                    "nbytes": end - begin,
-                    "shuffle": itemsize,
-                    "frames": frames,
-                }
-            encoded = json.dumps(index, separators=(",", ":")).encode("utf-8")
-            out.write(encoded + struct.pack("<Q", len(encoded)) + MAGIC)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(src, "rb") as source, atomic_open(dst) as out:
+        out.write(MAGIC)
+        for name, entry in source_header.entries.items():
+            itemsize = _itemsize(src, name, entry)
+            begin, end = entry["data_offsets"]
+            step = max(itemsize, frame_bytes // itemsize * itemsize)
+            frames = []
+            for pos in range(begin, end, step):
+                size = min(step, end - pos)
+                raw = os.pread(source.fileno(), size, source_header.data_start + pos)
+                if len(raw) != size:
+                    raise ArchiveError(f"{src}: short read in tensor {name!r}")
+                shuffled = shuffle_bytes(np.frombuffer(raw, dtype=np.uint8), itemsize)
+                packed = compressor.compress(shuffled.data)
+                frames.append([out.tell(), len(packed), size])
+                out.write(packed)
+            index[name] = {
+                "dtype": entry["dtype"],
+                "shape": entry["shape"],
+                "nbytes": end - begin,
+                "shuffle": itemsize,
+                "frames": frames,
+            }
+        encoded = json.dumps(index, separators=(",", ":")).encode("utf-8")
+        out.write(encoded + struct.pack("<Q", len(encoded)) + MAGIC)
     raw_total = sum(e["data_offsets"][1] - e["data_offsets"][0]
                     for e in source_header.entries.values())
     return CompressionReport(len(source_header.entries), raw_total, dst.stat().st_size,
@@ -226,18 +220,13 @@ def decompress_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[s
     index = _read_index(src)
     original = index["__safetensors_header__"].encode("utf-8")
     entries = {k: v for k, v in json.loads(original).items() if k != "__metadata__"}
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(src, "rb") as fh, open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(original)) + original)
-            for name in sorted(entries, key=lambda n: entries[n]["data_offsets"][0]):
-                if not isinstance(index.get(name), dict):
-                    raise ArchiveError(f"{src}: no frames for tensor {name!r}")
-                for _, raw in _frames(src, fh, name, index[name]):
-                    out.write(raw.data)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(src, "rb") as fh, atomic_open(dst) as out:
+        out.write(struct.pack("<Q", len(original)) + original)
+        for name in sorted(entries, key=lambda n: entries[n]["data_offsets"][0]):
+            if not isinstance(index.get(name), dict):
+                raise ArchiveError(f"{src}: no frames for tensor {name!r}")
+            for _, raw in _frames(src, fh, name, index[name]):
+                out.write(raw.data)
 
 
 def _frames(path: Path, fh: Any, name: str, entry: dict[str, Any]) -> Any:

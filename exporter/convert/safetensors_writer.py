@@ -23,6 +23,7 @@ from types import TracebackType
 import torch
 
 from exporter.errors import ExporterError
+from exporter.files import temp_name
 from exporter.records import SAFETENSORS_DTYPES, element_size
 
 
@@ -94,7 +95,7 @@ class SafetensorsWriter:
         self._index = 0
         self._written = 0
         self._fh = None
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temp_name(self.path)
         self.placed: list[WrittenTensor] = []
 
     def __enter__(self) -> SafetensorsWriter:

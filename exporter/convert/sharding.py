@@ -32,9 +32,10 @@ def parse_size(text: str | int) -> int:
 
 
 def plan_shards(
-    jobs: Sequence[TensorJob], nbytes: Sequence[int], max_shard_size: int, stem: str = "model"
-) -> list[tuple[str, list[TensorJob]]]:
-    """Group ``jobs`` (output sizes ``nbytes``) into named shard files."""
+    jobs: Sequence[TensorJob], nbytes: Sequence[int], max_shard_size: int
+) -> list[list[TensorJob]]:
+    """Group ``jobs`` (output sizes ``nbytes``) into shards, in order (file names:
+    :func:`exporter.archive.layout.model_shard_files`)."""
     groups: list[list[TensorJob]] = [[]]
     size = 0
     for job, n in zip(jobs, nbytes, strict=True):
@@ -43,7 +44,4 @@ def plan_shards(
             size = 0
         groups[-1].append(job)
         size += n
-    if len(groups) == 1:
-        return [(f"{stem}.safetensors", groups[0])]
-    total = len(groups)
-    return [(f"{stem}-{i:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups, 1)]
+    return groups

@@ -37,17 +37,6 @@ def _get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def dtype_name(cfg: dict[str, Any]) -> str | None:
-    """``float16``, ``bfloat16`` or ``float32`` as the config trains, if it says."""
-    for section, name in (("fp16", "float16"), ("bf16", "bfloat16")):
-        value = cfg.get(section)
-        if isinstance(value, dict) and value.get("enabled"):
-            return name
-    if cfg.get("precision") in ("fp16", "bfloat16", "bf16"):
-        return "float16" if cfg["precision"] == "fp16" else "bfloat16"
-    return None
-
-
 def hf_config(
     cfg: dict[str, Any],
     *,

@@ -13,7 +13,7 @@ __all__ = ["FetchedCheckpoint", "LocalSource", "Source", "SourceFile", "open_sou
 def open_source(uri: str, **hub_options: object) -> Source:
     """A source from a local path or ``hf://ORG/NAME`` (a model repository, one branch per step)."""
     if uri.startswith("hf://"):
-        from exporter.sources.hub import HubSource
+        from exporter.hub.source import HubSource
 
         return HubSource(uri, **hub_options)  # type: ignore[arg-type]
     return LocalSource(Path(uri))

@@ -9,7 +9,6 @@ Three shapes are recognised:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from exporter.errors import SourceError
+from exporter.files import file_sha256
 from exporter.neox.checkpoint import holds_checkpoint
 from exporter.sources.base import FetchedCheckpoint, Source, SourceFile
 
@@ -25,14 +25,6 @@ STEP_FOLDER = re.compile(r"^(?:global_)?step(\d+)$")
 
 def _is_checkpoint(folder: Path) -> bool:
     return holds_checkpoint(folder)
-
-
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LocalSource(Source):

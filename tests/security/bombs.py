@@ -288,7 +288,7 @@ BOMBS: dict[str, Bomb] = {
 
 def _run(action: str, path: Path) -> None:
     from exporter.errors import ExporterError
-    from exporter.export import export_checkpoint
+    from exporter.pipeline.export import export_checkpoint
     from exporter.torchfile import load_torch_file, to_json
     from exporter.torchfile.unpickler import safe_unpickle
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     folder = Path(args[0])
     folder.mkdir(parents=True, exist_ok=True)
-    import exporter.export  # noqa: F401 - imported before the cap, like any reader process
+    import exporter.pipeline.export  # noqa: F401 - imported before the cap, like any reader process
     import exporter.samples  # noqa: F401
 
     cap = _cap_address_space()

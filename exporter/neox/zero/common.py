@@ -8,6 +8,7 @@ several ranks — and is read segment by segment, never by concatenating whole p
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,10 +51,7 @@ class ParamSlices:
     segments: dict[str, list[Segment]] = field(default_factory=dict)
 
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def read(self, kind: str) -> torch.Tensor:
         parts = [s.read() for s in self.segments[kind]]
@@ -62,12 +60,8 @@ class ParamSlices:
 
     def read_range(self, kind: str, start: int, count: int) -> torch.Tensor:
         """Flat elements ``[start, start + count)`` of one kind, reading only those bytes."""
-        parts, base = [], 0
-        for seg in self.segments[kind]:
-            lo, hi = max(start, base), min(start + count, base + seg.count)
-            if lo < hi:
-                parts.append(Segment(seg.ref, seg.start + lo - base, hi - lo).read())
-            base += seg.count
+        spans = [(seg.ref, seg.start, seg.count) for seg in self.segments[kind]]
+        parts = [seg.read() for seg in covering(spans, start, count, self.name)]
         if not parts:
             return torch.empty(0, dtype=torch.float32)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -94,21 +88,29 @@ def flat_partition(ref: Any, where: str) -> TensorRef:
     return ref
 
 
-def slice_flat(
-    refs: list[TensorRef], partition_size: int, begin: int, count: int
-) -> list[Segment]:
-    """The segments covering flat elements ``[begin, begin + count)`` of a group whose ranks each
-    hold ``partition_size`` elements (``refs[r]`` is rank r's partition, maybe trimmed)."""
+def covering(spans: list[tuple[TensorRef, int, int]], begin: int, count: int,
+             what: str) -> list[Segment]:
+    """The segments holding elements ``[begin, begin + count)`` of a flat sequence laid out as
+    ``spans``, each ``(ref, start, size)``: ``size`` elements of ``ref`` from ``start`` on.
+
+    The one slicing routine of the ZeRO readers: a parameter within a group's partitions
+    (current DeepSpeed: each rank spans the padded partition size, the last rank's tensor may be
+    trimmed; DeeperSpeed elastic: sub-partitions back to back), and a range within a
+    parameter's own segments.
+    """
     segments = []
-    pos, end = begin, begin + count
-    while pos < end:
-        rank = pos // partition_size
-        if rank >= len(refs):
-            raise LayoutError("parameter runs past the last partition (partition count mismatch)")
-        local = pos - rank * partition_size
-        take = min(end - pos, partition_size - local)
-        segments.append(Segment(refs[rank], local, take))
-        pos += take
+    pos, end, base = begin, begin + count, 0
+    for ref, start, size in spans:
+        if pos >= end:
+            break
+        if pos < base + size:
+            take = min(end, base + size) - pos
+            segments.append(Segment(ref, start + pos - base, take))
+            pos += take
+        base += size
+    if pos < end:
+        raise LayoutError(f"{what}: elements [{begin}, {end}) run past the last partition "
+                          f"({base} elements; partition count mismatch?)")
     return segments
 
 

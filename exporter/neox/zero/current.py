@@ -21,10 +21,10 @@ from typing import Any
 from exporter.errors import LayoutError
 from exporter.neox.zero.common import (
     ParamSlices,
+    covering,
     flat_partition,
     partition_state_dicts,
     scalar,
-    slice_flat,
 )
 from exporter.neox.zero.elastic import split_groups
 from exporter.torchfile import TorchFile
@@ -103,9 +103,9 @@ def read_current(
         for k, (name, shape) in enumerate(shapes.items()):
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
-            param.segments["master"] = slice_flat(masters, padded, offset, n)
-            for kind, refs in moments.items():
-                param.segments[kind] = slice_flat(refs, padded, offset, n)
+            for kind, refs in {"master": masters, **moments}.items():
+                spans = [(ref, 0, padded) for ref in refs]
+                param.segments[kind] = covering(spans, offset, n, f"{files[0].path}: {name}")
             params.append(param)
             offset += n + (param_pads[k] if k < len(param_pads) else 0)
         total = padded * dp

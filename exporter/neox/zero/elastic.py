@@ -24,10 +24,11 @@ not overflow takes one more.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from exporter.errors import LayoutError
-from exporter.neox.zero.common import ParamSlices, Segment, flat_partition, partition_state_dicts
+from exporter.neox.zero.common import ParamSlices, covering, flat_partition, partition_state_dicts
 from exporter.torchfile import TensorRef, TorchFile
 
 ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
@@ -103,7 +104,7 @@ def read_elastic(
             if [p.numel for p in pieces[kind]] != lengths:
                 raise LayoutError(f"{files[0].path}: group {g} {kind} slices differ from the master's")
         total = sum(lengths)
-        needed = sum(_numel(s) for s in shapes[g].values())
+        needed = sum(math.prod(s) for s in shapes[g].values())
         if total != needed:
             raise LayoutError(
                 f"{files[0].path}: group {g} sub-partitions hold {total} elements, its "
@@ -115,7 +116,8 @@ def read_elastic(
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
             for kind, refs in pieces.items():
-                param.segments[kind] = _slice(refs, offset, n)
+                spans = [(ref, 0, ref.numel) for ref in refs]
+                param.segments[kind] = covering(spans, offset, n, f"{files[0].path}: {name}")
             params.append(param)
             offset += n
         summary["groups"].append(
@@ -142,28 +144,6 @@ def _check_padding(osds: list[dict[str, Any]], files: list[TorchFile], g: int, c
         sizes.add(lean + int(local[index]))
     if len(sizes) > 1:
         raise LayoutError(f"{files[0].path}: group {g} sub-partitions and paddings do not add up")
-
-
-def _slice(refs: list[TensorRef], begin: int, count: int) -> list[Segment]:
-    segments, pos, base = [], begin, 0
-    for ref in refs:
-        lo, hi = base, base + ref.numel
-        if pos < hi and count > 0:
-            take = min(hi - pos, count)
-            segments.append(Segment(ref, pos - lo, take))
-            pos += take
-            count -= take
-        base = hi
-        if count == 0:
-            break
-    return segments
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _derived_step(engine: Any) -> int | None:

@@ -11,10 +11,10 @@ from exporter.archive.plot import STATISTICS
 from exporter.records import KINDS
 
 if TYPE_CHECKING:
-    from exporter.publish import PushEvent
+    from exporter.hub.publish import PushEvent
 
 def echo_push_event(event: PushEvent) -> None:
-    """Print one :class:`exporter.publish.PushEvent` (retries on stderr)."""
+    """Print one :class:`exporter.hub.publish.PushEvent` (retries on stderr)."""
     steps = ",".join(map(str, event.steps))
     commit = f" {event.commit[:12]}" if event.commit else ""
     text = f"{event.action:<7}{' steps ' + steps if steps else ''}{commit}  {event.detail}"
@@ -42,7 +42,7 @@ def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, 
 
     Example: neox-export push archive my-org/pythia-410m-seed8-checkpoints
     """
-    from exporter.publish import push_archive
+    from exporter.hub.publish import push_archive
 
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     result = push_archive(archive, repo_id, private=private, revision=revision,

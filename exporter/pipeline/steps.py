@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, OptionsError
 
 _RANGE = re.compile(r"^(\d+)?:(\d+)?(?::(\d+))?$")
 
@@ -51,6 +51,20 @@ def parse_steps(spec: str | None, available: list[int]) -> list[int]:
                 f"cannot read step selection {item!r} (use all, log, 1000, or 1000:143000:1000)"
             )
     return sorted(chosen)
+
+
+def check_step_spec(spec: str | None) -> None:
+    """Raise :class:`OptionsError` naming the first malformed item of a step selection."""
+    for item in (part.strip() for part in (spec or "").split(",")):
+        if not item or item in ("all", "log") or item.isdigit():
+            continue
+        m = _RANGE.match(item)
+        if m is None:
+            raise OptionsError(
+                f"steps: cannot read {item!r} (use all, log, 1000, or 1000:143000:1000)"
+            )
+        if m[3] is not None and int(m[3]) <= 0:
+            raise OptionsError(f"steps: range {item!r}: stride must be positive")
 
 
 def _describe(steps: list[int]) -> str:

@@ -13,7 +13,7 @@ duplicating or losing anything, and pushing an unchanged archive again makes no 
 Retries: huggingface_hub 2.4 retries LFS transfers itself, but fails at once on any error of
 the commit POST and raises when a commit's response is lost although the commit landed
 (DESIGN.md "Facts about huggingface_hub 2.4 offline"). Every Hub call here goes through
-:func:`exporter.hubio.retry` (HTTP 408, 429, 5xx and dropped connections, exponential
+:func:`exporter.hub.calls.retry` (HTTP 408, 429, 5xx and dropped connections, exponential
 backoff). A commit attempt first reads the branch head and the files back and commits only
 what is missing, naming the head as parent: an attempt whose response was lost is thus
 recognised instead of repeated, and a concurrent writer makes the commit fail (HTTP 412)
@@ -25,7 +25,6 @@ Rate limit: the Hub accepts about 128 commits per hour per repository; 10 steps 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,24 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import pyarrow.parquet as pq
-
-from exporter.archive.layout import (
-    checkpoint_index_path,
-    manifest_path,
-    tensor_index_path,
-    write_json_atomic,
-)
-from exporter.errors import PublishError
-from exporter.hubio import retry
-from exporter.sources.local import file_sha256
+from exporter.archive.layout import MANIFEST, manifest_path
+from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
+from exporter.errors import OptionsError, PublishError
+from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
+from exporter.hub.files import LocalFile, RemoteFile, step_files
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS_PER_COMMIT = 10
 REPO_TYPE = "dataset"
-#: local-only record of the files removed after a verified push (``--delete-after-push``)
-PUSH_STATE_DIR = ".push"
 PATHS_PER_REQUEST = 256
 
 T = TypeVar("T")
@@ -60,21 +51,6 @@ T = TypeVar("T")
 #: transient Hub error is retried; delete: local files removed after a verified push; card:
 #: the dataset card and manifest committed.
 PushAction = Literal["plan", "skip", "commit", "retry", "delete", "card"]
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff for transient Hub errors (see :func:`exporter.hubio.retry`).
-
-    Attributes:
-        attempts: tries per operation, the first included.
-        base_delay: seconds before the first retry, doubled for each further one.
-        max_delay: the longest wait, a server's ``Retry-After`` included.
-    """
-
-    attempts: int = 6
-    base_delay: float = 2.0
-    max_delay: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -100,102 +76,6 @@ class PushResult:
     deleted_files: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    """A file on the remote: size, LFS sha256 (None for regular files) and git blob id."""
-
-    size: int
-    sha256: str | None
-    blob_id: str
-
-
-def git_blob_id(data: bytes) -> str:
-    """The git object id of a blob (what the Hub reports as ``oid`` for regular files)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """A file to publish: a file of the archive, or ``data`` held in memory.
-
-    ``sha256`` is the digest the archive records (checkpoint index ``output_files``).
-    """
-
-    path: str
-    local: Path | None
-    sha256: str
-    size: int
-    data: bytes | None = None
-
-    @classmethod
-    def of_bytes(cls, path: str, data: bytes) -> LocalFile:
-        return cls(path, None, hashlib.sha256(data).hexdigest(), len(data), data)
-
-    def exists(self) -> bool:
-        return self.data is not None or (self.local is not None and self.local.is_file())
-
-    def content(self) -> bytes | None:
-        """The bytes (read from disk for archive files), None when the file is gone."""
-        if self.data is not None:
-            return self.data
-        return self.local.read_bytes() if self.local is not None and self.local.is_file() else None
-
-    def matches(self, remote: RemoteFile | None) -> bool:
-        """Whether the remote holds this content (LFS sha256, or git blob id of regular files)."""
-        if remote is None or remote.size != self.size:
-            return False
-        if remote.sha256 is not None:
-            return remote.sha256 == self.sha256
-        content = self.content()  # regular files are small: the Hub stores >= 10 MiB in LFS
-        return content is not None and git_blob_id(content) == remote.blob_id
-
-    def operation(self) -> Any:
-        """The huggingface_hub ``CommitOperationAdd`` of this file, checked against ``sha256``."""
-        from huggingface_hub import CommitOperationAdd
-
-        if self.data is not None:
-            return CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=self.data)
-        if not self.exists():
-            raise PublishError(f"{self.local}: missing here, and not on the remote")
-        operation = CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=str(self.local))
-        # huggingface_hub hashes every file it uploads: a free check against the index.
-        if operation.upload_info.sha256.hex() != self.sha256:
-            raise PublishError(f"{self.local}: content differs from the sha256 in the index "
-                               f"(changed since the build?)")
-        return operation
-
-
-def step_files(root: Path, step: int) -> list[LocalFile]:
-    """Every file of one step: its output files (sha256 from the checkpoint index) and shards."""
-    shards = [tensor_index_path(root, step), checkpoint_index_path(root, step)]
-    if not all(p.is_file() for p in shards):
-        raise PublishError(f"{root}: step {step} has no index shards; build it first")
-    rows = pq.read_table(shards[1]).to_pylist()
-    if len(rows) != 1:
-        raise PublishError(f"{shards[1]}: expected one row, found {len(rows)}")
-    files = [LocalFile(e["path"], root / e["path"], e["sha256"], e["bytes"])
-             for e in rows[0]["output_files"]]
-    files += [LocalFile(p.relative_to(root).as_posix(), p, file_sha256(p), p.stat().st_size)
-              for p in shards]
-    return files
-
-
-def push_state_path(root: Path, step: int) -> Path:
-    return root / PUSH_STATE_DIR / f"step{step}.json"
-
-
-def deleted_after_push(root: str | Path, step: int) -> dict[str, str]:
-    """Files of ``step`` removed after a verified push: relative path -> sha256 (may be empty).
-
-    A build may count such a file as present when its checkpoint-index sha256 is the one
-    recorded here, so a step pushed with ``--delete-after-push`` stays complete.
-    """
-    path = push_state_path(Path(root), step)
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text(encoding="utf-8")).get("deleted", {}))
-
-
 def _commit_message(steps: Sequence[int]) -> str:
     if len(steps) == 1:
         return f"Add step {steps[0]}"
@@ -215,8 +95,9 @@ class Publisher:
                  progress: Callable[[PushEvent], None] | None = None) -> None:
         from huggingface_hub import HfApi
 
-        if steps_per_commit < 1:
-            raise PublishError(f"steps_per_commit must be at least 1, got {steps_per_commit}")
+        check_repo_id(repo_id)
+        if not isinstance(steps_per_commit, int) or steps_per_commit < 1:
+            raise OptionsError(f"steps_per_commit: must be at least 1, got {steps_per_commit!r}")
         self.root = Path(root)
         self.repo_id = repo_id
         self.revision = revision or "main"
@@ -241,9 +122,8 @@ class Publisher:
             time.sleep(seconds)
 
         try:
-            return retry(fn, what=f"{what} ({self.repo_id})", attempts=self.retry.attempts,
-                         base_delay=self.retry.base_delay, max_delay=self.retry.max_delay,
-                         error=PublishError, sleep=pause)
+            return hub_call(fn, what=f"{what} ({self.repo_id})", repo_id=self.repo_id,
+                            policy=self.retry, error=PublishError, sleep=pause)
         except PublishError:
             raise
         except Exception as exc:  # noqa: BLE001 - any other failure stops the push, named
@@ -264,8 +144,7 @@ class Publisher:
                      for item in self.api.get_paths_info(
                          self.repo_id, list(paths[start:start + PATHS_PER_REQUEST]),
                          repo_type=REPO_TYPE, revision=revision)]
-        return {item.path: RemoteFile(item.size, item.lfs.sha256 if item.lfs else None,
-                                      item.blob_id)
+        return {item.path: RemoteFile.of_entry(item)
                 for item in items if hasattr(item, "lfs")}  # RepoFile, not RepoFolder
 
     def _commit(self, files: Sequence[LocalFile], message: str) -> str | None:
@@ -300,7 +179,7 @@ class Publisher:
     def manifest(self) -> dict[str, Any]:
         path = manifest_path(self.root)
         if not path.is_file():
-            raise PublishError(f"{self.root}: not an archive (no manifest.json)")
+            raise PublishError(f"{self.root}: not an archive (no {MANIFEST})")
         return json.loads(path.read_text(encoding="utf-8"))
 
     def _manifest_for(self, steps: set[int]) -> LocalFile:
@@ -308,10 +187,10 @@ class Publisher:
         data = self.manifest()
         keep = {str(s) for s in steps}
         if set(data["steps"]) <= keep:
-            return LocalFile.of_bytes("manifest.json", manifest_path(self.root).read_bytes())
+            return LocalFile.of_bytes(MANIFEST, manifest_path(self.root).read_bytes())
         data["steps"] = {k: v for k, v in data["steps"].items() if k in keep}
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-        return LocalFile.of_bytes("manifest.json", text.encode("utf-8"))
+        return LocalFile.of_bytes(MANIFEST, text.encode("utf-8"))
 
     def push_steps(self, steps: Iterable[int]) -> None:
         """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
@@ -367,9 +246,8 @@ class Publisher:
         deleted = {**deleted_after_push(self.root, step), **doomed}
         # Recorded before anything is removed: a crash in between leaves files that a build
         # finds complete anyway.
-        write_json_atomic(push_state_path(self.root, step), {
-            "repo_id": self.repo_id, "repo_type": REPO_TYPE, "revision": self.revision,
-            "commit": commit, "deleted": dict(sorted(deleted.items()))})
+        write_push_record(self.root, step, PushRecord(self.repo_id, REPO_TYPE, self.revision,
+                                                      commit, deleted))
         for path in doomed:
             (self.root / path).unlink()
             self.result.deleted_files.append(path)
@@ -381,7 +259,7 @@ class Publisher:
 
         written = write_card(self.root, self.repo_id, license=self.license)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
-                 for path in [*written, "manifest.json"]]
+                 for path in [*written, MANIFEST]]
         commit = self._commit(files, "Update dataset card and manifest")
         if commit is not None:
             self.result.commits.append(commit)

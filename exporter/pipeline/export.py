@@ -15,10 +15,10 @@ complete, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +29,22 @@ from typing import Any
 import torch
 import yaml
 
+from exporter.archive.index import dtype_name
+from exporter.archive.layout import (
+    BUFFERS,
+    CONFIG,
+    KIND_FILES,
+    MODEL_SHARD_INDEX,
+    NEOX_CONFIG,
+    STATE_JSON,
+    STATE_TENSORS,
+    compressed,
+    model_shard_files,
+)
 from exporter.convert.sharding import plan_shards
 from exporter.convert.stream import Converter
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, OptionsError
+from exporter.files import partial_dir, write_json_atomic
 from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import hf_config, load_neox_config
 from exporter.neox.model import ModelPlan, plan_model
@@ -40,21 +53,28 @@ from exporter.neox.zero import OptimizerPlan, plan_optimizer
 from exporter.records import TensorJob, WrittenRecord, element_size
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
+#: Output dtypes of ``--dtype`` (None keeps the source's).
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
 
 @dataclass
 class ExportOptions:
-    """What to write and how.
+    """What to write and how; checked when made, before any file is touched.
 
     Attributes:
         include: subset of ``INCLUDE_CHOICES``.
-        dtype: output dtype of model weights (None keeps the source's).
+        dtype: output dtype of model weights, one of ``OUTPUT_DTYPES`` (None keeps the
+            source's).
         compress_level: write tensor files as byte-shuffled zstd (``.safetensors.zst``,
-            :mod:`exporter.convert.compress`) at this level; None writes plain safetensors.
-        device: where casts and statistics run (``cpu``, ``cuda``).
+            :mod:`exporter.convert.compress`) at this level (1-22); None writes plain
+            safetensors.
+        device: where casts and statistics run (``cpu``, ``cuda``, ``cuda:N``).
         max_shard_size: model shards are split above this many bytes.
+
+    Raises:
+        OptionsError: a value the export cannot use, named.
     """
 
     include: tuple[str, ...] = INCLUDE_CHOICES
@@ -64,9 +84,28 @@ class ExportOptions:
     compress_level: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.include) - set(INCLUDE_CHOICES)
-        if unknown:
-            raise ValueError(f"ExportOptions.include: unknown parts {sorted(unknown)}")
+        self.include = tuple(self.include)
+        unknown = sorted(set(self.include) - set(INCLUDE_CHOICES))
+        if unknown or not self.include:
+            raise OptionsError(f"include: unknown or no parts {unknown or list(self.include)} "
+                               f"(choose from {', '.join(INCLUDE_CHOICES)})")
+        if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
+            raise OptionsError(f"dtype: {self.dtype} is not an output dtype "
+                               f"({', '.join(map(str, OUTPUT_DTYPES))} or None)")
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise OptionsError(f"device: {self.device!r} (use cpu, cuda or cuda:N)")
+        if not isinstance(self.max_shard_size, int) or self.max_shard_size < 1:
+            raise OptionsError(f"max_shard_size: must be a positive number of bytes, "
+                               f"got {self.max_shard_size!r}")
+        if self.compress_level is not None and not 1 <= self.compress_level <= 22:
+            raise OptionsError(f"compress_level: zstd levels are 1-22, got {self.compress_level}")
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The options as the manifest records them (a rebuild must use the same)."""
+        return {"include": list(self.include),
+                "dtype": dtype_name(self.dtype) if self.dtype else None,
+                "compress": (f"zstd:{self.compress_level}"
+                             if self.compress_level is not None else None)}
 
 
 @dataclass
@@ -104,6 +143,16 @@ def export_checkpoint(
 
     Raises:
         ExporterError: bad input (the message names the file); nothing is left at ``out_dir``.
+
+    Example (a sample run written by ``neox-export sample runs/tiny``):
+        >>> from exporter import ExportOptions, export_checkpoint
+        >>> result = export_checkpoint("runs/tiny/step8", "hf/step8")
+        >>> sorted({record.job.kind for record in result.records})
+        ['buffer', 'exp_avg', 'exp_avg_sq', 'master', 'model', 'state']
+        >>> weights = export_checkpoint("runs/tiny/step8", "hf/step8-bf16",
+        ...                             ExportOptions(include=("model",), dtype=torch.bfloat16))
+        >>> {str(record.dtype) for record in weights.records if record.job.kind == "model"}
+        {'torch.bfloat16'}
     """
     options = options or ExportOptions()
     start = time.perf_counter()
@@ -119,7 +168,7 @@ def export_checkpoint(
         log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
     converter = Converter(dtype=options.dtype, device=options.device, progress=progress)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    tmp = partial_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -170,23 +219,23 @@ def _write_all(
             intermediate_size=model.intermediate_size,
             torch_dtype=str(out_dtype).removeprefix("torch."),
         )
-        _write_json(tmp / "config.json", config)
+        write_json_atomic(tmp / CONFIG, config)
         weights = [j for j in model.jobs if j.kind == "model"]
         records += _write_sharded(tmp, weights, converter, options.max_shard_size)
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
-            records += converter.write_file(tmp / "buffers.safetensors", buffers, tmp)
+            records += converter.write_file(tmp / BUFFERS, buffers, tmp)
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
-            records += converter.write_file(tmp / "optimizer" / f"{kind}.safetensors", jobs, tmp)
+            records += converter.write_file(tmp / KIND_FILES[kind], jobs, tmp)
     if "state" in options.include:
         state = {"engine": engine.json}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json
         if engine.tensor_jobs:
-            records += converter.write_file(tmp / "state.safetensors", engine.tensor_jobs, tmp)
-        _write_json(tmp / "state.json", state)
-    _copy_config(files, cfg, tmp / "neox.yml")
+            records += converter.write_file(tmp / STATE_TENSORS, engine.tensor_jobs, tmp)
+        write_json_atomic(tmp / STATE_JSON, state)
+    _copy_config(files, cfg, tmp / NEOX_CONFIG)
     return records
 
 
@@ -200,10 +249,10 @@ def _compress(
     renamed: dict[str, str] = {}
     for rel in sorted({r.file for r in records}):
         src = tmp / rel
-        dst = src.with_name(src.name + ".zst")
+        dst = tmp / compressed(rel)
         compress_safetensors(src, dst, level)
         src.unlink()
-        renamed[rel] = rel + ".zst"
+        renamed[rel] = compressed(rel)
     for r in records:
         r.file = renamed.get(r.file, r.file)
     return {k: v for k, v in hashes.items() if k not in renamed}
@@ -213,7 +262,8 @@ def _write_sharded(
     tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int
 ) -> list[WrittenRecord]:
     sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
-    shards = plan_shards(jobs, sizes, max_shard_size)
+    groups = plan_shards(jobs, sizes, max_shard_size)
+    shards = list(zip(model_shard_files(len(groups)), groups, strict=True))
     records: list[WrittenRecord] = []
     for name, group in shards:
         records += converter.write_file(tmp / name, group, tmp)
@@ -222,7 +272,7 @@ def _write_sharded(
             "metadata": {"total_size": sum(sizes)},
             "weight_map": {job.name: name for name, group in shards for job in group},
         }
-        _write_json(tmp / "model.safetensors.index.json", index)
+        write_json_atomic(tmp / MODEL_SHARD_INDEX, index)
     return records
 
 
@@ -231,10 +281,3 @@ def _copy_config(files: CheckpointFiles, cfg: dict[str, Any], dest: Path) -> Non
         shutil.copyfile(files.configs[0], dest)
     elif files.configs:
         dest.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -7,7 +7,7 @@
    that complete steps are skipped;
 4. ``verify``s the archive; 5. loads tensors back by memory-mapping.
 
-Run: ``python -m exporter.demo --out demo-out``.
+Run: ``python -m exporter.cli.demo --out demo-out``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from exporter.cli import main as cli_main
+from exporter.cli.main import main as cli_main
 
 
 def _run(args: list[str]) -> None:

@@ -16,7 +16,7 @@ files against their git blob sha1. A mismatch is downloaded once more (``force_d
 a second mismatch fails the step with a :class:`SourceError` naming the file. The client does
 not check content hashes itself.
 
-Network calls go through :func:`exporter.hubio.retry`, because huggingface_hub 2.4 does not
+Network calls go through :func:`exporter.hub.calls.retry`, because huggingface_hub 2.4 does not
 retry a 503 on a file GET, a connection reset mid-download, or any failure of
 ``list_repo_refs``. Endpoint, token, offline mode and cache folders are the client's own
 settings (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME``/``HF_HUB_CACHE``);
@@ -28,7 +28,6 @@ use in each process), so it can be sent to worker processes and Ray tasks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -40,18 +39,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
 
 from exporter import __version__
 from exporter.errors import SourceError
-from exporter.hubio import retry
+from exporter.files import file_digests
+from exporter.hub.calls import RetryPolicy, hub_call
+from exporter.hub.files import RemoteFile
 from exporter.sources.base import FetchedCheckpoint, Source, SourceFile
 
 log = logging.getLogger(__name__)
@@ -69,8 +62,6 @@ _SKIPPED_FILES = frozenset({".gitattributes"})
 # (huggingface_hub `_local_folder.py`, `get_local_download_paths`).
 _CLIENT_METADATA = PurePosixPath(".cache/huggingface")
 
-_HASH_BLOCK = 8 << 20
-
 
 @dataclass(frozen=True)
 class HubBranch:
@@ -78,23 +69,6 @@ class HubBranch:
 
     name: str
     commit: str
-
-
-@dataclass(frozen=True)
-class HubFile:
-    """A file as the Hub lists it at a commit.
-
-    Attributes:
-        path: path in the repository.
-        size: bytes.
-        blob_id: git blob sha1 (of the LFS pointer for LFS files).
-        lfs_sha256: sha256 of the content for LFS files, None for regular files.
-    """
-
-    path: str
-    size: int
-    blob_id: str
-    lfs_sha256: str | None = None
 
 
 class HubSource(Source):
@@ -107,8 +81,7 @@ class HubSource(Source):
         max_disk: refuse steps whose files take more bytes than this.
         revision_prefix: branch names are ``{prefix}{N}`` or ``global_{prefix}{N}``.
         token: Hub token; None lets huggingface_hub find one (``HF_TOKEN``, ``hf auth login``).
-        retry_attempts: calls per network operation before giving up.
-        retry_base_delay: seconds before the first retry (doubling after each).
+        retry: backoff for transient Hub errors.
 
     Example:
         >>> source = HubSource("hf://EleutherAI/neox-ckpt-pythia-410m-seed8", Path("downloads"))
@@ -123,8 +96,7 @@ class HubSource(Source):
         max_disk: int | None = None,
         revision_prefix: str = "step",
         token: str | None = None,
-        retry_attempts: int = 5,
-        retry_base_delay: float = 0.5,
+        retry: RetryPolicy | None = None,
     ) -> None:
         match = _URI.match(uri)
         if match is None:
@@ -147,11 +119,10 @@ class HubSource(Source):
         self.max_disk = max_disk
         self.revision_prefix = revision_prefix
         self.token = token
-        self.retry_attempts = retry_attempts
-        self.retry_base_delay = retry_base_delay
+        self.retry = retry or RetryPolicy(attempts=5, base_delay=0.5)
         self._branch_pattern = re.compile(rf"^(?:global_)?{re.escape(revision_prefix)}(\d+)$")
         self._branches: dict[int, HubBranch] | None = None
-        self._files: dict[int, list[HubFile]] = {}
+        self._files: dict[int, list[RemoteFile]] = {}
         self._api: HfApi | None = None
 
     def __repr__(self) -> str:
@@ -175,7 +146,7 @@ class HubSource(Source):
             raise SourceError(f"{self.uri}: no branch for step {step}")
         return branches[step]
 
-    def files(self, step: int) -> list[HubFile]:
+    def files(self, step: int) -> list[RemoteFile]:
         """The files of ``step``'s commit (without ``.gitattributes``), listed once, then cached."""
         if step not in self._files:
             branch = self.branch(step)
@@ -192,12 +163,7 @@ class HubSource(Source):
                 what=f"list the files of branch {branch.name} of {self.uri}",
             )
             files = [
-                HubFile(
-                    entry.path,
-                    entry.size,
-                    entry.blob_id,
-                    entry.lfs.sha256 if entry.lfs is not None else None,
-                )
+                RemoteFile.of_entry(entry)
                 for entry in entries
                 if isinstance(entry, RepoFile) and entry.path not in _SKIPPED_FILES
             ]
@@ -238,7 +204,7 @@ class HubSource(Source):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _download(self, step: int, branch: HubBranch, remote: HubFile, folder: Path) -> SourceFile:
+    def _download(self, step: int, branch: HubBranch, remote: RemoteFile, folder: Path) -> SourceFile:
         """Download one file and check it against the listing, re-downloading once on mismatch."""
         problem = None
         for force in (False, True):
@@ -312,36 +278,10 @@ class HubSource(Source):
 
     def _call(self, fn: Callable[[], T], *, what: str) -> T:
         """``fn`` with transient failures retried and the client's errors as SourceError."""
-        try:
-            return retry(
-                fn,
-                what=what,
-                attempts=self.retry_attempts,
-                base_delay=self.retry_base_delay,
-                error=SourceError,
-            )
-        except OfflineModeIsEnabled as exc:
-            raise SourceError(
-                f"could not {what}: offline mode (HF_HUB_OFFLINE) is set; unset it to download"
-            ) from exc
-        except RepositoryNotFoundError as exc:
-            raise SourceError(
-                f"could not {what}: repository {self.repo_id} not found (if it is private or "
-                f"gated, set HF_TOKEN to a token that can read it)"
-            ) from exc
-        except RevisionNotFoundError as exc:
-            raise SourceError(f"could not {what}: revision not found") from exc
-        except RemoteEntryNotFoundError as exc:
-            raise SourceError(f"could not {what}: no such file at that commit") from exc
-        except LocalEntryNotFoundError as exc:
-            raise SourceError(f"could not {what}: {str(exc).splitlines()[0]}") from exc
-        except HfHubHTTPError as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            detail = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
-            raise SourceError(f"could not {what}: HTTP {status}: {detail}") from exc
+        return hub_call(fn, what=what, repo_id=self.repo_id, policy=self.retry, error=SourceError)
 
 
-def _check(path: Path, remote: HubFile) -> tuple[str, str | None]:
+def _check(path: Path, remote: RemoteFile) -> tuple[str, str | None]:
     """The file's sha256, and what is wrong with it compared with the Hub's listing (or None).
 
     LFS files are compared by sha256 (the LFS object id); regular files by git blob sha1, the
@@ -349,23 +289,16 @@ def _check(path: Path, remote: HubFile) -> tuple[str, str | None]:
     hash-object`` computes it).
     """
     size = path.stat().st_size
-    sha256 = hashlib.sha256()
-    blob = hashlib.sha1(f"blob {size}\0".encode(), usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_BLOCK):
-            sha256.update(chunk)
-            if remote.lfs_sha256 is None:
-                blob.update(chunk)
-    digest = sha256.hexdigest()
+    digest, blob_id = file_digests(path, blob_id=remote.sha256 is None)
     if size != remote.size:
         return digest, f"{remote.path}: downloaded {size:,} bytes, the Hub lists {remote.size:,}"
-    if remote.lfs_sha256 is not None and digest != remote.lfs_sha256:
+    if remote.sha256 is not None and digest != remote.sha256:
         return digest, (
-            f"{remote.path}: sha256 {digest} does not match the Hub's {remote.lfs_sha256}"
+            f"{remote.path}: sha256 {digest} does not match the Hub's {remote.sha256}"
         )
-    if remote.lfs_sha256 is None and blob.hexdigest() != remote.blob_id:
+    if remote.sha256 is None and blob_id != remote.blob_id:
         return digest, (
-            f"{remote.path}: git blob id {blob.hexdigest()} does not match the Hub's "
+            f"{remote.path}: git blob id {blob_id} does not match the Hub's "
             f"{remote.blob_id}"
         )
     return digest, None

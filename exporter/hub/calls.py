@@ -1,4 +1,4 @@
-"""Retries around Hugging Face Hub calls.
+"""Calls to the Hugging Face Hub: retries of transient failures, one error line for the rest.
 
 huggingface_hub retries some failures itself and not others. In huggingface_hub 2.4
 (``file_download.http_get``) a file GET answered 503 fails at once (only 408 and 429 are
@@ -21,17 +21,48 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, OptionsError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient Hub errors (see :func:`retry`).
+
+    Attributes:
+        attempts: tries per operation, the first included.
+        base_delay: seconds before the first retry, doubled for each further one.
+        max_delay: the longest wait, a server's ``Retry-After`` included.
+    """
+
+    attempts: int = 6
+    base_delay: float = 2.0
+    max_delay: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be at least 1, got {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
 
 #: Statuses worth another try: the set huggingface_hub's ``http_backoff`` retries by default.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -185,6 +216,62 @@ def retry(
             )
             sleep(delay)
             attempt += 1
+
+
+def hub_call(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    repo_id: str,
+    policy: RetryPolicy,
+    error: type[ExporterError],
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``fn`` with transient failures retried (:func:`retry`) and the client's errors turned
+    into one ``error`` line that says what to do.
+
+    Errors that are not the Hub client's (a local file that cannot be read, a bug) propagate.
+    """
+    try:
+        return retry(fn, what=what, attempts=policy.attempts, base_delay=policy.base_delay,
+                     max_delay=policy.max_delay, error=error, sleep=sleep)
+    except OfflineModeIsEnabled as exc:
+        raise error(
+            f"could not {what}: offline mode (HF_HUB_OFFLINE) is set; unset it to reach the Hub"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise error(
+            f"could not {what}: repository {repo_id} not found (if it is private or gated, set "
+            f"HF_TOKEN to a token that can read it, or run `hf auth login`)"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise error(f"could not {what}: revision not found") from exc
+    except RemoteEntryNotFoundError as exc:
+        raise error(f"could not {what}: no such file at that commit") from exc
+    except LocalEntryNotFoundError as exc:
+        raise error(f"could not {what}: {str(exc).splitlines()[0]}") from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise error(
+                f"could not {what}: HTTP {status}, not authorised (set HF_TOKEN to a token "
+                f"with access to {repo_id}, or run `hf auth login`)"
+            ) from exc
+        detail = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
+        raise error(f"could not {what}: HTTP {status}: {detail}") from exc
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it names a Hub repository (``ORG/NAME``); an OptionsError otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise OptionsError(f"{repo_id!r} is not a Hub repository id: {exc}") from None
+    if "/" not in repo_id:
+        raise OptionsError(f"{repo_id!r}: give the repository as ORG/NAME")
+    return repo_id
 
 
 def _describe(error: BaseException) -> str:

@@ -1,0 +1,56 @@
+"""``.push/step{N}.json``: the local record of a step's files removed after a verified push.
+
+``build --push-to ... --delete-after-push`` removes a step's safetensors files once the Hub
+holds them with their sha256s, and records here, before removing anything, what it removed
+and where it went. A build counts such a step as complete, and ``verify`` and the loader know
+that its tensors live on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.archive.layout import push_state_path
+from exporter.files import write_json_atomic
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    """Where a step's removed files went: the dataset, branch and commit that hold them."""
+
+    repo_id: str
+    repo_type: str
+    revision: str
+    commit: str | None
+    deleted: dict[str, str]
+
+
+def read_push_record(root: str | Path, step: int) -> PushRecord | None:
+    """The push record of ``step``, None when none was written."""
+    path = push_state_path(Path(root), step)
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return PushRecord(str(data.get("repo_id", "")), str(data.get("repo_type", "dataset")),
+                      str(data.get("revision", "main")), data.get("commit"),
+                      dict(data.get("deleted", {})))
+
+
+def deleted_after_push(root: str | Path, step: int) -> dict[str, str]:
+    """Files of ``step`` removed after a verified push: relative path -> sha256 (may be empty).
+
+    A build may count such a file as present when its checkpoint-index sha256 is the one
+    recorded here, so a step pushed with ``--delete-after-push`` stays complete.
+    """
+    record = read_push_record(root, step)
+    return record.deleted if record is not None else {}
+
+
+def write_push_record(root: Path, step: int, record: PushRecord) -> None:
+    """Record (atomically) what is about to be removed from ``step``."""
+    write_json_atomic(push_state_path(root, step), {
+        "repo_id": record.repo_id, "repo_type": record.repo_type, "revision": record.revision,
+        "commit": record.commit, "deleted": dict(sorted(record.deleted.items()))})

@@ -1,0 +1,103 @@
+"""``build``: a whole training run into an archive (and, optionally, onto the Hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from exporter.archive.layout import downloads_dir
+from exporter.cli.options import DTYPES, export_options, parse_include
+
+
+@click.command()
+@click.argument("source")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Archive folder (created; an existing archive is resumed).")
+@click.option("--steps", default="all", show_default=True,
+              help="Which steps: all, log (0 and powers of two), 1000, 1000:143000:1000, or a comma list.")
+@click.option("--include", default="model,optimizer,state", show_default=True,
+              callback=lambda c, p, v: parse_include(v), help="What to write for each step.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True,
+              help="Cast model weights.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where casts and statistics run.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Model shard size limit.")
+@click.option("--compress", default=None, metavar="zstd[:LEVEL]",
+              help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
+                   "the loader without mmap. Default: plain safetensors.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Steps converted in parallel.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local processes, or one Ray task per step (pip install 'neox-exporter[ray]').")
+@click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
+@click.option("--keep-going", is_flag=True, help="Record a failing step in the manifest and go on.")
+@click.option("--no-verify-existing", is_flag=True,
+              help="Skip complete steps by file size only, without re-hashing them.")
+@click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Hub sources: where a step's files are downloaded (default ARCHIVE/.downloads).")
+@click.option("--max-disk", default=None, help="Hub sources: bound on downloaded bytes held at once (e.g. 20GB).")
+@click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
+@click.option("--push-to", default=None, metavar="ORG/NAME",
+              help="Publish each finished step to this Hub dataset as the build goes.")
+@click.option("--delete-after-push", is_flag=True,
+              help="With --push-to: remove a step's safetensors once the Hub holds them.")
+@click.pass_context
+def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
+          dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
+          ray_address: str | None, keep_going: bool, no_verify_existing: bool,
+          download_dir: Path | None, max_disk: str | None, log_json: bool,
+          push_to: str | None, delete_after_push: bool) -> None:
+    """Convert a whole training run into an archive: every step, indexed in Parquet.
+
+    SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
+    model repository whose branches are steps: hf://ORG/NAME. Complete steps are skipped,
+    so an interrupted build resumes where it stopped.
+
+    \b
+    Examples:
+      neox-export build runs/pythia-tiny --out archive
+      neox-export build hf://EleutherAI/neox-ckpt-pythia-410m-seed8 --out archive \\
+          --steps 1000:143000:1000 --include model,optimizer --max-disk 20GB
+    """
+    from exporter.pipeline.run import BuildOptions
+    from exporter.pipeline.run import build as run_build
+    from exporter.sources import open_source
+
+    options = export_options(include, dtype, device, max_shard_size, compress)
+    hub: dict[str, Any] = {}
+    if source.startswith("hf://"):
+        from exporter.convert.sharding import parse_size
+
+        hub["download_dir"] = download_dir or downloads_dir(out_dir)
+        hub["max_disk"] = parse_size(max_disk) if max_disk else None
+    if delete_after_push and not push_to:
+        raise click.BadParameter("needs --push-to", param_hint="--delete-after-push")
+    src = open_source(source, **hub)
+    quiet = ctx.obj["quiet"] or log_json
+    hook = None
+    if push_to:
+        from exporter.cli.hub import echo_push_event
+        from exporter.hub.publish import make_push_hook
+
+        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
+                              progress=None if quiet else echo_push_event)
+    summary = run_build(src, out_dir, BuildOptions(
+        export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
+        keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
+        quiet=quiet, on_step_done=hook))
+    if hook is not None:
+        click.echo(f"pushed: {hook.flush().url}")
+    if log_json:
+        click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
+                               "steps_skipped": summary.count("skipped"),
+                               "steps_failed": summary.count("failed"),
+                               "bytes_in": summary.bytes_in, "bytes_out": summary.bytes_out,
+                               "seconds": summary.seconds}))
+    else:
+        click.echo(f"archive: {out_dir}")
+        click.echo(summary.table())
+    if summary.count("failed"):
+        ctx.exit(1)

@@ -1,0 +1,109 @@
+"""Files on both sides of a push: what the Hub lists (:class:`RemoteFile`), what an archive
+holds (:class:`LocalFile`), and how to tell whether they are the same content.
+
+The Hub lists every file of a commit with its size and git blob id, and LFS files (the Hub
+keeps files of 10 MiB and more in LFS) with the sha256 of their content as well
+(``HfApi.list_repo_tree`` / ``get_paths_info``: ``RepoFile.blob_id``, ``RepoFile.lfs.sha256``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from exporter.archive.layout import checkpoint_index_path, tensor_index_path
+from exporter.errors import PublishError
+from exporter.files import file_sha256, git_blob_id
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file as the Hub lists it at a commit.
+
+    Attributes:
+        path: path in the repository.
+        size: bytes.
+        blob_id: git blob sha1 (of the LFS pointer for LFS files).
+        sha256: sha256 of the content for LFS files, None for regular files.
+    """
+
+    path: str
+    size: int
+    blob_id: str
+    sha256: str | None = None
+
+    @classmethod
+    def of_entry(cls, entry: Any) -> RemoteFile:
+        """From a huggingface_hub ``RepoFile``."""
+        return cls(entry.path, entry.size, entry.blob_id,
+                   entry.lfs.sha256 if entry.lfs is not None else None)
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file to publish: a file of the archive, or ``data`` held in memory.
+
+    ``sha256`` is the digest the archive records (checkpoint index ``output_files``).
+    """
+
+    path: str
+    local: Path | None
+    sha256: str
+    size: int
+    data: bytes | None = None
+
+    @classmethod
+    def of_bytes(cls, path: str, data: bytes) -> LocalFile:
+        return cls(path, None, hashlib.sha256(data).hexdigest(), len(data), data)
+
+    def exists(self) -> bool:
+        return self.data is not None or (self.local is not None and self.local.is_file())
+
+    def content(self) -> bytes | None:
+        """The bytes (read from disk for archive files), None when the file is gone."""
+        if self.data is not None:
+            return self.data
+        return self.local.read_bytes() if self.local is not None and self.local.is_file() else None
+
+    def matches(self, remote: RemoteFile | None) -> bool:
+        """Whether the remote holds this content (LFS sha256, or git blob id of regular files)."""
+        if remote is None or remote.size != self.size:
+            return False
+        if remote.sha256 is not None:
+            return remote.sha256 == self.sha256
+        content = self.content()  # regular files are small: the Hub stores >= 10 MiB in LFS
+        return content is not None and git_blob_id(content) == remote.blob_id
+
+    def operation(self) -> Any:
+        """The huggingface_hub ``CommitOperationAdd`` of this file, checked against ``sha256``."""
+        from huggingface_hub import CommitOperationAdd
+
+        if self.data is not None:
+            return CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=self.data)
+        if not self.exists():
+            raise PublishError(f"{self.local}: missing here, and not on the remote")
+        operation = CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=str(self.local))
+        # huggingface_hub hashes every file it uploads: a free check against the index.
+        if operation.upload_info.sha256.hex() != self.sha256:
+            raise PublishError(f"{self.local}: content differs from the sha256 in the index "
+                               f"(changed since the build?)")
+        return operation
+
+
+def step_files(root: Path, step: int) -> list[LocalFile]:
+    """Every file of one step: its output files (sha256 from the checkpoint index) and shards."""
+    shards = [tensor_index_path(root, step), checkpoint_index_path(root, step)]
+    if not all(p.is_file() for p in shards):
+        raise PublishError(f"{root}: step {step} has no index shards; build it first")
+    rows = pq.read_table(shards[1]).to_pylist()
+    if len(rows) != 1:
+        raise PublishError(f"{shards[1]}: expected one row, found {len(rows)}")
+    files = [LocalFile(e["path"], root / e["path"], e["sha256"], e["bytes"])
+             for e in rows[0]["output_files"]]
+    files += [LocalFile(p.relative_to(root).as_posix(), p, file_sha256(p), p.stat().st_size)
+              for p in shards]
+    return files
