@@ -22,7 +22,7 @@ from hubserver import HubServer
 from hubserver.wire import FileSlice
 from huggingface_hub import HfApi
 
-import exporter.pipeline.run
+import exporter.pipeline.step
 from exporter.errors import ExporterError, SourceError
 from exporter.files import file_sha256
 from exporter.hub.calls import RetryPolicy, retry
@@ -304,13 +304,13 @@ def test_a_hub_build_keeps_at_most_one_step_on_disk(
 ) -> None:
     downloads = tmp_path / "downloads"
     on_export: list[dict[str, int]] = []
-    export = exporter.pipeline.run.export_checkpoint
+    export = exporter.pipeline.step.export_checkpoint
 
     def observed_export(folder: Path, *args: Any, **kwargs: Any) -> Any:
         on_export.append(files_below(downloads))
         return export(folder, *args, **kwargs)
 
-    monkeypatch.setattr(exporter.pipeline.run, "export_checkpoint", observed_export)
+    monkeypatch.setattr(exporter.pipeline.step, "export_checkpoint", observed_export)
     peak = 0
     stop = threading.Event()
 
