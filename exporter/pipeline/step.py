@@ -183,6 +183,8 @@ def safe_convert(
     options: ExportOptions,
     progress: Callable[[int], None] | None = None,
 ) -> StepOutcome:
+    """:func:`convert_step`, with a failure recorded as the step's outcome (and whatever the
+    attempt left removed) instead of raised: one step's failure does not stop a build."""
     try:
         return convert_step(source, step, root, options, progress)
     except ExporterError as exc:
