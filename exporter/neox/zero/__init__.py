@@ -25,6 +25,7 @@ from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.layout import part_shape
 from exporter.neox.model import OutputRule, Shard, merged_shape
 from exporter.neox.names import Merge, split_module_name
+from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
@@ -142,7 +143,7 @@ def plan_optimizer(
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()
     summary = {
-        **_summarise(summaries[mps[0]]),
+        **_summarise(summaries[mps[0]], engine, fmt),
         "loss_scale": loss_scale,
         "pp_size": stages,
         "parameters_without_state": missing,
@@ -176,13 +177,21 @@ def _tp_note(model: ModelPlan, disagree: list[str]) -> dict[str, Any]:
     }
 
 
-def _summarise(unit: dict[str, Any]) -> dict[str, Any]:
+def _summarise(unit: dict[str, Any], engine: EngineState, fmt: str) -> dict[str, Any]:
     groups = unit.get("groups") or [{}]
     first = groups[0]
     lr = first.get("hyperparameters", {}).get("lr")
     step = first.get("adam_step")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        lr, lr_source = float(lr), "optimizer state (param_groups lr)"
+    else:
+        # Pythia-era files keep no lr; GPT-NeoX's scheduler state gives it (neox/schedule.py),
+        # by the formula of the checkpoint's era.
+        formula = "2022" if fmt == "deeperspeed-elastic-stage1" else "2023"
+        lr, lr_source = derived_learning_rate(engine.value("lr_scheduler"), formula)
     return {
-        "learning_rate": float(lr) if isinstance(lr, (int, float)) else None,
+        "learning_rate": lr,
+        "learning_rate_source": lr_source,
         "adam_step": int(step) if isinstance(step, (int, float)) else None,
         "adam_step_source": unit.get("adam_step_source", "optimizer state"),
     }
