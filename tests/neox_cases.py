@@ -66,7 +66,9 @@ def neox_yaml(case: Case) -> dict[str, Any]:
                 "rotary-pct": 0.25}
     extra = {"num-kv-heads": case.kv_heads} if case.kv_heads != HEADS else {}
     if case.sliding_window:
-        extra["sliding-window-width"] = case.sliding_window
+        # flash-attn window_size=(width, -1): the query and `width` keys before it, one fewer
+        # than transformers' sliding_window, which counts the query
+        extra["sliding-window-width"] = case.sliding_window - 1
     return {**common, **extra, "norm": "rmsnorm", "rms-norm-epsilon": 1e-6, "activation": "swiglu",
             "rotary-pct": 1.0, "use-bias-in-norms": False, "use-bias-in-attn-linear": False,
             "use-bias-in-mlp": False}

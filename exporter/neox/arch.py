@@ -255,7 +255,10 @@ def llama_config(
         "dtype": torch_dtype,
     }
     if mistral:
-        config["sliding_window"] = int(s["sliding_window"])
+        # GPT-NeoX hands flash-attn window_size=(width, -1) (ParallelSelfAttention.flash_attention):
+        # a query sees itself and `width` keys before it. transformers' sliding_window counts the
+        # query too (masking_utils.sliding_window_overlay: kv_idx > q_idx - sliding_window).
+        config["sliding_window"] = int(s["sliding_window"]) + 1
     else:
         config.update(attention_bias=attention_bias, mlp_bias=mlp_bias, pretraining_tp=1)
     return config
