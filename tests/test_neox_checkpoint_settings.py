@@ -56,6 +56,10 @@ def test_a_checkpoint_without_yaml_exports_with_the_sizes_its_args_record(tmp_pa
     want = _read(tmp_path / "with_yaml" / "model.safetensors")
     got = _read(tmp_path / "without" / "model.safetensors")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # with a YAML, settings it leaves unset are GPT-NeoX's defaults, which training used
+    with_yaml = json.loads((tmp_path / "with_yaml" / "state.json").read_text())["model"]
+    assert with_yaml["config_source"] == "YAML config"
+    assert with_yaml["assumed_gpt_neox_defaults"] == {}
     notes = json.loads((tmp_path / "without" / "state.json").read_text())["model"]
     assert notes["config_source"] == "mp_rank_00_model_states.pt args"
     # what neither a YAML nor the args record is named, with the default that was taken

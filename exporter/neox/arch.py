@@ -65,11 +65,14 @@ class ModelSpec:
     assumed: dict[str, Any] = field(default_factory=dict)  # defaults nothing in the source gave
 
 
-def _setting(cfg: dict[str, Any], key: str, assumed: dict[str, Any]) -> Any:
+def _setting(cfg: dict[str, Any], key: str, assumed: dict[str, Any] | None) -> Any:
+    """A setting, or GPT-NeoX's default: what training used when a YAML config leaves it unset,
+    an assumption (recorded in ``assumed``) when there is no YAML to say."""
     value = cfg.get(key)
     if value is None:
         value = NEOX_DEFAULTS[key]
-        assumed[key] = value
+        if assumed is not None:
+            assumed[key] = value
     return value
 
 
@@ -119,6 +122,7 @@ def model_spec(
     hidden_size: int,
     qkv_rows: int,
     rotary_dims: int | None,
+    from_yaml: bool = True,
 ) -> ModelSpec:
     """The architecture of a checkpoint from its config and the keys/shapes of its tensors.
 
@@ -127,6 +131,8 @@ def model_spec(
         hidden_size: the embedding width.
         qkv_rows: rows of the merged query_key_value weight (all ranks).
         rotary_dims: twice the length of the saved ``inv_freq`` buffer, if saved.
+        from_yaml: ``cfg`` holds a YAML config (its unset settings are GPT-NeoX's defaults);
+            otherwise only the checkpoint's args, and what the tensors cannot tell is assumed.
 
     Raises:
         UnsupportedModelError: a feature without a faithful transformers equivalent.
@@ -134,18 +140,21 @@ def model_spec(
     """
     block_keys = keys
     refuse_unsupported(cfg, block_keys)
-    assumed: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    assumed = None if from_yaml else found
     norm = cfg.get("norm") or ("rmsnorm" if "input_layernorm.scale" in block_keys else None)
     if norm is None:
         norm = _setting(cfg, "norm", assumed)
     activation = _setting(cfg, "activation", assumed)
     gpt_j = bool(_setting(cfg, "gpt_j_residual", assumed))
     pos_emb = cfg.get("pos_emb")
-    if pos_emb is None:
+    if pos_emb is None and from_yaml:
+        pos_emb = "learned"  # neox_args.py default
+    elif pos_emb is None:
         # A learned position table sits in the embedding layer file (EmbeddingPipe); without one
         # the saved weights are those of rotary (or ALiBi, which the tensors cannot tell).
         pos_emb = "learned" if "position_embeddings.weight" in block_keys else "rotary"
-        assumed["pos_emb"] = pos_emb
+        found["pos_emb"] = pos_emb
     if pos_emb != "rotary":
         raise UnsupportedModelError(f"pos-emb {pos_emb!r} cannot be exported (rotary only)")
     heads = cfg.get("num_attention_heads")
@@ -157,9 +166,9 @@ def model_spec(
         raise LayoutError(f"hidden size {hidden_size} does not divide into {heads} heads")
     head_dim = hidden_size // heads
     kv = cfg.get("num_kv_heads")
-    if kv is None and qkv_rows != 3 * hidden_size:
+    if kv is None and qkv_rows != 3 * hidden_size and not from_yaml:
         kv = (qkv_rows - hidden_size) // (2 * head_dim)  # gqa_project's [q; k; v] sizes
-        assumed["num_kv_heads"] = f"{kv} (from the query_key_value rows)"
+        found["num_kv_heads"] = f"{kv} (from the query_key_value rows)"
     kv = heads if kv is None else int(kv)
     if qkv_rows != hidden_size + 2 * kv * head_dim:
         raise LayoutError(f"query_key_value has {qkv_rows} rows; {heads} heads and {kv} kv heads "
@@ -192,7 +201,7 @@ def model_spec(
         window = cfg.get("sliding_window_width")
         settings["sliding_window"] = window
         architecture = "MistralForCausalLM" if window else "LlamaForCausalLM"
-        return ModelSpec("llama", architecture, False, geometry, settings, assumed)
+        return ModelSpec("llama", architecture, False, geometry, settings, found)
     if norm != "layernorm":
         raise UnsupportedModelError(f"norm {norm!r} cannot be exported (layernorm or rmsnorm)")
     if activation in GATED_ACTIVATIONS or activation in ("geglu", "reglu", "glu", "bilinear"):
@@ -206,7 +215,7 @@ def model_spec(
             raise UnsupportedModelError(f"a layernorm block without {key} cannot be exported "
                                         "as GPTNeoXForCausalLM")
     settings["layernorm_epsilon"] = _setting(cfg, "layernorm_epsilon", assumed)
-    return ModelSpec("gpt_neox", "GPTNeoXForCausalLM", gpt_j, geometry, settings, assumed)
+    return ModelSpec("gpt_neox", "GPTNeoXForCausalLM", gpt_j, geometry, settings, found)
 
 
 def llama_config(

@@ -249,7 +249,7 @@ QKV = "attention.query_key_value.weight"
 
 
 def _spec(layers: dict[int, list[dict[str, TensorRef]]], cfg: dict[str, Any],
-          folder: Any) -> ModelSpec:
+          folder: Any, from_yaml: bool) -> ModelSpec:
     """The architecture, from the config and the first block's and the embedding's tensors."""
     block = layers.get(2)
     embedding = layers.get(0)
@@ -266,6 +266,7 @@ def _spec(layers: dict[int, list[dict[str, TensorRef]]], cfg: dict[str, Any],
         hidden_size=embedding[0]["word_embeddings.weight"].shape[1],
         qkv_rows=sum(rank[QKV].shape[0] for rank in block),
         rotary_dims=2 * rotary.numel if rotary is not None else None,
+        from_yaml=from_yaml,
     )
 
 
@@ -300,7 +301,7 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
     dtypes: set[torch.dtype] = set()
     layers = layer_sources(files)
     tp_size = max(len(r) for r in layers.values()) if layers else 1
-    spec = _spec(layers, cfg, files.folder)
+    spec = _spec(layers, cfg, files.folder, from_yaml=bool(files.configs))
     for layer in sorted(layers):
         ranks = layers[layer]
         keys = list(ranks[0])
