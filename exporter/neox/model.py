@@ -2,10 +2,13 @@
 
 Pipeline saves keep one file per (layer, tensor-parallel rank); the non-pipeline
 ("sequential") form keeps every weight in ``mp_rank_XX_model_states.pt['module']`` under
-``sequential.{idx}.`` names (GPT-NeoX ``convert_neox_to_hf.py`` ``get_state``). Either way
-each output tensor becomes one :class:`~exporter.records.TensorJob`; with one
-tensor-parallel rank it streams straight from the source file, otherwise the shards are
-merged in memory one tensor at a time.
+``sequential.{idx}.`` names (GPT-NeoX ``convert_neox_to_hf.py`` ``get_state``). The
+architecture (:mod:`exporter.neox.arch`) picks the name tables, each block file's keys its MLP
+naming (:mod:`exporter.neox.names`). Each Hugging Face tensor becomes one
+:class:`~exporter.records.TensorJob` described by an :class:`OutputRule`, which the optimizer
+plan reuses for masters and moments; with one tensor-parallel rank it streams straight from the
+source file, otherwise the shards are merged (or, for q/k/v and up/gate, gathered row range by
+row range: :mod:`exporter.neox.layout`) one chunk at a time.
 """
 
 from __future__ import annotations

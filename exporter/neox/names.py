@@ -164,10 +164,6 @@ EDGE_KEYS: dict[str, dict[str, dict[str, Entry]]] = {
 
 BLOCK_PREFIX = {"gpt_neox": "gpt_neox.layers", "llama": "model.layers"}
 
-# Kept for readers of the Pythia-era layout: the legacy GPTNeoX block table.
-BLOCK_KEYS: dict[str, Entry] = {**ATTENTION_KEYS["gpt_neox"], **MLP_KEYS["gpt_neox"]["legacy"]}
-
-
 def is_extra_state(key: str) -> bool:
     """Transformer Engine's per-module ``_extra_state`` (FP8 metadata): state, not weights."""
     return key == "_extra_state" or key.endswith("._extra_state")
