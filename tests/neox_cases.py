@@ -23,6 +23,7 @@ class Case:
 
 
 CASES = [
+    Case("gpt_neox_legacy_names", "gpt_neox", naming="legacy"),
     Case("gpt_neox_linear_names", "gpt_neox"),
     Case("gpt_neox_linear_names_gpt_j", "gpt_neox", gpt_j_residual=True),
     Case("gpt_neox_transformer_engine_names", "gpt_neox", gpt_j_residual=True,
