@@ -184,7 +184,13 @@ class OutputRule:
         if self.ranges is not None:
             return gathered_chunks([s.read_range for s in shards], shards[0].shape,
                                    shards[0].element_size, self.ranges)
-        return merged_chunks(shards, merge or self.merge, on_mismatch)
+
+        def refuse() -> None:
+            raise LayoutError(f"{self.hf_name}: tensor-parallel ranks hold different copies of a "
+                              "tensor GPT-NeoX keeps identical on every rank (a row-parallel bias "
+                              "without gpt-j-residual?)")
+
+        return merged_chunks(shards, merge or self.merge, on_mismatch or refuse)
 
 
 def _tensor_dict(obj: Any, where: str) -> dict[str, TensorRef]:
