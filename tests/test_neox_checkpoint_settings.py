@@ -14,9 +14,8 @@ from neox_builders import gpt_neox_layers, llama_layers, write_checkpoint
 from neox_cases import CASES, HEADS, LAYERS, hf_model, neox_yaml
 from safetensors import safe_open
 
-from exporter.errors import ExporterError, LayoutError
+from exporter.errors import ExporterError, LayoutError, UnsupportedModelError
 from exporter.export import ExportOptions, export_checkpoint
-from exporter.neox.arch import UnsupportedModelError
 from exporter.neox.schedule import annealing_lr
 from exporter.pipeline import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
@@ -186,6 +185,17 @@ def test_features_without_a_faithful_transformers_model_are_refused_in_one_line(
         export_checkpoint(tmp_path / "ck", tmp_path / "out")
     assert isinstance(err.value, ExporterError) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mamba_block_is_refused_from_its_module_names_alone(tmp_path: Path) -> None:
+    case = _case("gpt_neox_linear_names")
+    sd = hf_model(case, seed=3).state_dict()
+    layers = gpt_neox_layers(sd, layers=LAYERS, tp=1, gpt_j_residual=False)
+    # GPT-NeoX ParallelMambaResidualLayer: a norm and a ParallelMambaBlock called mixer
+    layers[2] = [{"norm.weight": torch.ones(32), "mixer.in_proj.weight": torch.zeros(128, 32)}]
+    write_checkpoint(tmp_path / "ck", layers, args={}, yaml_config=neox_yaml(case))
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        export_checkpoint(tmp_path / "ck", tmp_path / "out")
 
 
 def test_llama_with_gpt_j_residual_is_refused(tmp_path: Path) -> None:

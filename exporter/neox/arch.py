@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import LayoutError
+from exporter.errors import LayoutError, UnsupportedModelError
 from exporter.neox.config import hf_config
 from exporter.neox.layout import Heads
 
@@ -47,10 +47,6 @@ NEOX_DEFAULTS: dict[str, Any] = {
 # GPT-NeoX activations whose gated form transformers' Llama MLP computes (act(gate) * up).
 GATED_ACTIVATIONS = {"swiglu": "silu"}
 SUPPORTED_ATTENTION = {"global", "flash"}
-
-
-class UnsupportedModelError(LayoutError):
-    """The checkpoint's model has no faithful transformers equivalent."""
 
 
 @dataclass
@@ -93,15 +89,21 @@ def refuse_unsupported(cfg: dict[str, Any], block_keys: set[str]) -> None:
     """Refuse, in one line naming it, a feature no transformers class computes the same way.
 
     Raises:
-        UnsupportedModelError: MoE, Mamba, RWKV, sparse attention, tied gpt-j norms, qk norms.
+        UnsupportedModelError: MoE, Transformer Engine attention, Mamba, RWKV, sparse attention,
+            tied gpt-j norms, qk norms.
     """
     experts = cfg.get("moe_num_experts")
     if (isinstance(experts, int) and experts > 1) or any(".experts." in k or "router" in k
                                                           for k in block_keys):
         raise UnsupportedModelError("mixture-of-experts layers (moe-num-experts) cannot be exported")
+    if any(k.startswith("attention.qkv.") or k.startswith("attention.proj.") for k in block_keys):
+        raise UnsupportedModelError("Transformer Engine attention (te-mha) cannot be exported "
+                                    "(its QKV layout is not read)")
     types = attention_types(cfg)
-    for kind in ("mamba", "rwkv"):
-        if kind in types or any(k.startswith(f"{kind}.") or f".{kind}." in k for k in block_keys):
+    # Module names of GPT-NeoX's ParallelMambaResidualLayer (megatron/model/mamba) and
+    # RWKVResidualLayer (megatron/model/rwkv): they show without a config to say so.
+    for kind, prefixes in (("mamba", ("mixer.",)), ("rwkv", ("att.", "ffn."))):
+        if kind in types or any(k.startswith(prefixes) for k in block_keys):
             raise UnsupportedModelError(f"{kind} layers (attention-config) cannot be exported")
     other = sorted(types - SUPPORTED_ATTENTION)
     if other:
@@ -110,7 +112,7 @@ def refuse_unsupported(cfg: dict[str, Any], block_keys: set[str]) -> None:
     if cfg.get("gpt_j_tied"):
         raise UnsupportedModelError("gpt-j-tied layer norms cannot be exported "
                                     "(no transformers model ties them)")
-    if cfg.get("use_qk_layernorm"):
+    if cfg.get("use_qk_layernorm") or any("qk_layernorm" in k for k in block_keys):
         raise UnsupportedModelError("use-qk-layernorm cannot be exported (no transformers "
                                     "GPTNeoX/Llama model normalises queries and keys)")
 

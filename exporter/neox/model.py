@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from exporter.errors import LayoutError
-from exporter.neox.arch import ModelSpec, model_spec
+from exporter.neox.arch import ModelSpec, model_spec, refuse_unsupported
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.layout import RowRanges, gathered_chunks, part_shape, split_rows
 from exporter.neox.names import (
@@ -266,6 +266,7 @@ def _spec(layers: dict[int, list[dict[str, TensorRef]]], cfg: dict[str, Any],
         raise LayoutError(f"{folder}: checkpoint has no word_embeddings.weight or no "
                           "transformer layer 0 (missing layer file?)")
     keys = set(block[0]) | set(embedding[0])
+    refuse_unsupported(cfg, keys)  # before asking for attention weights a Mamba block lacks
     if QKV not in block[0]:
         raise LayoutError(f"{folder}: checkpoint has no {QKV} in transformer layer 0 "
                           f"(keys: {', '.join(sorted(block[0]))})")
