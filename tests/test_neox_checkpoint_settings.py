@@ -4,6 +4,9 @@ the learning rate where the files do not store it, and features that cannot be e
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -185,6 +188,19 @@ def test_features_without_a_faithful_transformers_model_are_refused_in_one_line(
         export_checkpoint(tmp_path / "ck", tmp_path / "out")
     assert isinstance(err.value, ExporterError) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_refuses_in_one_line_with_exit_code_1(tmp_path: Path) -> None:
+    case = _case("gpt_neox_linear_names")
+    sd = hf_model(case, seed=3).state_dict()
+    write_checkpoint(tmp_path / "ck", gpt_neox_layers(sd, layers=LAYERS, tp=1, gpt_j_residual=False),
+                     args={}, yaml_config={**neox_yaml(case), "moe-num-experts": 8})
+    done = subprocess.run([sys.executable, "-m", "exporter", "convert", str(tmp_path / "ck"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mixture-of-experts" in lines[0], done.stderr
 
 
 def test_a_mamba_block_is_refused_from_its_module_names_alone(tmp_path: Path) -> None:
