@@ -22,8 +22,7 @@ import torch
 
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
-from exporter.neox.layout import part_shape
-from exporter.neox.model import OutputRule, Shard, merged_shape
+from exporter.neox.model import OutputRule, Shard
 from exporter.neox.names import Merge, split_module_name
 from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
@@ -263,16 +262,16 @@ def _merge_units(
                 raise LayoutError(f"optimizer parameter {param.name!r} appears in two units")
             seen.add(neox_name)
             shards = [b[param.name] for b in by_name]
+            # Each rank's state has its weight shard's shape, so the model's merge and split
+            # rules (row ranges included) apply to it unchanged.
+            weights = [tuple(rank[key].shape) for rank in model.shards[layer]]
+            if [tuple(s.shape) for s in shards] != weights:
+                raise LayoutError(
+                    f"optimizer parameter {param.name!r} has shard shapes "
+                    f"{[list(s.shape) for s in shards]}, the model weight {[list(w) for w in weights]}"
+                )
             for rule in model.outputs[neox_name]:
-                if rule.ranges is None:
-                    shape = merged_shape([s.shape for s in shards], rule.merge)
-                else:
-                    shape = part_shape(shards[0].shape, rule.ranges, len(shards))
-                if shape != rule.shape:
-                    raise LayoutError(
-                        f"optimizer parameter {param.name!r} gives {rule.hf_name} the shape "
-                        f"{list(shape)}, the model weight has {list(rule.shape)}"
-                    )
+                shape = rule.shape
                 for kind in OPTIMIZER_KINDS:
                     jobs.append(
                         TensorJob(
