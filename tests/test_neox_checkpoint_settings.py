@@ -68,6 +68,23 @@ def test_a_checkpoint_without_yaml_exports_with_the_sizes_its_args_record(tmp_pa
     assert notes["assumed_gpt_neox_defaults"]["gpt_j_residual"] is False
 
 
+def test_a_llama_checkpoint_without_yaml_reads_its_architecture_off_the_tensors(tmp_path: Path) -> None:
+    case = _case("llama_grouped_query")
+    sd = hf_model(case, seed=3).state_dict()
+    args = {"num_layers": LAYERS, "hidden_size": 32, "num_attention_heads": HEADS,
+            "max_position_embeddings": 64, "padded_vocab_size": 64, "model_parallel_size": 2}
+    write_checkpoint(tmp_path / "ck", llama_layers(sd, layers=LAYERS, heads=HEADS, kv_heads=2, tp=2),
+                     args=args, yaml_config=None)
+    export_checkpoint(tmp_path / "ck", tmp_path / "out", ExportOptions(include=("model", "state")))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] == 2 and config["hidden_act"] == "silu"
+    got = _read(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+    assumed = json.loads((tmp_path / "out" / "state.json").read_text())["model"]["assumed_gpt_neox_defaults"]
+    assert {"activation", "rms_norm_epsilon", "num_kv_heads"} <= set(assumed)
+
+
 def test_yaml_and_args_that_disagree_are_refused_naming_both(tmp_path: Path) -> None:
     ck = _pythia(tmp_path / "ck")
     (path,) = ck.glob("*.yml")

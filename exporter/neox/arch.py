@@ -147,7 +147,10 @@ def model_spec(
     norm = cfg.get("norm") or ("rmsnorm" if "input_layernorm.scale" in block_keys else None)
     if norm is None:
         norm = _setting(cfg, "norm", assumed)
-    activation = _setting(cfg, "activation", assumed)
+    if cfg.get("activation") is None and norm == "rmsnorm" and not from_yaml:
+        activation = found["activation"] = "swiglu"  # what GPT-NeoX's RMSNorm configs train
+    else:
+        activation = _setting(cfg, "activation", assumed)
     gpt_j = bool(_setting(cfg, "gpt_j_residual", assumed))
     pos_emb = cfg.get("pos_emb")
     if pos_emb is None and from_yaml:
@@ -181,7 +184,8 @@ def model_spec(
         rotary_pct = rotary_dims / head_dim
     elif rotary_pct is None:
         rotary_pct = _setting(cfg, "rotary_pct", assumed)
-    elif rotary_dims is not None and rotary_dims != int(head_dim * float(rotary_pct)):
+    elif rotary_dims is not None and rotary_dims // 2 != (int(head_dim * float(rotary_pct)) + 1) // 2:
+        # RotaryEmbedding(dim=int(head_dim * rotary_pct)): inv_freq over arange(0, dim, 2)
         raise LayoutError(f"rotary-pct {rotary_pct} disagrees with the saved inv_freq "
                           f"({rotary_dims} of {head_dim} head dims rotate)")
     settings = {"norm": norm, "activation": activation, "pos_emb": pos_emb,
