@@ -231,6 +231,19 @@ def test_a_mamba_block_is_refused_from_its_module_names_alone(tmp_path: Path) ->
         export_checkpoint(tmp_path / "ck", tmp_path / "out")
 
 
+@pytest.mark.parametrize("dropped, named", [("mlp.linear1.bias", "MLP biases"),
+                                            ("attention.query_key_value.bias", "attention biases")])
+def test_a_layernorm_model_without_biases_is_refused(tmp_path: Path, dropped: str, named: str) -> None:
+    case = _case("gpt_neox_linear_names")
+    layers = gpt_neox_layers(hf_model(case, seed=3).state_dict(), layers=LAYERS, tp=1,
+                             gpt_j_residual=False)
+    for layer in range(2, 2 + LAYERS):
+        del layers[layer][0][dropped]
+    write_checkpoint(tmp_path / "ck", layers, args={}, yaml_config=neox_yaml(case))
+    with pytest.raises(UnsupportedModelError, match=named):
+        export_checkpoint(tmp_path / "ck", tmp_path / "out")
+
+
 def test_llama_with_gpt_j_residual_is_refused(tmp_path: Path) -> None:
     case = _case("llama_multi_head")
     sd = hf_model(case, seed=3).state_dict()

@@ -216,9 +216,14 @@ def model_spec(
     if geometry.grouped:
         raise UnsupportedModelError(f"grouped-query attention ({kv} kv heads) with layernorm "
                                     "cannot be exported (GPTNeoXForCausalLM has none)")
-    for key in ("input_layernorm.bias", "attention.dense.weight"):
-        if key not in block_keys:
-            raise UnsupportedModelError(f"a layernorm block without {key} cannot be exported "
+    # transformers' GPTNeoX layers always carry these biases (use-bias-in-norms,
+    # use-bias-in-attn-linear, use-bias-in-mlp false would leave them to random init).
+    mlp_biases = {"mlp.dense_h_to_4h.bias", "mlp.linear1.bias", "mlp.fc1_bias"}
+    for what, options in (("norm biases", {"input_layernorm.bias"}),
+                          ("attention biases", {"attention.query_key_value.bias"}),
+                          ("MLP biases", mlp_biases)):
+        if not options & block_keys:
+            raise UnsupportedModelError(f"a layernorm model without {what} cannot be exported "
                                         "as GPTNeoXForCausalLM")
     settings["layernorm_epsilon"] = _setting(cfg, "layernorm_epsilon", assumed)
     return ModelSpec("gpt_neox", "GPTNeoXForCausalLM", gpt_j, geometry, settings, found)
