@@ -23,6 +23,11 @@ class LayoutError(ExporterError):
     """A checkpoint folder's files do not form a known GPT-NeoX / DeepSpeed layout."""
 
 
+class UnsupportedModelError(LayoutError):
+    """The checkpoint's model has no faithful transformers equivalent (the message names the
+    GPT-NeoX setting)."""
+
+
 class NameMappingError(ExporterError):
     """A GPT-NeoX parameter name has no Hugging Face counterpart (or the reverse)."""
 

@@ -39,7 +39,7 @@ from exporter.archive.layout import (
 )
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
-from exporter.neox.config import load_neox_config
+from exporter.neox.config import read_neox_config
 from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
@@ -85,7 +85,7 @@ class Report:
 def verify_checkpoint(folder: Path) -> Report:
     """Verify a source checkpoint folder (see module docstring)."""
     files = scan_checkpoint(folder)
-    model = plan_model(files, load_neox_config(files.configs))
+    model = plan_model(files, read_neox_config(files))
     engine = read_engine_state(files, exported_module=True)
     partitions = Check("partitions")
     coverage = Check("coverage")
@@ -170,7 +170,7 @@ def verify_export(folder: Path) -> Report:
         for name, master in _tensors(master_file):
             if name not in model:
                 coverage.failures.append(f"{name}: master weight without a model weight")
-            elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE):
+            elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE, Merge.ROW_BIAS):
                 # Summed / averaged shards round differently from their masters: checked on
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
                 continue

@@ -55,6 +55,7 @@ CHECKPOINT_SCHEMA = pa.schema(
         pa.field("samples", pa.int64()),
         pa.field("skipped_steps", pa.int64()),
         pa.field("learning_rate", pa.float64()),
+        pa.field("learning_rate_source", pa.string()),
         pa.field("loss_scale", pa.float64()),
         pa.field("adam_step", pa.int64()),
         pa.field("adam_step_source", pa.string()),

@@ -9,11 +9,14 @@ tensors themselves where they are authoritative (vocabulary after padding, MLP w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from exporter.errors import LayoutError
+
+if TYPE_CHECKING:
+    from exporter.neox.checkpoint import CheckpointFiles
 
 
 def load_neox_config(paths: list[Path]) -> dict[str, Any]:
@@ -30,6 +33,53 @@ def load_neox_config(paths: list[Path]) -> dict[str, Any]:
             raise LayoutError(f"{path}: YAML config is not a mapping")
         merged.update({str(k).replace("-", "_"): v for k, v in data.items()})
     return merged
+
+
+def checkpoint_args(files: CheckpointFiles) -> dict[str, Any]:
+    """The model settings ``mp_rank_00_model_states.pt`` records: its ``args`` (GPT-NeoX
+    ``megatron/checkpointing.py`` ``save_ds_checkpoint``: num_layers, hidden_size,
+    num_attention_heads, max_position_embeddings, make_vocab_size_divisible_by,
+    padded_vocab_size, tokenizer_type, model_parallel_size) and a ``neox_args`` dict where a
+    training code saved one; keys normalised to underscores."""
+    from exporter.torchfile import load_torch_file
+
+    path = files.mp_files.get(0)
+    root = load_torch_file(path).obj if path is not None else None
+    out: dict[str, Any] = {}
+    for key in ("neox_args", "args"):
+        value = root.get(key) if isinstance(root, dict) else None
+        if isinstance(value, dict):
+            out.update({str(k).replace("-", "_"): v for k, v in value.items()
+                        if isinstance(v, (str, int, float, bool, list)) or v is None})
+    return out
+
+
+def read_neox_config(files: CheckpointFiles) -> dict[str, Any]:
+    """The GPT-NeoX settings of a checkpoint: its YAML config(s), completed by the values the
+    engine state records; a value both give must agree.
+
+    Raises:
+        LayoutError: the YAML and the checkpoint's args disagree (the message names both).
+    """
+    cfg = load_neox_config(files.configs)
+    recorded = checkpoint_args(files)
+    for key, value in recorded.items():
+        mine = cfg.get(key)
+        if mine is None or value is None:
+            continue
+        if mine != value and not _same_number(mine, value):
+            raise LayoutError(
+                f"{files.folder}: the YAML config says {key.replace('_', '-')}: {mine!r}, "
+                f"{files.mp_files[0].name} args say {value!r}"
+            )
+    return {**{k: v for k, v in recorded.items() if v is not None},
+            **{k: v for k, v in cfg.items() if v is not None or k not in recorded}}
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    numbers = (int, float)
+    return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
+            and not isinstance(b, bool) and float(a) == float(b))
 
 
 def _get(cfg: dict[str, Any], key: str, default: Any = None) -> Any:

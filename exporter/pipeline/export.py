@@ -45,8 +45,9 @@ from exporter.convert.sharding import plan_shards
 from exporter.convert.stream import Converter
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import partial_dir, write_json_atomic
+from exporter.neox.arch import model_config, model_notes
 from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
-from exporter.neox.config import hf_config, load_neox_config
+from exporter.neox.config import read_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
 from exporter.neox.zero import OptimizerPlan, plan_optimizer
@@ -160,7 +161,7 @@ def export_checkpoint(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExporterError(f"{out_dir}: output folder exists and is not empty")
     files = scan_checkpoint(source)
-    cfg = load_neox_config(files.configs)
+    cfg = read_neox_config(files)
     model = plan_model(files, cfg)
     engine = read_engine_state(files, exported_module="model" in options.include)
     optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
@@ -211,14 +212,7 @@ def _write_all(
     records: list[WrittenRecord] = []
     if "model" in options.include:
         out_dtype = options.dtype or model.dtype
-        config = hf_config(
-            cfg,
-            num_layers=model.num_layers,
-            vocab_size=model.vocab_size,
-            hidden_size=model.hidden_size,
-            intermediate_size=model.intermediate_size,
-            torch_dtype=str(out_dtype).removeprefix("torch."),
-        )
+        config = model_config(model, cfg, str(out_dtype).removeprefix("torch."))
         write_json_atomic(tmp / CONFIG, config)
         weights = [j for j in model.jobs if j.kind == "model"]
         records += _write_sharded(tmp, weights, converter, options.max_shard_size)
@@ -229,11 +223,12 @@ def _write_all(
         for kind, jobs in optimizer.jobs_by_kind().items():
             records += converter.write_file(tmp / KIND_FILES[kind], jobs, tmp)
     if "state" in options.include:
-        state = {"engine": engine.json}
+        state = {"engine": engine.json, "model": model_notes(model)}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json
-        if engine.tensor_jobs:
-            records += converter.write_file(tmp / STATE_TENSORS, engine.tensor_jobs, tmp)
+        if engine.tensor_jobs or model.state_jobs:
+            records += converter.write_file(tmp / STATE_TENSORS,
+                                            engine.tensor_jobs + model.state_jobs, tmp)
         write_json_atomic(tmp / STATE_JSON, state)
     _copy_config(files, cfg, tmp / NEOX_CONFIG)
     return records

@@ -145,6 +145,7 @@ def _write_index(
         "samples": _int(engine.value("global_samples")),
         "skipped_steps": _int(engine.value("skipped_steps")),
         "learning_rate": info.get("learning_rate"),
+        "learning_rate_source": info.get("learning_rate_source"),
         "loss_scale": info.get("loss_scale"),
         "adam_step": _int(info.get("adam_step")),
         "adam_step_source": info.get("adam_step_source"),

@@ -22,8 +22,9 @@ import torch
 
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
-from exporter.neox.model import Shard, merged_chunks, merged_shape
-from exporter.neox.names import map_name_lenient, split_module_name
+from exporter.neox.model import OutputRule, Shard
+from exporter.neox.names import Merge, split_module_name
+from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
@@ -135,12 +136,13 @@ def plan_optimizer(
         for tf in tfs:
             per_file[tf.path.name] = _render_scalars(tf)
         _check_same_step([files.optim_files[(r, mp)] for r in range(dp)], per_file)
-    jobs, unit_tp_rank, stages, missing = _merge_units(units, model)
+    disagree: list[str] = []
+    jobs, unit_tp_rank, stages, missing = _merge_units(units, model, disagree)
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()
     summary = {
-        **_summarise(summaries[mps[0]]),
+        **_summarise(summaries[mps[0]], engine, fmt),
         "loss_scale": loss_scale,
         "pp_size": stages,
         "parameters_without_state": missing,
@@ -151,17 +153,44 @@ def plan_optimizer(
         "summary": summary,
         "units": {f"mp_rank_{mp:02d}": s for mp, s in summaries.items()},
         "files": per_file,
+        "tensor_parallel": _tp_note(model, disagree),
     }
     return OptimizerPlan(jobs, fmt, state, units, dp, summary, unit_tp_rank)
 
 
-def _summarise(unit: dict[str, Any]) -> dict[str, Any]:
+def _tp_note(model: ModelPlan, disagree: list[str]) -> dict[str, Any]:
+    """How tensor-parallel copies were merged (``disagree`` fills while the moments stream)."""
+    if model.tp_size == 1:
+        return {"size": 1}
+    gpt_j = model.spec is not None and model.spec.gpt_j_residual
+    return {
+        "size": model.tp_size,
+        "row_parallel_bias_master": "sum of the ranks' copies, as the model weight (gpt-j-residual)"
+        if gpt_j else "one rank's copy, checked equal on every rank",
+        "row_parallel_bias_moments": (
+            "one rank's exp_avg/exp_avg_sq (every rank's copy gets the same gradient). The "
+            f"summed bias is the sum of {model.tp_size} copies each updated with these moments, so one Adam "
+            f"step moves it {model.tp_size} times the update these moments give one copy"
+            if gpt_j else "one rank's exp_avg/exp_avg_sq (every rank's copy gets the same gradient)"),
+        "replicas_that_disagree": disagree,
+    }
+
+
+def _summarise(unit: dict[str, Any], engine: EngineState, fmt: str) -> dict[str, Any]:
     groups = unit.get("groups") or [{}]
     first = groups[0]
     lr = first.get("hyperparameters", {}).get("lr")
     step = first.get("adam_step")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        lr, lr_source = float(lr), "optimizer state (param_groups lr)"
+    else:
+        # Pythia-era files keep no lr; GPT-NeoX's scheduler state gives it (neox/schedule.py),
+        # by the formula of the checkpoint's era.
+        formula = "2022" if fmt == "deeperspeed-elastic-stage1" else "2023"
+        lr, lr_source = derived_learning_rate(engine.value("lr_scheduler"), formula)
     return {
-        "learning_rate": float(lr) if isinstance(lr, (int, float)) else None,
+        "learning_rate": lr,
+        "learning_rate_source": lr_source,
         "adam_step": int(step) if isinstance(step, (int, float)) else None,
         "adam_step_source": unit.get("adam_step_source", "optimizer state"),
     }
@@ -205,7 +234,7 @@ def _render_scalars(tf: TorchFile) -> Any:
 
 
 def _merge_units(
-    units: dict[int, list[ParamSlices]], model: ModelPlan
+    units: dict[int, list[ParamSlices]], model: ModelPlan, disagree: list[str]
 ) -> tuple[list[TensorJob], dict[int, int], int, list[str]]:
     # Units holding the same names are tensor-parallel ranks of one pipeline stage (mp order).
     stages: dict[tuple[str, ...], list[list[ParamSlices]]] = {}
@@ -214,7 +243,7 @@ def _merge_units(
         key = tuple(sorted(p.name for p in units[mp]))
         unit_tp_rank[mp] = len(stages.get(key, []))
         stages.setdefault(key, []).append(units[mp])
-    model_names = {j.neox_name: j for j in model.jobs if j.neox_name}
+    model_names = {j.neox_name: j for j in model.jobs if j.neox_name and j.kind != "state"}
     jobs: list[TensorJob] = []
     seen: set[str] = set()
     for ranks in stages.values():
@@ -227,43 +256,46 @@ def _merge_units(
         for param in ranks[0]:
             layer, key = split_module_name(param.name)
             neox_name = f"{layer}.{key}"
-            mapped, _ = map_name_lenient(layer, key, model.num_layers)
             if neox_name not in model_names:
                 raise LayoutError(f"optimizer parameter {param.name!r} has no model weight")
             if neox_name in seen:
                 raise LayoutError(f"optimizer parameter {param.name!r} appears in two units")
             seen.add(neox_name)
             shards = [b[param.name] for b in by_name]
-            shape = merged_shape([s.shape for s in shards], mapped.merge)
-            expected = model_names[neox_name].shape
-            if shape != expected:
+            # Each rank's state has its weight shard's shape, so the model's merge and split
+            # rules (row ranges included) apply to it unchanged.
+            weights = [tuple(rank[key].shape) for rank in model.shards[layer]]
+            if [tuple(s.shape) for s in shards] != weights:
                 raise LayoutError(
-                    f"optimizer parameter {param.name!r} has shape {list(shape)}, the model "
-                    f"weight {list(expected)}"
+                    f"optimizer parameter {param.name!r} has shard shapes "
+                    f"{[list(s.shape) for s in shards]}, the model weight {[list(w) for w in weights]}"
                 )
-            for kind in OPTIMIZER_KINDS:
-                jobs.append(
-                    TensorJob(
-                        name=mapped.hf_name,
-                        kind=kind,
-                        dtype=shards[0].segments[kind][0].ref.dtype if shards[0].segments[kind] else torch.float32,
-                        shape=shape,
-                        chunks=_chunks(shards, kind, mapped.merge),
-                        neox_name=neox_name,
-                        layer=mapped.block,
+            for rule in model.outputs[neox_name]:
+                shape = rule.shape
+                for kind in OPTIMIZER_KINDS:
+                    jobs.append(
+                        TensorJob(
+                            name=rule.hf_name,
+                            kind=kind,
+                            dtype=shards[0].segments[kind][0].ref.dtype if shards[0].segments[kind] else torch.float32,
+                            shape=shape,
+                            chunks=_chunks(shards, kind, rule, disagree),
+                            neox_name=neox_name,
+                            layer=rule.block,
+                        )
                     )
-                )
     missing = sorted(n for n, j in model_names.items() if j.kind == "model" and n not in seen)
     if missing:
         # Frozen parameters have no optimizer state (DeepSpeed saves them as
         # frozen_param_shapes); the plan records them and verify reports them.
         log.warning("optimizer files have no state for %d parameter(s): %s", len(missing), missing[:5])
-    order = {j.neox_name: i for i, j in enumerate(model.jobs)}
-    jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.neox_name]))
+    order = {j.name: i for i, j in enumerate(model.jobs)}
+    jobs.sort(key=lambda j: (OPTIMIZER_KINDS.index(j.kind), order[j.name]))
     return jobs, unit_tp_rank, len(stages), missing
 
 
-def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int], Iterator[torch.Tensor]]:
+def _chunks(shards: list[ParamSlices], kind: str, rule: OutputRule,
+            disagree: list[str]) -> Callable[[int], Iterator[torch.Tensor]]:
     def shard(param: ParamSlices) -> Shard:
         def read_range(start: int, count: int) -> torch.Tensor:
             return param.read_range(kind, start, count)
@@ -271,4 +303,16 @@ def _chunks(shards: list[ParamSlices], kind: str, merge: Any) -> Callable[[int],
         size = param.segments[kind][0].ref.element_size if param.segments[kind] else 4
         return Shard(param.shape, size, param.chunks(kind), read_range)
 
-    return merged_chunks([shard(s) for s in shards], merge)
+    if kind != "master" and rule.table_merge is Merge.ROW_BIAS:
+        # Every rank's copy of a row-parallel bias receives the same gradient (the bias is
+        # added after the all-reduce, or inside the one gpt-j-residual all-reduce whose
+        # gradient every rank gets whole), so Adam's moments agree on all ranks: one copy is
+        # the moment, never their sum. A difference is recorded, not hidden.
+        def mismatch() -> None:
+            label = f"{kind} {rule.hf_name}"
+            if label not in disagree:
+                disagree.append(label)
+                log.warning("tensor-parallel ranks disagree on %s; rank 0's copy kept", label)
+
+        return rule.chunks([shard(s) for s in shards], mismatch, Merge.REPLICATED)
+    return rule.chunks([shard(s) for s in shards])
