@@ -114,8 +114,13 @@ class _Files:
             return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
                                         revision=self.revision))
         except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: {relative} is not in the cache and "
-                               f"the Hub cannot be reached ({str(exc).splitlines()[0]})") from exc
+            from huggingface_hub import constants
+
+            why = ("offline mode (HF_HUB_OFFLINE) is set; read it once online, or unset "
+                   "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else
+                   f"the Hub cannot be reached ({str(exc).splitlines()[0]})")
+            raise ArchiveError(f"hf://datasets/{self.repo_id}: {relative} (revision "
+                               f"{self.revision or 'main'}) is not in the cache and {why}") from exc
         except EntryNotFoundError as exc:
             raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
