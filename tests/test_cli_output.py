@@ -63,3 +63,24 @@ def test_quiet_after_the_command(
     assert ran.code == 0 and "DEBUG exporter.pipeline.run" in ran.err
     ran = run_cli(capsys, "build", run, "--out", tmp_path / "a")
     assert ran.code == 0 and "steps skipped   1" in ran.out
+
+
+def test_quiet_drops_hub_progress_bars_even_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import io
+
+    from exporter.cli.logs import setup_logging
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # the user's default
+    monkeypatch.setattr(hub_tqdm, "progress_bar_states", {})
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    setup_logging(0, quiet=False)
+    assert not hub_tqdm.are_progress_bars_disabled()
+    setup_logging(0, quiet=True)
+    assert hub_tqdm.are_progress_bars_disabled()
