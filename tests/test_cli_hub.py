@@ -202,3 +202,15 @@ def test_no_hub_progress_bars_when_stderr_is_not_a_terminal(
     assert "\r" not in done.stderr and "\x1b[" not in done.stderr, done.stderr
     assert "Upload" not in done.stderr
     assert hub_server.list_files(DATASET, repo_type="dataset")
+
+
+def test_push_archive_defaults_to_the_source_license_not_apache(
+        hub_server: HubServer, archive: Path) -> None:
+    from exporter.errors import OptionsError
+    from exporter.hub.publish import push_archive
+
+    with pytest.raises(OptionsError, match="'Apache 2'"):
+        push_archive(archive, DATASET, license="Apache 2")
+    push_archive(archive, DATASET)
+    card = hub_server.read_file(DATASET, "README.md", repo_type="dataset").decode()
+    assert _front_matter(card)["license"] == "unknown"  # a local source says nothing

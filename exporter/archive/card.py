@@ -186,7 +186,7 @@ def _kinds(tensors: pa.Table, step: int) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in counts.items())
 
 
-def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
+def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
               plot_file: str | None = CARD_PLOT) -> str:
     """The card of the archive at ``root`` as published under ``repo_id``.
 
@@ -288,7 +288,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
     return "\n".join(out)
 
 
-def write_card(root: str | Path, repo_id: str, *, license: str = "apache-2.0") -> list[str]:
+def write_card(root: str | Path, repo_id: str, *, license: str = "unknown") -> list[str]:
     """Write ``README.md`` (and its plot, when the index has tensors to draw) into the archive.
 
     Returns:
