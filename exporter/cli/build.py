@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from exporter.archive.layout import downloads_dir
-from exporter.cli.hub import LICENSE_HELP, card_license, license_option
+from exporter.cli.hub import LICENSE_HELP, license_option
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import (
     DTYPES,
@@ -113,7 +113,7 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
 
         token = require_token(token)
         hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, token=token,
-                              license=card_license(source, license_id, token),
+                              license=license_id,
                               progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,

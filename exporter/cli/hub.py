@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +15,6 @@ from exporter.records import KINDS
 
 if TYPE_CHECKING:
     from exporter.hub.publish import PushEvent
-
-log = logging.getLogger("exporter.cli")
-
 
 def echo_push_event(event: PushEvent) -> None:
     """Print one :class:`exporter.hub.publish.PushEvent` (retries on stderr)."""
@@ -38,29 +34,6 @@ def license_option(ctx: click.Context, param: click.Parameter, value: str | None
         return check_license(value)
     except OptionsError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def archive_source(archive: Path) -> str:
-    """The source an archive was built from, as its manifest records it ("" if none)."""
-    import json
-
-    from exporter.archive.layout import is_archive, manifest_path
-
-    if not is_archive(archive):
-        return ""
-    return str(json.loads(manifest_path(archive).read_text(encoding="utf-8")).get("source", ""))
-
-
-def card_license(source: str, license_id: str | None, token: str | None) -> str:
-    """The license the card gets: ``--license``, else the source's (said on stderr)."""
-    from exporter.hub.licenses import UNKNOWN, resolve_license
-
-    chosen, origin = resolve_license(license_id, source, token)
-    if chosen == UNKNOWN:
-        log.warning("dataset card license: %s (%s)", chosen, origin)
-    elif license_id is None:
-        log.info("dataset card license: %s (from %s)", chosen, origin)
-    return chosen
 
 
 LICENSE_HELP = ("License of the dataset card: one of the Hub's identifiers (apache-2.0, mit, "
@@ -94,7 +67,7 @@ def push(archive: Path, repo_id: str, revision: str | None, private: bool,
     token = require_token(token)
     result = push_archive(archive, repo_id, private=private, revision=revision,
                           steps_per_commit=steps_per_commit, token=token,
-                          license=card_license(archive_source(archive), license_id, token),
+                          license=license_id,
                           progress=None if is_quiet() else echo_push_event)
     say(f"{result.url}: {len(result.commits)} commit(s), "
                f"{len(result.pushed_steps)} step(s) pushed, "

@@ -265,6 +265,8 @@ class Publisher:
                                              self.api.token)
             if chosen == UNKNOWN:
                 log.warning("dataset card license: %s (%s)", chosen, origin)
+            else:
+                log.info("dataset card license: %s (from %s)", chosen, origin)
             self.license = chosen
         written = write_card(self.root, self.repo_id, license=self.license)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
