@@ -81,16 +81,14 @@ def source_license(source: str, token: str | None = None) -> str | None:
     return found if isinstance(found, str) and found in HUB_LICENSES else None
 
 
-def resolve_license(license_id: str | None, source: str, token: str | None = None) -> tuple[str, str]:
-    """The card's license and where it came from (for a message).
+def default_license(source: str, token: str | None = None) -> tuple[str, str]:
+    """The card's license when none is given, and where it came from (for a message): the
+    source model's (:func:`source_license`), else :data:`UNKNOWN`.
 
     Args:
-        license_id: what the user asked for (checked), or None to take the source's.
         source: the archive's source, as its manifest records it.
         token: Hub token for reading the source's card.
     """
-    if license_id is not None:
-        return check_license(license_id), "--license"
     found = source_license(source, token)
     if found is not None:
         return found, f"the card of {source}"

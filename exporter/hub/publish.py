@@ -38,7 +38,7 @@ from exporter.archive.push_state import PushRecord, deleted_after_push, write_pu
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
 from exporter.hub.files import LocalFile, RemoteFile, step_files
-from exporter.hub.licenses import UNKNOWN, check_license, resolve_license
+from exporter.hub.licenses import UNKNOWN, check_license, default_license
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class Publisher:
         from exporter.archive.card import write_card
 
         if self.license is None:
-            chosen, origin = resolve_license(None, str(self.manifest().get("source", "")),
+            chosen, origin = default_license(str(self.manifest().get("source", "")),
                                              self.api.token)
             if chosen == UNKNOWN:
                 log.warning("dataset card license: %s (%s)", chosen, origin)
