@@ -4,6 +4,7 @@ unconfigured and whose stderr is a pipe (not a terminal), as in a batch job."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -59,10 +60,14 @@ def test_quiet_after_the_command(
         run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ran = run_cli(capsys, "build", run, "--out", tmp_path / "a", "--quiet")
     assert ran.code == 0 and ran.out == ""
+    hub_logger = logging.getLogger("huggingface_hub")
+    before = hub_logger.level
     ran = run_cli(capsys, "build", run, "--out", tmp_path / "a", "-v", "-v")  # counts add up
     assert ran.code == 0 and "DEBUG exporter.pipeline.run" in ran.err
+    assert hub_logger.level == logging.DEBUG  # huggingface_hub's requests show too
     ran = run_cli(capsys, "build", run, "--out", tmp_path / "a")
     assert ran.code == 0 and "steps skipped   1" in ran.out
+    assert hub_logger.level == before
 
 
 def test_quiet_drops_hub_progress_bars_even_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

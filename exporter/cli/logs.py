@@ -43,6 +43,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _handler: logging.Handler | None = None
+_hub_level: int | None = None
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -55,11 +56,24 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         _handler.setFormatter(logging.Formatter(_FORMAT))
         root.addHandler(_handler)
     root.setLevel(level)
-    from huggingface_hub.utils import logging as hub_logging
-
-    hub_logging.set_verbosity(logging.DEBUG if verbose >= 2 and not quiet else logging.WARNING)
+    _hub_debug(verbose >= 2 and not quiet)
     if quiet or not _stderr_is_terminal():
         _disable_hub_progress_bars()
+
+
+def _hub_debug(on: bool) -> None:
+    """huggingface_hub's own logger at DEBUG for -vv; otherwise at the level it had (its
+    default, or HF_HUB_VERBOSITY), restored if an earlier -vv in this process raised it."""
+    global _hub_level
+    from huggingface_hub.utils import logging as hub_logging
+
+    if on:
+        if _hub_level is None:
+            _hub_level = hub_logging.get_verbosity()
+        hub_logging.set_verbosity(logging.DEBUG)
+    elif _hub_level is not None:
+        hub_logging.set_verbosity(_hub_level)
+        _hub_level = None
 
 
 def _stderr_is_terminal() -> bool:
