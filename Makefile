@@ -1,32 +1,43 @@
-# Set-up on a fresh machine: `make test` and `make demo` each create .venv and install what they need.
+# Set-up on a fresh machine: `make demo` and `make test` each create .venv and install what they
+# need, through constraints.txt (the CPU wheel of torch): the demo the package alone, the tests
+# the package with its test and ray extras (transformers, deepspeed, ray: about 2 GB more).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 DEMO_OUT ?= demo-out
 
 .PHONY: install test demo bench bench-gpu lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
+
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(VENV)/bin/pip install -q -c constraints.txt -e .
+	touch $(DEMO_STAMP)
+
+$(TEST_STAMP): pyproject.toml constraints.txt | $(PY)
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,ray]'
-	touch $(STAMP)
+	touch $(TEST_STAMP) $(DEMO_STAMP)
 
-install: $(STAMP)
+install: $(DEMO_STAMP)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m exporter.cli.demo --out $(DEMO_OUT)
+	@echo
+	@echo "To run neox-export yourself: source $(VENV)/bin/activate"
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/run.py
 
-bench-gpu: $(STAMP)
+bench-gpu: $(TEST_STAMP)
 	$(PY) benchmarks/gpu.py
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check exporter tests benchmarks
 
 clean:

@@ -53,12 +53,16 @@ class Check:
     name: str
     passed: int = 0
     failures: list[str] = field(default_factory=list)
+    #: why nothing was checked (a model-only folder has no master weights): said, not "ok 0/0"
+    skipped: str | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
     def line(self) -> str:
+        if self.skipped is not None and self.passed == 0 and not self.failures:
+            return f"{self.name:<16} skipped: {self.skipped}"
         total = self.passed + len(self.failures)
         status = "ok" if self.ok else "FAILED"
         text = f"{self.name:<16} {status:<7} {self.passed}/{total}"
@@ -116,6 +120,8 @@ def verify_checkpoint(folder: Path) -> Report:
                 _compare(invariant, name, param.read("master"), shards[layer][tp][key].read())
     elif files.optim_files:
         invariant.failures.append("optimizer state could not be read (see partitions)")
+    if not files.optim_files:
+        partitions.skipped = invariant.skipped = "no optimizer state"
     return Report(folder, [partitions, coverage, invariant])
 
 
@@ -191,8 +197,13 @@ def verify_export(folder: Path) -> Report:
             hashes.passed += 1
         else:
             hashes.failures.append(f"{row['kind']} {row['name']}: sha256 does not match the index")
-    checks = [coverage, invariant] + ([hashes] if rows else [])
-    return Report(folder, checks)
+    if not master_file.exists():
+        invariant.skipped = "no optimizer state"
+    if not rows:
+        hashes.skipped = ("no index: a step folder outside an archive (verify the archive to "
+                          "check hashes)" if archive_of_step_dir(folder) is None
+                          else "no index shard for this step")
+    return Report(folder, [coverage, invariant, hashes])
 
 
 def _tp_size(step_folder: Path) -> int:

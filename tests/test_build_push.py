@@ -26,7 +26,7 @@ def test_build_push_to_publishes_every_step_and_resumes_after_deleting(hub_serve
     assert "README.md" in remote and "manifest.json" in remote
     commits = hub_server.commit_count("neox/pushed", repo_type="dataset")
 
-    again = CliRunner().invoke(cli, args)
+    again = CliRunner().invoke(cli, args[1:])  # without -q: the summary shows
     assert again.exit_code == 0, again.output
     assert "skipped" in again.output and "3 (already complete)" in again.output
     after = hub_server.list_files("neox/pushed", repo_type="dataset")

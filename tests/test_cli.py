@@ -54,7 +54,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_convert_and_inspect(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "ck", TINY, dp=2)
-    result = _cli("-q", "convert", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--dtype", "bf16")
+    result = _cli("convert", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--dtype", "bf16")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
     assert (tmp_path / "out" / "optimizer" / "master.safetensors").exists()

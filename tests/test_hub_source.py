@@ -160,7 +160,7 @@ def test_a_missing_repository_is_a_source_error(hub_server: HubServer, tmp_path:
         HubSource("hf://EleutherAI/nothing-here", tmp_path).steps()
 
 
-@pytest.mark.parametrize("uri", ["hf://just-a-name", "hf://org/name@step1", "s3://org/name"])
+@pytest.mark.parametrize("uri", ["hf://just-a-name", "hf://org/name@", "hf://org/name/path", "s3://org/name"])
 def test_a_malformed_uri_is_a_source_error(uri: str, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="hf://ORG/NAME"):
         HubSource(uri, tmp_path)

@@ -46,11 +46,47 @@ PLOT_MATCH = "layers.*.attention.dense.weight"
 STEPS_SHOWN = 40
 
 
-def card_metadata(license: str, pretty_name: str) -> dict[str, Any]:
-    """The YAML front matter: license, tags and one config per index table."""
+#: The Hub's dataset ``size_categories`` (number of rows of the default config), smallest
+#: first, with their upper bounds (huggingface_hub ``repocard_data.DatasetCardData`` /
+#: hub-docs ``datasetcard.md`` metadata: n<1K, 1K<n<10K ... n>1T).
+SIZE_CATEGORIES = (
+    (10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+    (10**7, "1M<n<10M"), (10**8, "10M<n<100M"), (10**9, "100M<n<1B"), (10**10, "1B<n<10B"),
+    (10**11, "10B<n<100B"), (10**12, "100B<n<1T"),
+)
+
+#: Cited when the source is a Pythia run (EleutherAI/pythia README, "Citation Details").
+PYTHIA_CITATION = """@inproceedings{biderman2023pythia,
+  title={Pythia: A Suite for Analyzing Large Language Models Across Training and Scaling},
+  author={Biderman, Stella and Schoelkopf, Hailey and Anthony, Quentin Gregory and Bradley, Herbie and O'Brien, Kyle and Hallahan, Eric and Khan, Mohammad Aflah and Purohit, Shivanshu and Prashanth, USVSN Sai and Raff, Edward and others},
+  booktitle={International Conference on Machine Learning},
+  pages={2397--2430},
+  year={2023},
+  organization={PMLR}
+}"""
+
+
+def size_category(rows: int) -> str:
+    """The Hub's ``size_categories`` value for a table of ``rows`` rows."""
+    for bound, name in SIZE_CATEGORIES:
+        if rows < bound:
+            return name
+    return "n>1T"
+
+
+def hub_url(path: str) -> str:
+    """``path`` on the Hub the client talks to (``HF_ENDPOINT``; huggingface.co by default)."""
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT.rstrip('/')}/{path}"
+
+
+def card_metadata(license: str, pretty_name: str, rows: int = 0) -> dict[str, Any]:
+    """The YAML front matter: license, size category, tags and one config per index table."""
     return {
         "license": license,
         "pretty_name": pretty_name,
+        "size_categories": [size_category(rows)],
         "tags": list(TAGS),
         "configs": [
             {"config_name": "tensors", "default": True,
@@ -79,9 +115,25 @@ def _cell(value: Any) -> str:
 
 def _source_link(source: str) -> str:
     if source.startswith("hf://"):
-        repo = source.removeprefix("hf://")
-        return f"[{repo}](https://huggingface.co/{repo})"
+        repo, _, revision = source.removeprefix("hf://").strip("/").partition("@")
+        page = repo if not revision else f"{repo}/tree/{revision}"
+        return f"[{source.removeprefix('hf://')}]({hub_url(page)})"
     return f"`{source}`"
+
+
+def _citation(name: str, repo_id: str, source: str, version: str) -> list[str]:
+    key = "".join(c if c.isalnum() else "_" for c in name.lower())
+    out = ["## Citation", "",
+           "Cite the paper of the model these checkpoints come from, and this conversion:", "", "```bibtex",
+           f"@misc{{{key}_checkpoints,",
+           f"  title = {{{{{name}}}: training checkpoints in safetensors and Parquet}},",
+           f"  howpublished = {{\\url{{{hub_url('datasets/' + repo_id)}}}}},",
+           f"  note = {{Converted from {source.removeprefix('hf://')} with neox-exporter {version}}}",
+           "}", "```", ""]
+    if "pythia" in source.lower():
+        out[2] = "The model (Pythia):"
+        out[3:3] = ["", "```bibtex", PYTHIA_CITATION, "```", "", "This conversion:"]
+    return out
 
 
 def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -134,7 +186,7 @@ def _kinds(tensors: pa.Table, step: int) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in counts.items())
 
 
-def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
+def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
               plot_file: str | None = CARD_PLOT) -> str:
     """The card of the archive at ``root`` as published under ``repo_id``.
 
@@ -169,7 +221,8 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
                        and f["path"].endswith(".safetensors")), None)
     example = _example_name(tensors, step)
 
-    out = ["---", yaml.safe_dump(card_metadata(license, f"{name} training checkpoints"),
+    out = ["---", yaml.safe_dump(card_metadata(license, f"{name} training checkpoints",
+                                               tensors.num_rows),
                                  sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
     out += [f"Training checkpoints of a GPT-NeoX model, {len(steps)} steps from step {steps[0]} "
             f"to step {steps[-1]}, converted from the raw DeepSpeed checkpoint files of "
@@ -231,10 +284,11 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
                 f"![{PLOT_STAT} norm of each layer's attention.dense.weight per step]({plot_file})",
                 "", f"Drawn from the index with `neox-export plot hf://datasets/{repo_id} "
                 f"--stat {PLOT_STAT} --match '{PLOT_MATCH}' --out plot.png`.", ""]
+    out += _citation(name, repo_id, manifest["source"], manifest["tool"]["version"])
     return "\n".join(out)
 
 
-def write_card(root: str | Path, repo_id: str, *, license: str = "apache-2.0") -> list[str]:
+def write_card(root: str | Path, repo_id: str, *, license: str = "unknown") -> list[str]:
     """Write ``README.md`` (and its plot, when the index has tensors to draw) into the archive.
 
     Returns:

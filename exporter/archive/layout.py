@@ -169,6 +169,19 @@ def is_archive(root: Path) -> bool:
     return manifest_path(root).is_file()
 
 
+#: Names an archive root may hold (everything above); any other name is not the archive's.
+ARCHIVE_ENTRIES = frozenset({MANIFEST, CARD, CARD_PLOT.split("/")[0], TENSOR_INDEX_DIR.split("/")[0],
+                             STEPS_DIR, PUSH_STATE_DIR, DOWNLOADS_DIR})
+
+
+def foreign_entries(root: Path) -> list[Path]:
+    """What the folder ``root`` holds besides archive entries (temporaries of interrupted
+    writes included: the caller tells them apart)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name not in ARCHIVE_ENTRIES)
+
+
 def archive_of_step_dir(folder: Path) -> Path | None:
     """The archive root of a step folder (``ROOT/steps/stepN``), None for a lone step folder."""
     if folder.parent.name == STEPS_DIR and folder_step(folder.name) is not None:

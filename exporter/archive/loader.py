@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import operator
 import os
 import struct
 from functools import cached_property
@@ -46,7 +47,7 @@ from exporter.archive.layout import (
     step_prefix,
 )
 from exporter.errors import ArchiveError
-from exporter.records import TORCH_DTYPES
+from exporter.records import KINDS, TORCH_DTYPES
 
 
 class _Files:
@@ -64,14 +65,36 @@ class _Files:
             if not base.is_dir():
                 return []
             return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, constants
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+        if constants.HF_HUB_OFFLINE:
+            return self._cached_listing(prefix)
         try:
             files = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=self.revision)
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
         return sorted(f for f in files if f.startswith(prefix))
+
+    def _cached_listing(self, prefix: str) -> list[str]:
+        """HF_HUB_OFFLINE: the files of the cached snapshot, as ``hf_hub_download`` reads them
+        offline (``snapshot_download(local_files_only=True)`` resolves the revision through the
+        cache's refs, as huggingface_hub does in offline mode)."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
+                                            local_files_only=True, allow_patterns=[f"{prefix}/*"]))
+        except LocalEntryNotFoundError as exc:
+            raise ArchiveError(
+                f"hf://datasets/{self.repo_id}: offline mode (HF_HUB_OFFLINE) is set and the "
+                f"cache holds no snapshot of revision {self.revision or 'main'}; read it once "
+                f"online, or unset HF_HUB_OFFLINE") from exc
+        base = folder / prefix
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(folder).as_posix() for p in base.rglob("*") if p.is_file())
 
     def path(self, relative: str) -> Path:
         if self.root is not None:
@@ -82,6 +105,7 @@ class _Files:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
+            LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
@@ -89,6 +113,14 @@ class _Files:
         try:
             return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
                                         revision=self.revision))
+        except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
+            from huggingface_hub import constants
+
+            why = ("offline mode (HF_HUB_OFFLINE) is set; read it once online, or unset "
+                   "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else
+                   f"the Hub cannot be reached ({str(exc).splitlines()[0]})")
+            raise ArchiveError(f"hf://datasets/{self.repo_id}: {relative} (revision "
+                               f"{self.revision or 'main'}) is not in the cache and {why}") from exc
         except EntryNotFoundError as exc:
             raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
@@ -188,7 +220,21 @@ class Archive:
         if step not in self.steps:
             raise ArchiveError(f"{self.label}: no step {step} (steps: {self.steps})")
 
+    def _check_query(self, step: Any, kind: str) -> int:
+        """``step`` as an int and ``kind`` one of KINDS, or an ArchiveError saying which are."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            try:
+                step = operator.index(step)  # numpy integers
+            except TypeError:
+                raise ArchiveError(f"{self.label}: step must be an int such as "
+                                   f"{self.steps[-1] if self.steps else 0}, got {step!r} "
+                                   f"({type(step).__name__}); steps: {self.steps}") from None
+        if kind not in KINDS:
+            raise ArchiveError(f"{self.label}: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+        return step
+
     def _row(self, step: int, name: str, kind: str) -> dict[str, Any]:
+        step = self._check_query(step, kind)
         mask = pc.and_(pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["name"], name)),
                        pc.equal(self.index["kind"], kind))
         rows = self.index.filter(mask).to_pylist()
@@ -220,6 +266,7 @@ class Archive:
 
     def state_dict(self, step: int, kind: str = "model") -> dict[str, torch.Tensor]:
         """Every tensor of one kind at one step, by name, memory-mapped."""
+        step = self._check_query(step, kind)
         self._check_step(step)
         mask = pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["kind"], kind))
         rows = self.index.filter(mask).to_pylist()
@@ -249,9 +296,13 @@ class Archive:
 def open_archive(location: str | os.PathLike[str], revision: str | None = None) -> Archive:
     """Open an archive folder or a Hub dataset (``hf://datasets/ORG/NAME``).
 
+    With ``HF_HUB_OFFLINE=1`` a Hub dataset is read from the Hugging Face cache (the files an
+    earlier online read downloaded), as huggingface_hub reads offline.
+
     Args:
-        location: local archive folder, or ``hf://datasets/ORG/NAME``.
-        revision: Hub branch or commit (Hub datasets only).
+        location: local archive folder, or ``hf://datasets/ORG/NAME``, or
+            ``hf://datasets/ORG/NAME@REVISION`` (a branch, tag or commit).
+        revision: Hub branch or commit (Hub datasets only; or ``@REVISION`` in ``location``).
 
     Example:
         >>> import pyarrow.compute as pc
@@ -268,8 +319,28 @@ def open_archive(location: str | os.PathLike[str], revision: str | None = None) 
         if not repo.startswith("datasets/"):
             raise ArchiveError(f"{text}: archives live in dataset repositories (hf://datasets/ORG/NAME)")
         repo_id = repo.removeprefix("datasets/").strip("/")
+        # hf://datasets/ORG/NAME@REVISION, as huggingface_hub's HfFileSystem spells a revision
+        # (hf_file_system.py, resolve_path: "@" splits the repository from the revision).
+        repo_id, at, pinned = repo_id.partition("@")
+        if at:
+            if not pinned:
+                raise ArchiveError(f"{text}: no revision after '@' (hf://datasets/ORG/NAME@BRANCH)")
+            if revision not in (None, pinned):
+                raise ArchiveError(f"{text}: revision {revision!r} given as well; give one of them")
+            revision = pinned
+        _check_dataset_id(text, repo_id)
         return Archive(_Files(repo_id=repo_id, revision=revision), text)
     root = Path(location)
     if not is_archive(root):
         raise ArchiveError(f"{root}: not an archive (no {MANIFEST})")
     return Archive(_Files(root=root), str(root))
+
+
+def _check_dataset_id(text: str, repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ArchiveError(f"{text}: {repo_id!r} is not a Hub repository id "
+                           f"(hf://datasets/ORG/NAME[@REVISION]): {exc}") from None

@@ -77,17 +77,35 @@ def statistic_series(index: pa.Table, stat: str, match: str, kind: str = "model"
     return series
 
 
-def _label(series: Series) -> str:
-    return f"layer {series.layer}" if series.layer is not None else series.name
+def legend_labels(series: list[Series]) -> list[str]:
+    """One label per line: the tensor's name without the model prefix ``gpt_neox.`` (the four
+    tensors of layer 0 that ``layers.0.*`` matches must not all read "layer 0")."""
+    return [s.name.removeprefix("gpt_neox.") for s in series]
+
+
+#: Steps spanning this ratio or more (last / first positive step) are drawn on a log axis.
+LOG_SPAN = 100
+
+
+def log_steps(steps: list[int], logx: bool | None = None) -> bool:
+    """Whether the step axis is logarithmic: ``logx``, or by default when the positive steps
+    span two decades or more (Pythia's 0, 1, 2, 4 ... 512, 1000 ... 143000)."""
+    if logx is not None:
+        return logx
+    positive = [step for step in steps if step > 0]
+    return bool(positive) and max(positive) / min(positive) >= LOG_SPAN
 
 
 def plot_statistic(index: pa.Table, *, stat: str = "l2",
                    match: str = "layers.*.attention.dense.weight", kind: str = "model",
-                   out: str | os.PathLike[str], title: str | None = None) -> Path:
+                   out: str | os.PathLike[str], title: str | None = None,
+                   logx: bool | None = None) -> Path:
     """Draw ``stat`` against the step for every matching tensor and write a PNG.
 
-    The step axis is symmetric-logarithmic when steps span orders of magnitude (Pythia's
-    0, 1, 2, 4 ... 512, 1000 ... 143000). The bytes depend only on the data (no timestamp).
+    The step axis is symmetric-logarithmic (linear below the first positive step, so step 0
+    shows) when ``logx`` says so, by default when steps span orders of magnitude
+    (:func:`log_steps`). Legends name the tensors (:func:`legend_labels`). The bytes depend
+    only on the data (no timestamp).
 
     Args:
         index: the tensor index (``Archive.index``, or ``read_index(root / "index/tensors")``).
@@ -96,6 +114,7 @@ def plot_statistic(index: pa.Table, *, stat: str = "l2",
         kind: model, master, exp_avg, exp_avg_sq, buffer or state.
         out: the PNG to write.
         title: the plot title (a description of the selection when None).
+        logx: logarithmic step axis; None decides from the steps.
 
     Returns:
         The path written.
@@ -114,13 +133,13 @@ def plot_statistic(index: pa.Table, *, stat: str = "l2",
     norm = Normalize(0, max(len(series) - 1, 1))
     steps = sorted({step for s in series for step in s.steps})
     marker = "o" if len(steps) <= 40 else None  # dots only while they stay apart
-    for i, s in enumerate(series):
+    for i, (s, label) in enumerate(zip(series, legend_labels(series), strict=True)):
         values = [float("nan") if v is None else v for v in s.values]
         axes.plot(s.steps, values, marker=marker, markersize=2.5, linewidth=1.2,
-                  color=colormap(norm(i)), label=_label(s))
+                  color=colormap(norm(i)), label=label)
     positive = [step for step in steps if step > 0]
-    if positive and steps[-1] / positive[0] >= 100:
-        axes.set_xscale("symlog", linthresh=max(1, positive[0]))
+    if log_steps(steps, logx):
+        axes.set_xscale("symlog", linthresh=max(1, min(positive, default=1)))
     axes.set_xlabel("training step")
     axes.set_ylabel(stat)
     axes.grid(True, alpha=0.3)

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import click
 
 from exporter.archive.layout import downloads_dir
-from exporter.cli.options import DTYPES, export_options, parse_include
+from exporter.cli.hub import LICENSE_HELP, license_option
+from exporter.cli.logs import is_quiet, say, verbosity_options
+from exporter.cli.options import (
+    DTYPES,
+    check_out_folder,
+    check_token,
+    export_options,
+    parse_include,
+    parse_size_option,
+)
+from exporter.errors import SourceError
+
+#: What a Hub repository id looks like (huggingface_hub ``validate_repo_id``: ORG/NAME).
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
 
 @click.command()
@@ -44,17 +58,24 @@ from exporter.cli.options import DTYPES, export_options, parse_include
               help="Publish each finished step to this Hub dataset as the build goes.")
 @click.option("--delete-after-push", is_flag=True,
               help="With --push-to: remove a step's safetensors once the Hub holds them.")
+@click.option("--license", "license_id", default=None, callback=license_option,
+              help=f"With --push-to: {LICENSE_HELP}")
+@click.option("--token", default=None, callback=check_token,
+              help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@verbosity_options
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
           dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
-          push_to: str | None, delete_after_push: bool) -> None:
+          push_to: str | None, delete_after_push: bool, license_id: str | None,
+          token: str | None) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
-    model repository whose branches are steps: hf://ORG/NAME. Complete steps are skipped,
-    so an interrupted build resumes where it stopped.
+    model repository whose branches are steps: hf://ORG/NAME (hf://ORG/NAME@BRANCH for the
+    one step on that branch). Complete steps are skipped, so an interrupted build resumes
+    where it stopped. --out must be a new or empty folder, or an archive to resume.
 
     \b
     Examples:
@@ -66,30 +87,42 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
     from exporter.pipeline.run import build as run_build
     from exporter.sources import open_source
 
+    check_out_folder(out_dir)
     options = export_options(include, dtype, device, max_shard_size, compress)
+    disk = parse_size_option(max_disk, "--max-disk")
     hub: dict[str, Any] = {}
     if source.startswith("hf://"):
-        from exporter.convert.sharding import parse_size
-
         hub["download_dir"] = download_dir or downloads_dir(out_dir)
-        hub["max_disk"] = parse_size(max_disk) if max_disk else None
-    if delete_after_push and not push_to:
-        raise click.BadParameter("needs --push-to", param_hint="--delete-after-push")
+        hub["max_disk"] = disk
+    else:
+        for given, name in ((max_disk, "--max-disk"), (download_dir, "--download-dir")):
+            if given is not None:
+                raise click.BadParameter(f"only applies to Hub sources (hf://ORG/NAME), and "
+                                         f"{source} is a local folder", param_hint=name)
+        _check_local_source(source)
+    for given, name in ((delete_after_push, "--delete-after-push"), (license_id, "--license")):
+        if given and not push_to:
+            raise click.BadParameter("needs --push-to", param_hint=name)
     src = open_source(source, **hub)
-    quiet = ctx.obj["quiet"] or log_json
+    quiet = is_quiet() or log_json
     hook = None
     if push_to:
         from exporter.cli.hub import echo_push_event
+        from exporter.hub.calls import require_token
         from exporter.hub.publish import make_push_hook
 
-        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
+        token = require_token(token)
+        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, token=token,
+                              license=license_id,
                               progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
         quiet=quiet, on_step_done=hook))
     if hook is not None:
-        click.echo(f"pushed: {hook.flush().url}")
+        url = hook.flush().url
+        if not quiet:
+            click.echo(f"pushed: {url}")
     if log_json:
         click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
                                "steps_skipped": summary.count("skipped"),
@@ -97,7 +130,22 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
                                "bytes_in": summary.bytes_in, "bytes_out": summary.bytes_out,
                                "seconds": summary.seconds}))
     else:
-        click.echo(f"archive: {out_dir}")
-        click.echo(summary.table())
+        say(f"archive: {out_dir}")
+        say(summary.table())
     if summary.count("failed"):
+        if quiet and not log_json:  # -q hides the table that names them
+            for outcome in summary.outcomes:
+                if outcome.status == "failed":
+                    click.echo(f"neox-export: error: step {outcome.step}: {outcome.error}", err=True)
         ctx.exit(1)
+
+
+def _check_local_source(source: str) -> None:
+    """A missing local SOURCE that reads as ORG/NAME most likely meant the Hub repository."""
+    if Path(source).exists():
+        return
+    if _REPO_ID.match(source):
+        raise SourceError(f"{source}: no such folder; for the Hub repository write hf://{source}")
+    raise SourceError(f"{source}: no such folder (give a run folder, one checkpoint folder, "
+                      f"or hf://ORG/NAME)")
+

@@ -7,13 +7,23 @@ from pathlib import Path
 
 import click
 
-from exporter.cli.options import DTYPES, export_options, parse_include, torch_dtype
+from exporter.cli.logs import is_quiet, say, verbosity_options
+from exporter.cli.options import (
+    DTYPES,
+    check_checkpoint_folder,
+    check_new_folder,
+    check_out_folder,
+    export_options,
+    parse_include,
+    torch_dtype,
+)
 from exporter.errors import ExporterError
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@verbosity_options
 def inspect(path: Path, as_json: bool) -> None:
     """Summarise a .pt file or a checkpoint folder without executing any pickle.
 
@@ -65,6 +75,7 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--compress", default=None, metavar="zstd[:LEVEL]",
               help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
                    "the loader without mmap. Default: plain safetensors.")
+@verbosity_options
 def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: str, device: str,
             max_shard_size: str, compress: str | None) -> None:
     """Convert one checkpoint folder to safetensors + JSON.
@@ -73,19 +84,22 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
     transformers.GPTNeoXForCausalLM.from_pretrained), optimizer/{master,exp_avg,exp_avg_sq}
     .safetensors, state.json / state.safetensors and the source YAML.
 
+    A folder of step folders (a whole run) is converted with `neox-export build` instead.
+
     Example: neox-export convert checkpoints/global_step1000 --out hf/step1000 --dtype bf16
     """
     from exporter.pipeline.export import export_checkpoint
     from exporter.pipeline.progress import byte_bar
 
+    check_checkpoint_folder(checkpoint, out_dir)
+    check_out_folder(out_dir)
     options = export_options(include, dtype, device, max_shard_size, compress)
-    quiet = click.get_current_context().obj["quiet"]
-    with byte_bar(f"convert {checkpoint.name}", disable=quiet) as advance:
+    with byte_bar(f"convert {checkpoint.name}", disable=is_quiet()) as advance:
         result = export_checkpoint(checkpoint, out_dir, options, progress=advance)
     kinds: dict[str, int] = {}
     for r in result.records:
         kinds[r.job.kind] = kinds.get(r.job.kind, 0) + 1
-    click.echo(f"wrote {out_dir}: {len(result.records)} tensors "
+    say(f"wrote {out_dir}: {len(result.records)} tensors "
                f"({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
                f"{result.bytes_in / 1e6:.1f} MB in, {result.bytes_out / 1e6:.1f} MB out, "
                f"{result.seconds:.1f} s")
@@ -93,6 +107,7 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@verbosity_options
 def verify(path: Path) -> None:
     """Check a checkpoint folder, an exported step folder, or a whole archive.
 
@@ -123,11 +138,12 @@ def verify(path: Path) -> None:
               help="Data-parallel ZeRO partitions per checkpoint.")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@verbosity_options
 def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) -> None:
     """Write a sample GPT-NeoX run in the Pythia-era layout (to try the tool, or to benchmark).
 
     The tiny shape runs a few real training steps; 160m/410m write Pythia-shaped checkpoints
-    with random values (about 2.2 GB / 5.7 GB each).
+    with random values (about 2.2 GB / 5.7 GB each). OUT_DIR must not exist or be empty.
 
     Example: neox-export sample runs/tiny && neox-export build runs/tiny --out archive
     """
@@ -144,6 +160,7 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
         step_list = sorted({int(s) for s in steps.split(",") if s.strip()})
     except ValueError as exc:
         raise click.BadParameter("a comma-separated list of step numbers", param_hint="--steps") from exc
+    check_new_folder(out_dir, "OUT_DIR")
     sample_dtype = torch_dtype(dtype)
     if shape == "tiny":
         write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=sample_dtype,
@@ -152,4 +169,4 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
         model = PYTHIA_160M if shape == "160m" else PYTHIA_410M
         for step in step_list:
             write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp, dtype=sample_dtype)
-    click.echo(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")
+    say(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")

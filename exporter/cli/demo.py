@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"writing a tiny Pythia-era run ({len(steps)} checkpoints) to {run}")
     write_run(run, TINY, steps=steps, dp=2, config=tiny_run_config(steps[-1]))
     _run(["inspect", str(run / "step8" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
-    _run(["-q", "build", str(run), "--out", str(archive)])
-    _run(["-q", "build", str(run), "--out", str(archive)])
+    _run(["build", str(run), "--out", str(archive)])
+    _run(["build", str(run), "--out", str(archive)])
     _run(["verify", str(archive)])
 
     from exporter import open_archive

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 import click
 
 from exporter.archive.plot import STATISTICS
+from exporter.cli.logs import is_quiet, say, verbosity_options
+from exporter.cli.options import check_token
+from exporter.errors import OptionsError
 from exporter.records import KINDS
 
 if TYPE_CHECKING:
@@ -21,6 +24,23 @@ def echo_push_event(event: PushEvent) -> None:
     click.echo(text.rstrip(), err=event.action == "retry")
 
 
+def license_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--license``: one of the Hub's identifiers, or None for the source's."""
+    from exporter.hub.licenses import check_license
+
+    if value is None:
+        return None
+    try:
+        return check_license(value)
+    except OptionsError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+LICENSE_HELP = ("License of the dataset card: one of the Hub's identifiers (apache-2.0, mit, "
+                "cc-by-4.0 ... or other). Default: the license in the source model's card, "
+                "else 'unknown'.")
+
+
 @click.command()
 @click.argument("archive", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
@@ -28,13 +48,12 @@ def echo_push_event(event: PushEvent) -> None:
 @click.option("--private", is_flag=True, help="Create the dataset repository private.")
 @click.option("--steps-per-commit", default=10, show_default=True, type=click.IntRange(1, 10_000),
               help="Whole steps per commit (the Hub allows about 128 commits per hour).")
-@click.option("--license", "license_id", default="apache-2.0", show_default=True,
-              help="License identifier for the dataset card.")
-@click.option("--token", default=None,
+@click.option("--license", "license_id", default=None, callback=license_option, help=LICENSE_HELP)
+@click.option("--token", default=None, callback=check_token,
               help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
-@click.pass_context
-def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, private: bool,
-         steps_per_commit: int, license_id: str, token: str | None) -> None:
+@verbosity_options
+def push(archive: Path, repo_id: str, revision: str | None, private: bool,
+         steps_per_commit: int, license_id: str | None, token: str | None) -> None:
     """Publish an archive as the Hub dataset REPO_ID (ORG/NAME), whole steps per commit.
 
     Steps already on the Hub with the same sha256s are skipped, so an interrupted push
@@ -42,13 +61,15 @@ def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, 
 
     Example: neox-export push archive my-org/pythia-410m-seed8-checkpoints
     """
+    from exporter.hub.calls import require_token
     from exporter.hub.publish import push_archive
 
-    quiet = bool(ctx.obj and ctx.obj.get("quiet"))
+    token = require_token(token)
     result = push_archive(archive, repo_id, private=private, revision=revision,
-                          steps_per_commit=steps_per_commit, token=token, license=license_id,
-                          progress=None if quiet else echo_push_event)
-    click.echo(f"{result.url}: {len(result.commits)} commit(s), "
+                          steps_per_commit=steps_per_commit, token=token,
+                          license=license_id,
+                          progress=None if is_quiet() else echo_push_event)
+    say(f"{result.url}: {len(result.commits)} commit(s), "
                f"{len(result.pushed_steps)} step(s) pushed, "
                f"{len(result.skipped_steps)} already there")
 
@@ -63,8 +84,14 @@ def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, 
               help="Which tensors: model weights, optimizer state, buffers, engine state.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file to write.")
-@click.option("--revision", default=None, help="Hub archives: branch or commit.")
-def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: str | None) -> None:
+@click.option("--revision", default=None,
+              help="Hub archives: branch or commit (or write hf://datasets/ORG/NAME@REVISION).")
+@click.option("--logx/--no-logx", default=None,
+              help="Logarithmic step axis (step 0 drawn on a linear stretch). "
+                   "Default: on when the steps span two decades or more (Pythia's 0, 1, 2, 4 ... 143000).")
+@verbosity_options
+def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: str | None,
+         logx: bool | None) -> None:
     """Plot a per-step tensor statistic of an archive (a folder or hf://datasets/ORG/NAME).
 
     One line per matching tensor, step on the x axis; only the index is read.
@@ -75,5 +102,5 @@ def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: st
     from exporter.archive.plot import plot_statistic
 
     index = open_archive(archive, revision=revision).index
-    path = plot_statistic(index, stat=stat, match=match, kind=kind, out=out)
-    click.echo(f"wrote {path}")
+    path = plot_statistic(index, stat=stat, match=match, kind=kind, out=out, logx=logx)
+    say(f"wrote {path}")

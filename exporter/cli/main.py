@@ -6,36 +6,28 @@ Each command parses its options, calls one library function and prints the resul
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
 import click
 
 from exporter import __version__
+from exporter.cli.logs import verbosity_options
 from exporter.errors import ExporterError
-
-log = logging.getLogger("exporter")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="neox-export")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-@click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+@verbosity_options
+def cli() -> None:
     """Turn raw GPT-NeoX / DeepSpeed checkpoints into pickle-free safetensors + Parquet.
 
     No command ever executes code from a pickle: .pt files are read by a restricted reader
     that turns tensors into byte ranges and unknown objects into inert records.
+
+    -v / -q go before or after the command name. Errors are one line on stderr and exit
+    code 1 (2 for a mistyped command line).
     """
-    _setup_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet}
 
 
 def _register() -> None:
@@ -56,15 +48,31 @@ def main(argv: list[str] | None = None) -> Any:
         return cli.main(args=argv, prog_name="neox-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(usage_line(exc), err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"neox-export: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except ExporterError as exc:
-        click.echo(f"neox-export: error: {exc}", err=True)
+        click.echo(f"neox-export: error: {_one_line(str(exc))}", err=True)
         sys.exit(1)
     except OSError as exc:
-        click.echo(f"neox-export: error: {exc}", err=True)
+        # `[Errno 20] Not a directory: 'x'` reads better as `x: Not a directory`.
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        click.echo(f"neox-export: error: {_one_line(text)}", err=True)
         sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def usage_line(exc: click.UsageError) -> str:
+    """A mistyped command line as one line: the command, what is wrong, where help is."""
+    command = exc.ctx.command_path if exc.ctx is not None else "neox-export"
+    message = " ".join(exc.format_message().split())
+    return f"{command}: error: {message} (see '{command} --help')"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 
-from exporter.errors import ExporterError
+from exporter.errors import ExporterError, OptionsError
 
 DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -53,3 +54,62 @@ def export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_
         raise click.BadParameter(str(exc), param_hint="--compress") from exc
     return ExportOptions(include=include, dtype=torch_dtype(dtype), device=device_option(device),
                          max_shard_size=shard, compress_level=level)
+
+
+def check_out_folder(out_dir: Path, option: str = "--out") -> None:
+    """``out_dir`` must be a folder or not exist yet (a file there ends in `[Errno 20]` later)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} is a file; give a folder (it is created if missing)",
+                                 param_hint=option)
+
+
+def check_new_folder(out_dir: Path, param_hint: str) -> None:
+    """``out_dir`` must not exist, or be an empty folder: nothing of the user's is overwritten."""
+    check_out_folder(out_dir, param_hint)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise click.BadParameter(f"{out_dir} exists and is not empty; give a new folder, or delete "
+                                 f"this one first", param_hint=param_hint)
+
+
+def check_checkpoint_folder(folder: Path, out_dir: Path) -> None:
+    """A folder of step folders is a run, which ``build`` converts, not ``convert``."""
+    from exporter.neox.checkpoint import holds_checkpoint
+    from exporter.sources.local import STEP_FOLDER
+
+    if holds_checkpoint(folder):
+        return
+    steps = sorted((int(m[1]), child.name) for child in folder.iterdir()
+                   if child.is_dir() and (m := STEP_FOLDER.match(child.name)))
+    if steps:
+        names = ", ".join(name for _, name in steps[:3]) + (" ..." if len(steps) > 3 else "")
+        raise ExporterError(
+            f"{folder} holds a training run ({len(steps)} step folders: {names}), not one "
+            f"checkpoint: convert the run with `neox-export build {folder} --out {out_dir}`, or "
+            f"one step with `neox-export convert {folder / steps[-1][1]} --out {out_dir}`")
+
+
+def parse_size_option(value: str | None, option: str) -> int | None:
+    """A size such as 20GB or 500MiB, as bytes; a usage error naming ``option`` otherwise."""
+    from exporter.convert.sharding import parse_size
+
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+    if size <= 0:
+        raise click.BadParameter(f"must be more than 0 bytes, got {value!r}", param_hint=option)
+    return size
+
+
+def check_token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--token``: None (find one) or a usable token (an empty one ends in `Illegal header value`)."""
+    from exporter.hub.calls import check_token_text
+
+    if value is None:
+        return None
+    try:
+        return check_token_text(value)
+    except OptionsError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -29,13 +29,14 @@ from typing import TypeVar
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-from exporter.errors import ExporterError, OptionsError
+from exporter.errors import ExporterError, OptionsError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,8 @@ def hub_call(
     try:
         return retry(fn, what=what, attempts=policy.attempts, base_delay=policy.base_delay,
                      max_delay=policy.max_delay, error=error, sleep=sleep)
+    except LocalTokenNotFoundError as exc:
+        raise error(f"could not {what}: {NO_TOKEN}") from exc
     except OfflineModeIsEnabled as exc:
         raise error(
             f"could not {what}: offline mode (HF_HUB_OFFLINE) is set; unset it to reach the Hub"
@@ -259,6 +262,44 @@ def hub_call(
             ) from exc
         detail = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
         raise error(f"could not {what}: HTTP {status}: {detail}") from exc
+
+
+#: What to do when a write finds no token (the commands huggingface_hub documents).
+NO_TOKEN = "no Hub token found: set HF_TOKEN to a token with write access, or run `hf auth login`"
+
+
+def check_token_text(token: str) -> str:
+    """``token`` if it can go in an ``Authorization`` header; an OptionsError otherwise.
+
+    An empty token or one with spaces or line breaks (a paste accident) would fail deep in the
+    HTTP library with ``Illegal header value``.
+    """
+    if not token.strip():
+        raise OptionsError("the token is empty; give a Hub token (hf_...), or leave --token out "
+                           "to use HF_TOKEN or the token saved by `hf auth login`")
+    if token != token.strip() or any(c.isspace() or not c.isprintable() or not c.isascii()
+                                     for c in token):
+        raise OptionsError("the token holds spaces, line breaks or other characters a Hub token "
+                           "never has; copy it again from your Hub settings (Access Tokens)")
+    return token
+
+
+def require_token(token: str | None) -> str:
+    """The token a write will use: ``token``, else ``HF_TOKEN`` or the saved login.
+
+    Raises:
+        PublishError: there is none (:data:`NO_TOKEN` says what to do), or it is malformed.
+    """
+    from huggingface_hub import get_token
+
+    found = token if token is not None else get_token()
+    if found is None:
+        raise PublishError(NO_TOKEN)
+    try:
+        return check_token_text(found)
+    except OptionsError as exc:
+        where = "--token" if token is not None else "HF_TOKEN (or the saved login)"
+        raise PublishError(f"{where}: {exc}") from None
 
 
 def check_repo_id(repo_id: str) -> str:

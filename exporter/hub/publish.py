@@ -38,6 +38,7 @@ from exporter.archive.push_state import PushRecord, deleted_after_push, write_pu
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
 from exporter.hub.files import LocalFile, RemoteFile, step_files
+from exporter.hub.licenses import UNKNOWN, check_license, default_license
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Publisher:
 
     def __init__(self, root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, token: str | None = None,
-                 steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str = "apache-2.0",
+                 steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str | None = None,
                  delete_after_push: bool = False, retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> None:
         from huggingface_hub import HfApi
@@ -103,7 +104,9 @@ class Publisher:
         self.revision = revision or "main"
         self.private = private
         self.steps_per_commit = steps_per_commit
-        self.license = license
+        # None: the source model's license, else "unknown" (exporter.hub.licenses), resolved
+        # when the card is written.
+        self.license = check_license(license) if license is not None else None
         self.delete_after_push = delete_after_push
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
@@ -257,6 +260,14 @@ class Publisher:
         """Regenerate the dataset card and commit it with the full manifest (if changed)."""
         from exporter.archive.card import write_card
 
+        if self.license is None:
+            chosen, origin = default_license(str(self.manifest().get("source", "")),
+                                             self.api.token)
+            if chosen == UNKNOWN:
+                log.warning("dataset card license: %s (%s)", chosen, origin)
+            else:
+                log.info("dataset card license: %s (from %s)", chosen, origin)
+            self.license = chosen
         written = write_card(self.root, self.repo_id, license=self.license)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
                  for path in [*written, MANIFEST]]
@@ -279,7 +290,7 @@ class Publisher:
 
 def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
-                 token: str | None = None, license: str = "apache-2.0",
+                 token: str | None = None, license: str | None = None,
                  retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
@@ -292,7 +303,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         steps_per_commit: whole steps per commit; keep ``ceil(steps / K)`` under the Hub's
             ~128 commits per hour.
         token: Hub token (``HF_TOKEN`` or the saved login when None).
-        license: the card's license identifier.
+        license: the card's license, one of the Hub's identifiers; None takes the source
+            model's (``exporter.hub.licenses``), else ``unknown``.
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
 
@@ -339,7 +351,7 @@ class PushHook:
 def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
                    revision: str | None = None,
                    steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
-                   license: str = "apache-2.0", delete_after_push: bool = False,
+                   license: str | None = None, delete_after_push: bool = False,
                    retry: RetryPolicy | None = None,
                    progress: Callable[[PushEvent], None] | None = None) -> PushHook:
     """A build hook that publishes each finished step (``build --push-to``).

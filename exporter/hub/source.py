@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_URI = re.compile(r"^hf://(?:(?P<plural>models|datasets)/)?(?P<repo>[\w.-]+/[\w.-]+)/?$")
+# An optional @REVISION pins the source to one step branch (or the branch at that commit), as
+# huggingface_hub's HfFileSystem spells a revision in hf:// paths.
+_URI = re.compile(
+    r"^hf://(?:(?P<plural>models|datasets)/)?(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^@/\s]+))?/?$"
+)
 _REPO_TYPES = {None: "model", "models": "model", "datasets": "dataset"}
 
 # Repository plumbing, not checkpoint content: every Hub repository's branches inherit the
@@ -101,8 +105,8 @@ class HubSource(Source):
         match = _URI.match(uri)
         if match is None:
             raise SourceError(
-                f"{uri!r}: not a Hub repository URI (expected hf://ORG/NAME; a source spans all "
-                f"of its step branches, so it takes no @revision or path)"
+                f"{uri!r}: not a Hub repository URI (expected hf://ORG/NAME for every step "
+                f"branch, or hf://ORG/NAME@BRANCH for one)"
             )
         if not revision_prefix:
             raise SourceError("revision_prefix must not be empty")
@@ -111,6 +115,7 @@ class HubSource(Source):
         self.uri = uri
         self.repo_id = match["repo"]
         self.repo_type = _REPO_TYPES[match["plural"]]
+        self.pinned: str | None = match["revision"]
         self.download_dir = (
             Path(download_dir)
             if download_dir is not None
@@ -267,6 +272,8 @@ class HubSource(Source):
                     f"{self.uri}: step {step} has two branches ({branches[step].name}, {ref.name})"
                 )
             branches[step] = HubBranch(ref.name, ref.target_commit)
+        if self.pinned is not None:
+            branches = _pin(branches, self.pinned, self.uri)
         if not branches:
             names = ", ".join(sorted(ref.name for ref in refs.branches)) or "none"
             raise SourceError(
@@ -279,6 +286,16 @@ class HubSource(Source):
     def _call(self, fn: Callable[[], T], *, what: str) -> T:
         """``fn`` with transient failures retried and the client's errors as SourceError."""
         return hub_call(fn, what=what, repo_id=self.repo_id, policy=self.retry, error=SourceError)
+
+
+def _pin(branches: dict[int, HubBranch], revision: str, uri: str) -> dict[int, HubBranch]:
+    """The one step of ``@revision``: a step branch by name, or the step branch at that commit."""
+    for step, branch in branches.items():
+        if revision == branch.name or (len(revision) >= 7 and branch.commit.startswith(revision)):
+            return {step: branch}
+    names = ", ".join(b.name for _, b in sorted(branches.items())[:5])
+    raise SourceError(f"{uri}: {revision!r} is not a step branch or the commit of one "
+                      f"(step branches: {names}{' ...' if len(branches) > 5 else ''})")
 
 
 def _check(path: Path, remote: RemoteFile) -> tuple[str, str | None]:

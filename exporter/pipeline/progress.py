@@ -12,7 +12,8 @@ from tqdm import tqdm
 def byte_bar(label: str, total: int | None = None, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """A bar over bytes; yields the function to call with each increment."""
     # disable=None: tqdm stays silent when stderr is not a terminal (logs, CI).
-    bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+    # unit_divisor=1000: the bar counts GB as the summaries do (not GiB).
+    bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1000,
                disable=True if disable else None, leave=False, dynamic_ncols=True)
     try:
         yield bar.update

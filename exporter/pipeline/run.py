@@ -17,8 +17,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exporter.archive.layout import foreign_entries
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
+from exporter.files import is_temporary
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.step import remove_temporaries, safe_convert, step_complete
 from exporter.pipeline.steps import check_step_spec, parse_steps
@@ -85,7 +87,9 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
         One outcome per selected step and the wall time.
 
     Raises:
-        ExporterError: on the first failing step, unless ``keep_going``.
+        ExporterError: ``root`` holds files that are not an archive's (nothing is written
+            there), or the first failing step, unless ``keep_going``. A build that fails
+            before writing anything leaves no ``root`` behind.
 
     Example (a sample run written by ``neox-export sample runs/tiny``):
         >>> from exporter import BuildOptions, build, open_source
@@ -98,17 +102,52 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     """
     options = options or BuildOptions()
     root = Path(root)
+    _check_root(root)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(source, root, options)
+    except BaseException:
+        if created:
+            _remove_if_empty(root)
+        raise
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a folder of the user's: the archive would be mixed into their files (and the
+    clean-up of interrupted writes would run over them)."""
+    if root.exists() and not root.is_dir():
+        raise ExporterError(f"{root}: is a file; give a folder for the archive")
+    foreign = [p.name for p in foreign_entries(root) if not is_temporary(p)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ExporterError(f"{root}: folder exists and holds files that are not an archive's "
+                            f"({shown}); give a new or empty folder, or an archive to resume")
+
+
+def _remove_if_empty(root: Path) -> None:
+    """Remove ``root`` and the empty folders in it if no file was written (a failed start)."""
+    if any(p.is_file() for p in root.rglob("*")):
+        return
+    for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    root.rmdir()
+
+
+def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
     start = time.perf_counter()
     manifest = Manifest(root, source.uri, options.export.manifest_entry())
     remove_temporaries(root)
     selected = parse_steps(options.steps, source.steps())
     if not selected:
         raise ExporterError(f"no steps selected from {source.uri} (selection {options.steps!r})")
+    log.debug("%s: %d step(s) selected: %s", source.uri, len(selected), selected)
     outcomes: list[StepOutcome] = []
     todo = []
     for step in selected:
         if step_complete(root, step, verify=options.verify_existing):
+            log.debug("step %d: complete in %s (%s), skipped", step, root,
+                      "files re-hashed" if options.verify_existing else "file sizes checked")
             outcome = StepOutcome(step, "skipped", revision=None)
             outcomes.append(outcome)
             manifest.record(outcome)
@@ -136,11 +175,12 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
 
 
 def _report(options: BuildOptions, outcome: StepOutcome) -> None:
+    """One line per finished step: a JSON event, or an INFO log line. A failed step is
+    reported once, by whoever stops the build or prints its summary (BuildSummary.table),
+    not here as well."""
     if options.log_json:
         print(json.dumps({"event": "step", **asdict(outcome)}), file=sys.stderr, flush=True)
-    elif outcome.status == "failed":
-        log.error("step %d failed: %s", outcome.step, outcome.error)
-    else:
+    elif outcome.status != "failed":
         log.info("step %d %s (%d tensors, %.1f s)", outcome.step, outcome.status,
                  outcome.tensors, outcome.seconds)
 
@@ -158,7 +198,9 @@ def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) ->
         from exporter.pipeline.progress import byte_bar
 
         for step in steps:
-            with byte_bar(f"step {step}", total=source.step_bytes(step), disable=options.quiet) as bar:
+            total = source.step_bytes(step)
+            log.debug("step %d: converting %s bytes of source files", step, total)
+            with byte_bar(f"step {step}", total=total, disable=options.quiet) as bar:
                 outcome = safe_convert(source, step, root, options.export, bar)
             yield outcome
         return
