@@ -139,6 +139,7 @@ class _CatalogFolder:
         write_json_atomic(marker_path(self.root), {
             "format_version": CATALOG_FORMAT_VERSION,
             "tool": {"name": "neox-exporter", "version": __version__},
+            "license": license,
             "runs": {r["run"]: {"archive": r["archive"],
                                 "requested_revision": r["requested_revision"],
                                 "overrides": self.overrides.get(r["run"], {})} for r in rows},

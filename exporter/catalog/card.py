@@ -108,14 +108,17 @@ def catalog_card_text(root: str | Path, repo_id: str | None = None, *,
 
 
 def write_catalog_card(root: str | Path, repo_id: str | None = None, *,
-                       license: str = "apache-2.0") -> list[str]:
-    """Write the card and its plots into the catalog; the paths written, relative to it."""
+                       license: str | None = None) -> list[str]:
+    """Write the card and its plots into the catalog; the paths written, relative to it.
+
+    ``license`` defaults to the one the catalog was built with (``catalog.json``)."""
     from exporter.catalog.plot import plot_runs
     from exporter.catalog.reader import open_catalog
 
     root = Path(root)
     plots: list[str] = []
     catalog = open_catalog(root)
+    license = license or str(catalog.manifest.get("license") or "apache-2.0")
     if catalog.runs.num_rows:
         for relative, band in ((PLOT_LINES, False), (PLOT_BAND, True)):
             try:

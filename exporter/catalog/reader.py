@@ -84,6 +84,11 @@ class Catalog:
     def __repr__(self) -> str:
         return f"Catalog({self.label!r}, runs={self.run_names})"
 
+    @property
+    def root(self) -> Path | None:
+        """The catalog's local folder (None for a catalog read from the Hub)."""
+        return self._files.root
+
     @cached_property
     def manifest(self) -> dict[str, Any]:
         """``catalog.json``: format version, tool, member runs and their overrides."""
