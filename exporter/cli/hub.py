@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from exporter.archive.plot import STATISTICS
+from exporter.catalog.plot import GROUP_BY
 from exporter.records import KINDS
 
 if TYPE_CHECKING:
@@ -64,16 +65,33 @@ def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, 
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file to write.")
 @click.option("--revision", default=None, help="Hub archives: branch or commit.")
-def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: str | None) -> None:
+@click.option("--group-by", default="seed", show_default=True,
+              type=click.Choice(GROUP_BY),
+              help="Catalogs: label one line per run by this column.")
+@click.option("--band", is_flag=True,
+              help="Catalogs: the mean and min-max band across the --group-by values per step.")
+def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: str | None,
+         group_by: str, band: bool) -> None:
     """Plot a per-step tensor statistic of an archive (a folder or hf://datasets/ORG/NAME).
 
-    One line per matching tensor, step on the x axis; only the index is read.
+    One line per matching tensor, step on the x axis; only the index is read. For a catalog
+    (neox-export catalog): one line per run (the mean over matching tensors), or with --band
+    the mean and min-max across seeds, on a log-step axis.
 
     Example: neox-export plot archive --stat l2 --match 'layers.*.attention.dense.weight' --out l2.png
     """
     from exporter.archive.loader import open_archive
     from exporter.archive.plot import plot_statistic
+    from exporter.catalog.reader import is_catalog_location
 
+    if is_catalog_location(archive, revision):
+        from exporter.catalog.plot import plot_runs
+        from exporter.catalog.reader import open_catalog
+
+        path = plot_runs(open_catalog(archive, revision), stat=stat, match=match, kind=kind,
+                         group_by=group_by, band=band, out=out)
+        click.echo(f"wrote {path}")
+        return
     index = open_archive(archive, revision=revision).index
     path = plot_statistic(index, stat=stat, match=match, kind=kind, out=out)
     click.echo(f"wrote {path}")
