@@ -133,7 +133,7 @@ class _CatalogFolder:
         self.runs.pop(name, None)
         self.overrides.pop(name, None)
 
-    def save(self, license: str) -> None:
+    def save(self, license: str, redraw: bool) -> None:
         rows = sorted(self.runs.values(), key=lambda r: r["run"])
         _write_parquet(self.root / RUNS_FILE, pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
         write_json_atomic(marker_path(self.root), {
@@ -146,7 +146,7 @@ class _CatalogFolder:
         })
         from exporter.catalog.card import write_catalog_card
 
-        write_catalog_card(self.root, license=license)
+        write_catalog_card(self.root, license=license, redraw=redraw)
 
 
 def _override_for(overrides: Mapping[str, Mapping[str, Any]], used: set[str],
@@ -229,7 +229,7 @@ def build_catalog(
     for key in sorted(set(overrides) - used):
         _relabel(folder, key, overrides[key], update)
         say(f"relabelled  {key}" if key not in update.failed else f"failed      --run {key}")
-    folder.save(license)
+    folder.save(license, redraw=bool(update.added or update.reindexed or update.relabelled))
     return update
 
 

@@ -108,10 +108,11 @@ def catalog_card_text(root: str | Path, repo_id: str | None = None, *,
 
 
 def write_catalog_card(root: str | Path, repo_id: str | None = None, *,
-                       license: str | None = None) -> list[str]:
+                       license: str | None = None, redraw: bool = True) -> list[str]:
     """Write the card and its plots into the catalog; the paths written, relative to it.
 
-    ``license`` defaults to the one the catalog was built with (``catalog.json``)."""
+    ``license`` defaults to the one the catalog was built with (``catalog.json``); with
+    ``redraw=False`` plots already there are kept (the runs did not change)."""
     from exporter.catalog.plot import plot_runs
     from exporter.catalog.reader import open_catalog
 
@@ -119,7 +120,9 @@ def write_catalog_card(root: str | Path, repo_id: str | None = None, *,
     plots: list[str] = []
     catalog = open_catalog(root)
     license = license or str(catalog.manifest.get("license") or "apache-2.0")
-    if catalog.runs.num_rows:
+    if not redraw and all((root / p).is_file() for p in (PLOT_LINES, PLOT_BAND)):
+        plots = [PLOT_LINES, PLOT_BAND]
+    elif catalog.runs.num_rows:
         for relative, band in ((PLOT_LINES, False), (PLOT_BAND, True)):
             try:
                 plot_runs(catalog, stat=PLOT_STAT, match=PLOT_MATCH, band=band,

@@ -131,5 +131,5 @@ def compare_runs(catalog: Catalog, run_a: str, run_b: str, *, kind: str = "model
     if in_catalog and catalog.root is not None:
         from exporter.catalog.card import write_catalog_card
 
-        write_catalog_card(catalog.root)  # the card links every comparison
+        write_catalog_card(catalog.root, redraw=False)  # the card links every comparison
     return CompareResult(path, len(rows), tuple(sorted({r["step"] for r in rows})))

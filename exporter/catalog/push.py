@@ -41,7 +41,7 @@ def push_catalog(root: str | Path, repo_id: str, *, private: bool = False,
         raise CatalogError(f"{root}: not a catalog")
     publisher = Publisher(root, repo_id, private=private, revision=revision, token=token,
                           retry=retry, progress=progress)
-    write_catalog_card(root, repo_id, license=license)
+    write_catalog_card(root, repo_id, license=license, redraw=False)
     commit = publisher.commit_files(catalog_files(root), "Update catalog")
     publisher.progress(PushEvent("card", commit=commit,
                                  detail="catalog committed" if commit else "already up to date"))

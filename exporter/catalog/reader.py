@@ -1,14 +1,14 @@
 """Read a catalog: its runs, cross-run statistics from its own index, and each run's archive.
 
-Example (a catalog of three seeds of the tiny sample run, ``neox-export catalog``):
+Example (a catalog of three seeds of the tiny sample run, steps 0, 1, 2, 4):
     >>> from exporter import open_catalog
     >>> catalog = open_catalog("catalog")
     >>> catalog.runs.column("run").to_pylist(), catalog.runs.column("seed").to_pylist()
     (['seed1', 'seed2', 'seed3'], [1, 2, 3])
-    >>> table = catalog.stats("layers.0.attention.dense.weight", stat="l2", steps=[8])
+    >>> table = catalog.stats("layers.0.attention.dense.weight", stat="l2", steps=[4])
     >>> table.column("run").to_pylist()
     ['seed1', 'seed2', 'seed3']
-    >>> w = catalog.run("seed2").tensor(8, "gpt_neox.layers.0.attention.dense.weight")
+    >>> w = catalog.run("seed2").tensor(4, "gpt_neox.layers.0.attention.dense.weight")
     >>> tuple(w.shape)
     (32, 32)
 
