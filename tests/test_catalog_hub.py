@@ -63,6 +63,10 @@ def test_catalog_of_hub_archives_pushed_to_the_hub_answers_like_its_members(
     name = "gpt_neox.layers.1.attention.dense.weight"
     assert torch.equal(remote.run("seed2").tensor(STEPS[-1], name),
                        open_archive(base / "archives" / "seed2").tensor(STEPS[-1], name))
+    plotted = CliRunner().invoke(cli, ["plot", "hf://datasets/neox/seeds", "--match", DENSE,
+                                       "--band", "--out", str(tmp_path / "band.png")])
+    assert plotted.exit_code == 0, plotted.output
+    assert (tmp_path / "band.png").read_bytes()[:4] == b"\x89PNG"
     commits = hub_server.commit_count("neox/seeds", repo_type="dataset")
     again = CliRunner().invoke(cli, ["catalog", *members, "--out", str(tmp_path / "catalog"),
                                      "--push-to", "neox/seeds"])
