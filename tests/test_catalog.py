@@ -109,6 +109,10 @@ def test_run_table_takes_seed_from_the_config_and_size_from_the_index(work: Path
     assert {r["model_size"] for r in runs} == {f"{parameters / 1e3:.0f}k"}
     assert [r["archive"] for r in runs] == archives(work)
     assert [r["steps"] for r in runs] == [len(STEPS)] * 3 and runs[0]["revision"] is None
+    steps = open_catalog(work / "catalog").checkpoints().select(["run", "step", "iteration"])
+    assert steps.to_pylist() == [
+        {"run": f"seed{s}", "step": r["step"], "iteration": r["iteration"]}
+        for s in SEEDS for r in open_archive(work / "archives" / f"seed{s}").checkpoints.to_pylist()]
 
 
 def test_polypythias_names_give_size_seed_and_variant() -> None:
@@ -220,7 +224,8 @@ def test_overrides_rename_and_relabel_runs_and_survive_reindexing(work: Path) ->
     assert set(runs) == {"seed1", "seed2", "third"}
     assert (runs["seed1"]["variant"], runs["seed1"]["seed"]) == ("data-seed", 11)
 
-    build_catalog(work / "catalog", overrides={"seed2": {"seed": 22}})
+    assert build_catalog(work / "catalog", overrides={"seed2": {"seed": 22}}).relabelled == ["seed2"]
+    assert build_catalog(work / "catalog", overrides={"seed2": {"seed": 22}}).relabelled == []
     (work / "archives" / "seed1" / "manifest.json").write_text(
         (work / "archives" / "seed1" / "manifest.json").read_text() + "\n")
     update = build_catalog(work / "catalog", archives(work, (1,)))

@@ -9,6 +9,9 @@ archive's step-to-step change.
 """
 
 from exporter.catalog.build import CatalogUpdate, build_catalog
+from exporter.catalog.compare import CompareResult, compare_runs
+from exporter.catalog.deltas import DeltaResult, compute_deltas
 from exporter.catalog.reader import Catalog, open_catalog
 
-__all__ = ["Catalog", "CatalogUpdate", "build_catalog", "open_catalog"]
+__all__ = ["Catalog", "CatalogUpdate", "CompareResult", "DeltaResult", "build_catalog",
+           "compare_runs", "compute_deltas", "open_catalog"]

@@ -267,8 +267,7 @@ def _index_member(ref: MemberRef, commit: str | None, fingerprint: str, text: st
 def _relabel(folder: _CatalogFolder, key: str, fields: Mapping[str, Any],
              update: CatalogUpdate) -> None:
     """Apply an override to a run already indexed, from the catalog's own shards."""
-    row = folder.runs.get(key) or next((r for r in folder.runs.values()
-                                        if r["archive"] == MemberRef.parse(key).location), None)
+    row = folder.runs.get(key) or folder.find(MemberRef.parse(key))
     if row is None:
         update.failed[key] = (f"--run {key}: no such run in the catalog (runs: "
                               f"{', '.join(sorted(folder.runs)) or 'none'})")
@@ -277,6 +276,9 @@ def _relabel(folder: _CatalogFolder, key: str, fields: Mapping[str, Any],
     new = {**row, **fields}
     if new["run"] != old and new["run"] in folder.runs:
         update.failed[key] = f"--run {key}: run name {new['run']!r} is taken"
+        return
+    if new == row:  # the same override again: nothing to rewrite
+        folder.overrides[old] = {**folder.overrides.get(old, {}), **fields}
         return
     tensors = without_run_columns(folder.read_shard(run_tensors_file(old)))
     checkpoints = without_run_columns(folder.read_shard(run_checkpoints_file(old)))
