@@ -136,13 +136,15 @@ def plot_runs(catalog: Catalog, *, stat: str = "l2",
                       marker="o" if len(steps) <= 40 else None, markersize=2.5,
                       label=value if group_by == "run" else f"{value} ({c.run})")
     positive = [s for s in steps if s > 0]
-    if positive and steps[-1] / positive[0] >= 10:
-        # symlog keeps step 0 on a log-step axis (Pythia: 0, 1, 2, 4 ... 143000)
+    if positive:
+        # A log-step axis, as training-dynamics plots use; symlog keeps step 0 on it
+        # (Pythia: 0, 1, 2, 4 ... 512, 1000 ... 143000).
         axes.set_xscale("symlog", linthresh=max(1, positive[0]))
     axes.set_xlabel("training step")
     axes.set_ylabel(stat)
     axes.grid(True, alpha=0.3)
-    axes.set_title(title or f"{stat} of {kind} {match}, {len(curves)} runs", fontsize=10)
+    axes.set_title(title or f"{stat} of {kind} {match} (mean over matching tensors), "
+                   f"{len(curves)} runs", fontsize=10)
     axes.legend(fontsize=7)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
