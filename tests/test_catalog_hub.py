@@ -98,3 +98,22 @@ def test_a_new_hub_revision_is_reindexed_and_a_branch_is_kept(
     assert runs["seed1-v1"]["requested_revision"] == "v1"
     assert runs["seed1-v1"]["revision"] == hub_server.head("neox/seed1", repo_type="dataset",
                                                            revision="v1")
+
+
+def test_a_renamed_run_leaves_no_stale_shard_on_the_hub(
+    hub_server: HubServer, base: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "catalog"
+    build_catalog(out, [str(base / "archives" / f"seed{s}") for s in SEEDS])
+    CliRunner().invoke(cli, ["catalog", "--out", str(out), "--push-to", "neox/seeds"])
+    assert "index/tensors/seed3.parquet" in hub_server.list_files("neox/seeds", repo_type="dataset")
+
+    result = CliRunner().invoke(cli, ["catalog", "--out", str(out), "--run", "seed3=run=third",
+                                      "--push-to", "neox/seeds"])
+
+    assert result.exit_code == 0, result.output
+    remote = set(hub_server.list_files("neox/seeds", repo_type="dataset"))
+    local = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert remote - {".gitattributes"} == local
+    assert "index/tensors/third.parquet" in remote and "index/tensors/seed3.parquet" not in remote
+    assert open_catalog("hf://datasets/neox/seeds").run_names == ["seed1", "seed2", "third"]

@@ -197,8 +197,8 @@ def build_catalog(
         named = {ref for ref, _ in refs}
         refs += [(ref, row["run"]) for row in list(folder.runs.values())
                  if (ref := MemberRef(row["archive"], row["requested_revision"])) not in named]
-    if not refs and not overrides:
-        raise CatalogError("nothing to do: name archives to add (or use --refresh / --run)")
+    if not refs and not overrides and not folder.runs:
+        raise CatalogError("nothing to do: name archives to add to the catalog")
     folder.root.mkdir(parents=True, exist_ok=True)
     for ref, text in refs:
         existing = folder.find(ref)
