@@ -117,7 +117,11 @@ def plot_runs(catalog: Catalog, *, stat: str = "l2",
 
     if group_by not in GROUP_BY:
         raise CatalogError(f"--group-by {group_by!r}: choose from {', '.join(GROUP_BY)}")
-    curves = run_curves(catalog.stats(match, kind, stat, runs=runs), stat)
+    stats = catalog.stats(match, kind, stat, runs=runs)
+    if not stats.num_rows:
+        raise CatalogError(f"{catalog.label}: no {kind} tensor matches {match!r} (try a glob "
+                           "such as 'layers.*.attention.dense.weight')")
+    curves = run_curves(stats, stat)
     figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
