@@ -303,6 +303,16 @@ def test_deltas_equal_a_direct_computation_from_the_two_steps(work: Path) -> Non
             if r["weight_l2"]:
                 assert r["ratio"] == pytest.approx(r["update_l2"] / r["weight_l2"], rel=1e-12)
     assert compute_deltas(root).kept == list(STEPS[1:])
+    wider = compute_deltas(root, kinds=("model", "buffer"), match="layers.0.*")
+    assert wider.written == list(STEPS[1:])
+    shard = pq.read_table(root / "index" / "deltas" / f"step{STEPS[-1]}.parquet")
+    buffers = [n for k, n in zip(shard["kind"].to_pylist(), shard["name"].to_pylist(), strict=True)
+               if k == "buffer"]
+    assert buffers and all(".layers.0." in n for n in buffers)
+    assert len(shard) == len(archive.state_dict(STEPS[-1])) + len(buffers)  # model rows kept
+    assert wider.rows == len(buffers) * (len(STEPS) - 1)
+    with pytest.raises(CatalogError, match="--kind 'weights'"):
+        compute_deltas(root, kinds=("weights",))
 
 
 # -- plots, card, schemas -----------------------------------------------------------------------

@@ -6,8 +6,9 @@ and ``ratio = update_l2 / weight_l2`` (None for a zero weight). One shard per st
 ``index/deltas/step{s}.parquet`` in the archive (:data:`exporter.catalog.schema.DELTA_SCHEMA`).
 
 Two steps at a time: tensors are read one pair at a time through ``Archive.tensor`` and summed
-in float64 chunks (:mod:`exporter.catalog.pairs`). Incremental: a shard that already covers the
-kinds asked for, for the same previous step, newer than both steps' index shards, is kept.
+in float64 chunks (:mod:`exporter.catalog.pairs`). Incremental: rows a shard already holds for
+the same previous step, newer than both steps' index shards, are kept, and only the tensors
+asked for that it lacks are computed (a later ``--kind`` or ``--match`` adds to it).
 
 Example (``neox-export deltas archive``; an archive of steps 0, 1, 2, 4):
     >>> from exporter.catalog.deltas import compute_deltas
@@ -25,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +44,7 @@ from exporter.records import KINDS
 
 @dataclass
 class DeltaResult:
-    """Steps whose shard was written, steps whose shard was kept, and the rows written."""
+    """Steps whose shard was written, steps whose shard was kept, and the rows computed."""
 
     root: Path
     written: list[int] = field(default_factory=list)
@@ -50,16 +52,19 @@ class DeltaResult:
     rows: int = 0
 
 
-def _current(path: Path, previous: int, kinds: set[str], sources: Sequence[Path]) -> bool:
-    """Whether the shard at ``path`` covers ``kinds`` from ``previous`` and is newer than the
-    index shards of both steps (a rebuilt step makes it stale)."""
+def _kept_rows(path: Path, previous: int, sources: Sequence[Path]) -> list[dict[str, Any]]:
+    """Rows of the shard at ``path`` that still hold: none if it is missing, was computed from
+    another previous step, or is older than either step's index shard (a rebuilt step)."""
     if not path.is_file():
-        return False
+        return []
     if any(s.is_file() and s.stat().st_mtime_ns > path.stat().st_mtime_ns for s in sources):
-        return False
-    table = pq.read_table(path, columns=["previous_step", "kind"])
-    return (set(table["previous_step"].to_pylist()) <= {previous}
-            and kinds <= set(table["kind"].to_pylist()))
+        return []
+    rows = pq.read_table(path).to_pylist()
+    return rows if all(r["previous_step"] == previous for r in rows) else []
+
+
+def _order(row: dict[str, Any]) -> tuple[str, bool, int, str]:
+    return (row["kind"], row["layer"] is None, row["layer"] or 0, row["name"])
 
 
 def compute_deltas(archive: str | os.PathLike[str], *, kinds: Sequence[str] = ("model",),
@@ -87,37 +92,42 @@ def compute_deltas(archive: str | os.PathLike[str], *, kinds: Sequence[str] = ("
     steps = opened.steps
     if len(steps) < 2:
         raise CatalogError(f"{root}: deltas need two completed steps, the archive has {steps}")
-    index = opened.index.select(["step", "kind", "name", "layer", "numel", "data_offset_begin",
+    index = opened.index.select(["step", "kind", "name", "layer", "data_offset_begin",
                                  "data_offset_end"])
-    index = index.filter(pc.is_in(index["kind"], pa.array(list(kinds), pa.string())))
-    if match is not None:
-        index = index.filter(pc.is_in(index["name"], matching_names(index["name"], match)))
-    by_step: dict[int, dict[tuple[str, str], dict]] = {}
+    selected = index.filter(pc.is_in(index["kind"], pa.array(list(kinds), pa.string())))
+    names = set((matching_names(selected["name"], match) if match is not None
+                 else pc.unique(selected["name"])).to_pylist())
+    by_step: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
     for row in index.to_pylist():
         by_step.setdefault(row["step"], {})[(row["kind"], row["name"])] = row
     result = DeltaResult(root)
     for previous, step in zip(steps, steps[1:], strict=False):
         path = delta_index_path(root, step)
-        sources = [tensor_index_path(root, previous), tensor_index_path(root, step)]
-        if _current(path, previous, set(kinds), sources):
+        before, after = by_step.get(previous, {}), by_step.get(step, {})
+        common = set(before) & set(after)
+        wanted = {key for key in common if key[0] in kinds and key[1] in names}
+        # Rows already computed for this pair stay (another --kind or --match asked for them).
+        rows = [r for r in _kept_rows(path, previous, [tensor_index_path(root, previous),
+                                                       tensor_index_path(root, step)])
+                if (r["kind"], r["name"]) in common]
+        todo = wanted - {(r["kind"], r["name"]) for r in rows}
+        if not todo:
             result.kept.append(step)
             continue
-        before, after = by_step.get(previous, {}), by_step.get(step, {})
-        rows = []
-        for key in sorted(set(before) & set(after), key=lambda k: (k[0], after[k]["layer"] is None,
-                                                           after[k]["layer"] or 0, k[1])):
-            kind, name = key
+        for kind, name in sorted(todo, key=lambda k: _order({**after[k], "kind": k[0]})):
             sums = pair_sums(opened.tensor(previous, name, kind), opened.tensor(step, name, kind),
                              f"{name} ({kind}) from step {previous} to {step}")
             rows.append({"step": step, "previous_step": previous, "kind": kind, "name": name,
-                         "layer": after[key]["layer"], "numel": sums.numel,
+                         "layer": after[(kind, name)]["layer"], "numel": sums.numel,
                          "update_l2": sums.distance, "weight_l2": sums.l2_a,
                          "ratio": sums.distance / sums.l2_a if sums.aa > 0 else None})
             if progress is not None:
-                progress(after[key]["data_offset_end"] - after[key]["data_offset_begin"])
+                row = after[(kind, name)]
+                progress(row["data_offset_end"] - row["data_offset_begin"])
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=DELTA_SCHEMA), sink, compression="zstd")
+        pq.write_table(pa.Table.from_pylist(sorted(rows, key=_order), schema=DELTA_SCHEMA), sink,
+                       compression="zstd")
         write_bytes_atomic(path, sink.getvalue())
         result.written.append(step)
-        result.rows += len(rows)
+        result.rows += len(todo)
     return result
