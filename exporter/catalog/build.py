@@ -207,6 +207,7 @@ def build_catalog(
         except (ExporterError, OSError) as exc:
             if existing is None:
                 update.failed[str(ref)] = f"cannot be read: {exc}"
+                say(f"failed      {ref}: {exc}")
             else:
                 update.unreachable[existing["run"]] = str(exc)
                 say(f"unreachable {existing['run']}: {exc}; its indexed rows stay")
@@ -227,8 +228,12 @@ def build_catalog(
         say(f"{'re-indexed' if existing else 'added':<11} {row['run']} ({row['steps']} steps, "
             f"{row['tensors']} index rows)")
     for key in sorted(set(overrides) - used):
+        done = len(update.relabelled)
         _relabel(folder, key, overrides[key], update)
-        say(f"relabelled  {key}" if key not in update.failed else f"failed      --run {key}")
+        if key in update.failed:
+            say(f"failed      {update.failed[key]}")
+        elif len(update.relabelled) > done:
+            say(f"relabelled  {update.relabelled[-1]}")
     folder.save(license, redraw=bool(update.added or update.reindexed or update.relabelled))
     return update
 
