@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from exporter import __version__
 from exporter.catalog.layout import RUNS_TABLE as RUNS_FILE
 from exporter.catalog.layout import (
+    check_run_name,
     is_catalog,
     marker_path,
     run_checkpoints_file,
@@ -249,7 +250,7 @@ def _index_member(ref: MemberRef, commit: str | None, fingerprint: str, text: st
     remembered = folder.overrides.get(existing["run"], {}) if existing else {}
     fields = {**remembered, **_override_for(overrides, used, derived, text, ref.location,
                                             existing["run"] if existing else None)}
-    name = fields.get("run") or (existing["run"] if existing else derived)
+    name = check_run_name(fields.get("run") or (existing["run"] if existing else derived))
     clash = folder.runs.get(name)
     if clash is not None and clash is not existing:
         raise CatalogError(f"{ref}: refused: run name {name!r} already names {clash['archive']}; "
