@@ -6,7 +6,9 @@ One function per job, each documented with an example:
 - :func:`build`: every step of a run -> an archive (resumable);
 - :func:`verify_path`: check a checkpoint, a step folder or an archive;
 - :func:`push_archive`: publish an archive as a Hub dataset;
-- :func:`open_archive`: read tensors back, memory-mapped, no pickle.
+- :func:`open_archive`: read tensors back, memory-mapped, no pickle;
+- :func:`open_catalog`: many runs side by side (``neox-export catalog``): cross-run statistics
+  from one index, each run's archive by name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ __all__ = [
     "build",
     "export_checkpoint",
     "open_archive",
+    "open_catalog",
     "open_source",
     "push_archive",
     "verify_path",
@@ -30,6 +33,7 @@ __all__ = [
 # Imported on first use: `import exporter` stays light for the CLI.
 _LAZY = {
     "open_archive": "exporter.archive.loader",
+    "open_catalog": "exporter.catalog.reader",
     "build": "exporter.pipeline.run",
     "BuildOptions": "exporter.pipeline.run",
     "export_checkpoint": "exporter.pipeline.export",

@@ -50,3 +50,7 @@ class PublishError(ExporterError):
 
 class OptionsError(ExporterError):
     """An option has a value the tool cannot use (the message names the option and value)."""
+
+
+class CatalogError(ExporterError):
+    """A catalog of runs cannot be built or read: a member refused, an unknown run."""

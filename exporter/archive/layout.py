@@ -10,6 +10,7 @@ an archive root (``step_dir(root, 8)``).
       manifest.json
       index/tensors/step{N}.parquet      one row per tensor
       index/checkpoints/step{N}.parquet  one row per step
+      index/deltas/step{N}.parquet       step-to-step change of each tensor (``deltas``)
       steps/step{N}/                     the step folder (:data:`STEP_FILES`)
       .push/step{N}.json                 local record of files removed after a verified push
       .downloads/                        Hub sources: the step being downloaded
@@ -25,6 +26,8 @@ CARD = "README.md"
 CARD_PLOT = "assets/attention_dense_l2.png"
 TENSOR_INDEX_DIR = "index/tensors"
 CHECKPOINT_INDEX_DIR = "index/checkpoints"
+DELTA_INDEX_DIR = "index/deltas"
+ASSETS_DIR = "assets"
 STEPS_DIR = "steps"
 PUSH_STATE_DIR = ".push"
 DOWNLOADS_DIR = ".downloads"
@@ -88,6 +91,11 @@ def checkpoint_index_file(step: int | str) -> str:
     return f"{CHECKPOINT_INDEX_DIR}/step{step}.parquet"
 
 
+def delta_index_file(step: int | str) -> str:
+    """The deltas shard of the step pair that ends at ``step``."""
+    return f"{DELTA_INDEX_DIR}/step{step}.parquet"
+
+
 def push_state_file(step: int) -> str:
     return f"{PUSH_STATE_DIR}/step{step}.json"
 
@@ -146,6 +154,10 @@ def tensor_index_path(root: Path, step: int) -> Path:
 
 def checkpoint_index_path(root: Path, step: int) -> Path:
     return root / checkpoint_index_file(step)
+
+
+def delta_index_path(root: Path, step: int) -> Path:
+    return root / delta_index_file(step)
 
 
 def manifest_path(root: Path) -> Path:

@@ -138,14 +138,19 @@ def verify(path: Path) -> None:
               help="Data-parallel ZeRO partitions per checkpoint.")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+              help="Training seed (GPT-NeoX `seed`: weight init and data order); runs that differ "
+                   "only in it, as the PolyPythias seeds do, have different weights.")
 @verbosity_options
-def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) -> None:
+def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str, seed: int) -> None:
     """Write a sample GPT-NeoX run in the Pythia-era layout (to try the tool, or to benchmark).
 
     The tiny shape runs a few real training steps; 160m/410m write Pythia-shaped checkpoints
     with random values (about 2.2 GB / 5.7 GB each). OUT_DIR must not exist or be empty.
 
     Example: neox-export sample runs/tiny && neox-export build runs/tiny --out archive
+
+    Seeds side by side: neox-export sample runs/tiny-seed1 --seed 1
     """
     from exporter.samples import (
         PYTHIA_160M,
@@ -163,10 +168,11 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
     check_new_folder(out_dir, "OUT_DIR")
     sample_dtype = torch_dtype(dtype)
     if shape == "tiny":
-        write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=sample_dtype,
+        write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=sample_dtype, seed=seed,
                   config=tiny_run_config(max(step_list) or 1))
     else:
         model = PYTHIA_160M if shape == "160m" else PYTHIA_410M
         for step in step_list:
-            write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp, dtype=sample_dtype)
+            write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp,
+                             dtype=sample_dtype, seed=seed)
     say(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from exporter.archive.plot import STATISTICS
+from exporter.catalog.plot import GROUP_BY
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import check_token
 from exporter.errors import OptionsError
@@ -89,18 +90,34 @@ def push(archive: Path, repo_id: str, revision: str | None, private: bool,
 @click.option("--logx/--no-logx", default=None,
               help="Logarithmic step axis (step 0 drawn on a linear stretch). "
                    "Default: on when the steps span two decades or more (Pythia's 0, 1, 2, 4 ... 143000).")
+@click.option("--group-by", default="seed", show_default=True,
+              type=click.Choice(GROUP_BY),
+              help="Catalogs: label one line per run by this column.")
+@click.option("--band", is_flag=True,
+              help="Catalogs: the mean and min-max band across the --group-by values per step.")
 @verbosity_options
 def plot(archive: str, stat: str, match: str, kind: str, out: Path, revision: str | None,
-         logx: bool | None) -> None:
+         logx: bool | None, group_by: str, band: bool) -> None:
     """Plot a per-step tensor statistic of an archive (a folder or hf://datasets/ORG/NAME).
 
-    One line per matching tensor, step on the x axis; only the index is read.
+    One line per matching tensor, step on the x axis; only the index is read. For a catalog
+    (neox-export catalog): one line per run (the mean over matching tensors), or with --band
+    the mean and min-max across seeds, on a log-step axis.
 
     Example: neox-export plot archive --stat l2 --match 'layers.*.attention.dense.weight' --out l2.png
     """
     from exporter.archive.loader import open_archive
     from exporter.archive.plot import plot_statistic
+    from exporter.catalog.reader import is_catalog_location
 
+    if is_catalog_location(archive, revision):
+        from exporter.catalog.plot import plot_runs
+        from exporter.catalog.reader import open_catalog
+
+        path = plot_runs(open_catalog(archive, revision), stat=stat, match=match, kind=kind,
+                         group_by=group_by, band=band, out=out)
+        say(f"wrote {path}")
+        return
     index = open_archive(archive, revision=revision).index
     path = plot_statistic(index, stat=stat, match=match, kind=kind, out=out, logx=logx)
     say(f"wrote {path}")

@@ -32,10 +32,11 @@ def cli() -> None:
 
 def _register() -> None:
     from exporter.cli.build import build
+    from exporter.cli.catalog import catalog, compare, deltas
     from exporter.cli.convert import convert, inspect, sample, verify
     from exporter.cli.hub import plot, push
 
-    for command in (inspect, convert, verify, build, push, plot, sample):
+    for command in (inspect, convert, verify, build, push, plot, sample, catalog, compare, deltas):
         cli.add_command(command)
 
 

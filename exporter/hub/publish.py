@@ -277,6 +277,26 @@ class Publisher:
         self.progress(PushEvent("card", commit=commit,
                                 detail="updated" if commit else "already up to date"))
 
+    def commit_files(self, files: Sequence[LocalFile], message: str) -> str | None:
+        """Commit files that belong to no step (a catalog's tables and card) the way steps
+        are committed: repository and branch created if missing, only what the remote lacks
+        sent, each file read back and checked. The commit id, None if already up to date."""
+        self._call("create the repository", lambda: self.api.create_repo(
+            self.repo_id, repo_type=REPO_TYPE, private=self.private, exist_ok=True))
+        if self.revision != "main":
+            self._call("create the branch", lambda: self.api.create_branch(
+                self.repo_id, repo_type=REPO_TYPE, branch=self.revision, exist_ok=True))
+        commit = self._commit(files, message)
+        remote = self._call("read back the commit", lambda: self._remote_files(
+            [f.path for f in files], commit or self._head()))
+        bad = [f.path for f in files if not f.matches(remote.get(f.path))]
+        if bad:
+            raise PublishError(f"{self.repo_id}: after the commit, {len(bad)} file(s) differ "
+                               f"from the local ones, e.g. {bad[0]}")
+        if commit is not None:
+            self.result.commits.append(commit)
+        return commit
+
     def push_all(self) -> PushResult:
         """Every completed step of the archive, then the card."""
         steps = sorted(int(s) for s in self.manifest()["steps"])

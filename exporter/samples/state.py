@@ -195,8 +195,14 @@ def train_batch_size(config: RunConfig, dp: int) -> int:
     return config.micro_batch_size * config.gradient_accumulation_steps * dp
 
 
-def neox_config_text(shape: ModelShape, config: RunConfig, *, tp: int, dtype: torch.dtype) -> str:
-    """A GPT-NeoX config in the style of ``configs/pythia/*.yml`` (JSON, which YAML reads)."""
+def neox_config_text(shape: ModelShape, config: RunConfig, *, tp: int, dtype: torch.dtype,
+                     seed: int = 1234) -> str:
+    """A GPT-NeoX config in the style of ``configs/pythia/*.yml`` (JSON, which YAML reads).
+
+    ``seed`` is GPT-NeoX's ``seed`` argument (``megatron/neox_arguments/neox_args.py``,
+    default 1234), which seeds weight initialisation and data order; the PolyPythias runs
+    differ in it alone.
+    """
     precision: dict[str, Any] = {
         "enabled": True,
         "loss_scale": 0,
@@ -269,5 +275,6 @@ def neox_config_text(shape: ModelShape, config: RunConfig, *, tp: int, dtype: to
         "wall_clock_breakdown": True,
         "tokenizer_type": "HFTokenizer",
         "make_vocab_size_divisible_by": config.make_vocab_size_divisible_by,
+        "seed": seed,
     }
     return json.dumps(cfg, indent=2) + "\n"

@@ -292,7 +292,8 @@ def write_folder(
     config_path = folder / spec.config_file
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config_path.with_name(f".{config_path.name}.partial")
-    tmp.write_text(neox_config_text(spec.shape, spec.config, tp=spec.tp, dtype=spec.dtype))
+    tmp.write_text(neox_config_text(spec.shape, spec.config, tp=spec.tp, dtype=spec.dtype,
+                                    seed=spec.seed))
     tmp.replace(config_path)
     files.append(spec.config_file)
     return CheckpointTruth(
