@@ -41,3 +41,8 @@ class SourceError(ExporterError):
 
 class PublishError(ExporterError):
     """Publishing an archive to the Hub failed."""
+
+
+class IntegrityError(ArchiveError):
+    """Bytes read from an archive are not the ones its index records: a digest mismatch, a
+    range that came back short, or a response from another revision of the repository."""

@@ -1,0 +1,268 @@
+"""Reading a Hub archive: small files by download, tensors by HTTP range request.
+
+A tensor of a Hub archive is read as the byte range its index row gives (absolute file
+offsets, as the streaming writer placed it), and nothing else: a 4 MB tensor of a 1.6 GB
+optimizer file costs 4 MB; no safetensors header has to be read first. How (DESIGN.md "Facts about huggingface_hub 2.4 offline", range reads):
+``get_session().get(hf_hub_url(...), headers={**build_hf_headers(), "Range": ...},
+follow_redirects=True)`` sends exactly the range asked for, through the resolve redirect, with
+the client's endpoint, token and session; ``HfFileSystem`` over-reads, so it is not used.
+
+- Revision: the branch is resolved to a commit once, when the archive is opened, and every
+  request names that commit, so a long analysis reads one consistent revision. A response
+  whose ``X-Repo-Commit`` names another commit is an :class:`~exporter.errors.IntegrityError`.
+- Checks: a range must come back whole (status 206, ``Content-Range`` and length as asked), and
+  every tensor's bytes must match its index digest (:func:`exporter.archive.digest.
+  check_tensor_bytes`) before it is cached or returned; a failure names the tensor.
+- Retries: huggingface_hub 2.4 does not retry a 503 or a connection reset on a file GET
+  (``exporter/hubio.py``); every request here goes through :func:`exporter.hubio.retry`.
+- Coalescing and concurrency: tensors of one file whose byte ranges touch (or lie within
+  ``max_gap`` bytes) are fetched in one request, up to ``max_request_bytes``; requests run on
+  ``concurrency`` threads (httpx clients are thread-safe; hashing releases the GIL).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from exporter.archive.cache import TensorCache
+from exporter.archive.digest import check_tensor_bytes, describe, digest_key
+from exporter.errors import ArchiveError, IntegrityError
+from exporter.hubio import retry
+from exporter.publish import RetryPolicy
+
+T = TypeVar("T")
+
+HUB_PREFIX = "hf://"
+REPO_TYPE = "dataset"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclass(frozen=True)
+class HubLocation:
+    """A dataset repository and the revision asked for (None: ``main``)."""
+
+    repo_id: str
+    revision: str | None = None
+
+
+def parse_hub_location(text: str, revision: str | None = None) -> HubLocation:
+    """``hf://datasets/ORG/NAME`` or ``hf://datasets/ORG/NAME@REVISION`` as a location.
+
+    Raises:
+        ArchiveError: not a dataset URI, or two different revisions asked for.
+
+    Example:
+        >>> parse_hub_location("hf://datasets/me/pythia-tiny@step8")
+        HubLocation(repo_id='me/pythia-tiny', revision='step8')
+    """
+    rest = text.removeprefix(HUB_PREFIX)
+    if not rest.startswith("datasets/"):
+        raise ArchiveError(f"{text}: archives live in dataset repositories (hf://datasets/ORG/NAME)")
+    repo_id, _, pinned = rest.removeprefix("datasets/").strip("/").partition("@")
+    if not repo_id:
+        raise ArchiveError(f"{text}: no repository named (hf://datasets/ORG/NAME)")
+    if pinned and revision and pinned != revision:
+        raise ArchiveError(f"{text}: revision {pinned!r} in the URI, {revision!r} asked for")
+    return HubLocation(repo_id, pinned or revision)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One tensor to read: its index row and absolute byte range in its file."""
+
+    row: Mapping[str, Any]
+    start: int
+    end: int
+
+
+class HubReader:
+    """Files and tensor byte ranges of one dataset repository at one commit.
+
+    Args:
+        location: repository and revision (a branch is resolved to its commit here).
+        cache: where checked tensor bytes are kept.
+        retry_policy: backoff for transient Hub errors.
+        concurrency: requests in flight at once.
+        max_gap: tensors of one file at most this many bytes apart share a request.
+        max_request_bytes: the largest coalesced request.
+        token: Hub token (``HF_TOKEN`` or the saved login when None).
+    """
+
+    def __init__(self, location: HubLocation, *, cache: TensorCache,
+                 retry_policy: RetryPolicy | None = None, concurrency: int = 8,
+                 max_gap: int = 0, max_request_bytes: int = 64 << 20,
+                 token: str | None = None) -> None:
+        if concurrency < 1:
+            raise ArchiveError(f"concurrency must be at least 1, got {concurrency}")
+        self.repo_id = location.repo_id
+        self.requested = location.revision or "main"
+        self.cache = cache
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.concurrency = concurrency
+        self.max_gap = max_gap
+        self.max_request_bytes = max_request_bytes
+        self.token = token
+        self.label = f"hf://datasets/{self.repo_id}"
+        self.commit = self._resolve()
+
+    # -- Hub calls ------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        policy = self.retry_policy
+        return retry(fn, what=f"{what} ({self.label}@{self.commit_or_requested})",
+                     attempts=policy.attempts, base_delay=policy.base_delay,
+                     max_delay=policy.max_delay, error=ArchiveError)
+
+    @property
+    def commit_or_requested(self) -> str:
+        return getattr(self, "commit", None) or self.requested
+
+    def _resolve(self) -> str:
+        """The commit the asked revision points at (remembered for offline use)."""
+        from huggingface_hub import HfApi, is_offline_mode
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        if _COMMIT.match(self.requested):
+            return self.requested
+        if is_offline_mode():
+            commit = self.cache.recall_ref(self.repo_id, self.requested)
+            if commit is None:
+                raise ArchiveError(f"{self.label}: offline (HF_HUB_OFFLINE), and revision "
+                                   f"{self.requested!r} was never resolved online here")
+            return commit
+        try:
+            commit = str(self._call(f"resolve revision {self.requested!r}", lambda: HfApi(
+                token=self.token).repo_info(self.repo_id, repo_type=REPO_TYPE,
+                                            revision=self.requested).sha))
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise ArchiveError(f"{self.label}@{self.requested}: {exc}") from exc
+        self.cache.remember_ref(self.repo_id, self.requested, commit)
+        return commit
+
+    def path(self, relative: str) -> Path:
+        """A local copy of one file at the pinned commit (downloaded once into the HF cache)."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return Path(self._call(f"download {relative}", lambda: hf_hub_download(
+                self.repo_id, relative, repo_type=REPO_TYPE, revision=self.commit,
+                token=self.token)))
+        except LocalEntryNotFoundError as exc:
+            raise ArchiveError(f"{self.label}@{self.commit[:12]}: {relative} is not in the local "
+                               f"cache and the Hub cannot be reached ({exc})") from exc
+        except EntryNotFoundError as exc:
+            raise ArchiveError(f"{self.label}@{self.commit[:12]}: missing {relative}") from exc
+
+    def paths(self, relatives: Sequence[str]) -> list[Path]:
+        """:meth:`path` of each file, ``concurrency`` downloads at a time, in order."""
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self.path, relatives))
+
+    def read_range(self, relative: str, start: int, end: int, size: int | None = None,
+                   what: str = "") -> tuple[bytes, int]:
+        """Bytes ``start``..``end - 1`` of a file at the pinned commit, and the file's size.
+
+        Raises:
+            IntegrityError: the range came back short, or from another commit.
+            ArchiveError: any other failure (transient ones after the retry budget).
+        """
+        from huggingface_hub import get_session, hf_hub_url
+        from huggingface_hub.errors import OfflineModeIsEnabled
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+        url = hf_hub_url(self.repo_id, relative, repo_type=REPO_TYPE, revision=self.commit)
+        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={start}-{end - 1}"}
+        named = f"{relative} bytes {start}-{end - 1}" + (f" ({what})" if what else "")
+
+        def get() -> Any:
+            response = get_session().get(url, headers=headers, follow_redirects=True)
+            hf_raise_for_status(response)
+            return response
+
+        try:
+            response = self._call(f"read {named}", get)
+        except OfflineModeIsEnabled as exc:
+            raise ArchiveError(f"{self.label}: {named} is not in the local cache, and "
+                               f"HF_HUB_OFFLINE is set") from exc
+        except ArchiveError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other failure, named
+            raise ArchiveError(f"{self.label}@{self.commit[:12]}: could not read {named}: "
+                               f"{exc}") from exc
+        for hop in [*response.history, response]:
+            served = hop.headers.get("X-Repo-Commit")
+            if served is not None and served != self.commit:
+                raise IntegrityError(f"{self.label}: {named} was served from commit {served}, "
+                                     f"not the pinned {self.commit}")
+        data = response.content
+        total = size
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if match is None or (int(match[1]), int(match[2])) != (start, end - 1):
+                raise IntegrityError(f"{self.label}: {named}: the server sent range "
+                                     f"{response.headers.get('Content-Range')!r}")
+            total = int(match[3]) if match[3] != "*" else size
+        elif response.status_code == 200:  # the server ignored Range: keep what was asked
+            total = len(data)
+            data = data[start:end]
+        if len(data) != end - start or (size is not None and total != size):
+            raise IntegrityError(f"{self.label}: {named}: {len(data)} bytes came back of "
+                                 f"{end - start} (file size {total}, expected {size})")
+        return data, int(total if total is not None else end)
+
+    # -- tensors --------------------------------------------------------------------------
+
+    def _span(self, row: Mapping[str, Any]) -> _Span:
+        # The index records absolute file offsets (exporter/convert/stream.py places each
+        # tensor; exporter/verify.py seeks to them), so no header has to be read first.
+        return _Span(row, int(row["data_offset_begin"]), int(row["data_offset_end"]))
+
+    def _groups(self, spans: Iterable[_Span]) -> list[list[_Span]]:
+        """Spans of one file whose ranges touch (within ``max_gap``) share one request."""
+        groups: list[list[_Span]] = []
+        for span in sorted(spans, key=lambda s: (s.row["file"], s.start)):
+            last = groups[-1] if groups else None
+            if (last is not None and last[-1].row["file"] == span.row["file"]
+                    and span.start - last[-1].end <= self.max_gap
+                    and span.end - last[0].start <= self.max_request_bytes):
+                last.append(span)
+            else:
+                groups.append([span])
+        return groups
+
+    def _read_group(self, group: list[_Span]) -> dict[str, bytearray]:
+        file = group[0].row["file"]
+        start, end = group[0].start, max(s.end for s in group)
+        names = ", ".join(repr(s.row["name"]) for s in group[:3]) + (", ..." if len(group) > 3
+                                                                     else "")
+        try:
+            data, _ = (b"", 0) if end == start else self.read_range(file, start, end,
+                                      what=f"step {group[0].row['step']} {group[0].row['kind']} "
+                                           f"tensor(s) {names}")
+        except IntegrityError as exc:
+            raise IntegrityError(f"{describe(group[0].row)}: {exc}") from exc
+        view = memoryview(data)
+        found: dict[str, bytearray] = {}
+        for span in group:
+            piece = view[span.start - start:span.end - start]
+            check_tensor_bytes(piece, span.row)
+            key = digest_key(span.row)
+            self.cache.put(key, piece)
+            found[key] = bytearray(piece)
+        return found
+
+    def fetch(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, bytearray]:
+        """The checked bytes of each row's tensor, by digest key, read by range and cached."""
+        spans = [self._span(r) for r in {digest_key(r): r for r in rows}.values()]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            found: dict[str, bytearray] = {}
+            for part in pool.map(self._read_group, self._groups(spans)):
+                found.update(part)
+        return found
