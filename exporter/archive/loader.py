@@ -218,11 +218,13 @@ class Archive:
                     missing.append(row)
             if missing:
                 found.update(self._hub.fetch(missing))
-        tensors = []
+        tensors, used = [], set()
         for row in rows:
             key = digest_key(row)
-            if key in found:
-                tensors.append(tensor_from_bytes(bytearray(found[key]), row["dtype"], row["shape"]))
+            if key in found:  # a second row with the same bytes gets its own copy
+                data = found[key] if key not in used else bytearray(found[key])
+                used.add(key)
+                tensors.append(tensor_from_bytes(data, row["dtype"], row["shape"]))
             else:
                 tensors.append(self._map(row["file"]).get(row["name"]))
         return tensors
