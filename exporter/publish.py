@@ -212,7 +212,8 @@ class Publisher:
                  revision: str | None = None, token: str | None = None,
                  steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str = "apache-2.0",
                  delete_after_push: bool = False, retry: RetryPolicy | None = None,
-                 progress: Callable[[PushEvent], None] | None = None) -> None:
+                 progress: Callable[[PushEvent], None] | None = None,
+                 repo_type: str = REPO_TYPE, model_repo: str | None = None) -> None:
         from huggingface_hub import HfApi
 
         if steps_per_commit < 1:
@@ -224,6 +225,8 @@ class Publisher:
         self.steps_per_commit = steps_per_commit
         self.license = license
         self.delete_after_push = delete_after_push
+        self.repo_type = repo_type
+        self.model_repo = model_repo  # linked from the dataset card
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
         self.api = HfApi(token=token)
@@ -250,23 +253,27 @@ class Publisher:
             raise PublishError(f"could not {what} ({self.repo_id}): {exc}") from exc
 
     def _head(self) -> str:
-        return str(self.api.repo_info(self.repo_id, repo_type=REPO_TYPE, revision=self.revision).sha)
+        return str(self.api.repo_info(self.repo_id, repo_type=self.repo_type, revision=self.revision).sha)
 
     def _remote_files(self, paths: Sequence[str] | None, revision: str) -> dict[str, RemoteFile]:
         """Files at ``revision``: the given paths, or the whole tree."""
         if paths is None:
             items: list[Any] = list(self.api.list_repo_tree(
-                self.repo_id, repo_type=REPO_TYPE, revision=revision, recursive=True))
+                self.repo_id, repo_type=self.repo_type, revision=revision, recursive=True))
         else:
             # In chunks, as huggingface_hub's own preupload calls go (_commit_api.py,
             # `_fetch_upload_modes`: 256 paths per request).
             items = [item for start in range(0, len(paths), PATHS_PER_REQUEST)
                      for item in self.api.get_paths_info(
                          self.repo_id, list(paths[start:start + PATHS_PER_REQUEST]),
-                         repo_type=REPO_TYPE, revision=revision)]
+                         repo_type=self.repo_type, revision=revision)]
         return {item.path: RemoteFile(item.size, item.lfs.sha256 if item.lfs else None,
                                       item.blob_id)
                 for item in items if hasattr(item, "lfs")}  # RepoFile, not RepoFolder
+
+    def commit_files(self, files: Sequence[LocalFile], message: str) -> str | None:
+        """Commit whichever of ``files`` the branch lacks, resumably (:meth:`_commit`)."""
+        return self._commit(files, message)
 
     def _commit(self, files: Sequence[LocalFile], message: str) -> str | None:
         """Commit whichever of ``files`` the remote lacks; the commit id, or None if none.
@@ -289,7 +296,7 @@ class Publisher:
                     operations[f.path] = f.operation()
             posted = True
             info = self.api.create_commit(
-                self.repo_id, [operations[f.path] for f in missing], repo_type=REPO_TYPE,
+                self.repo_id, [operations[f.path] for f in missing], repo_type=self.repo_type,
                 revision=self.revision, commit_message=message, parent_commit=head)
             return str(info.oid)
 
@@ -379,7 +386,8 @@ class Publisher:
         """Regenerate the dataset card and commit it with the full manifest (if changed)."""
         from exporter.archive.card import write_card
 
-        written = write_card(self.root, self.repo_id, license=self.license)
+        written = write_card(self.root, self.repo_id, license=self.license,
+                             model_repo=self.model_repo)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
                  for path in [*written, "manifest.json"]]
         commit = self._commit(files, "Update dataset card and manifest")
@@ -403,7 +411,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
                  token: str | None = None, license: str = "apache-2.0",
                  retry: RetryPolicy | None = None,
-                 progress: Callable[[PushEvent], None] | None = None) -> PushResult:
+                 progress: Callable[[PushEvent], None] | None = None,
+                 model_repo: str | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
 
     Args:
@@ -417,6 +426,7 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         license: the card's license identifier.
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
+        model_repo: the run's model repository (:mod:`exporter.modelrepo`), linked from the card.
 
     Returns:
         The commits made, and the steps pushed or found on the remote already.
@@ -432,7 +442,7 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
     """
     return Publisher(root, repo_id, private=private, revision=revision, token=token,
                      steps_per_commit=steps_per_commit, license=license, retry=retry,
-                     progress=progress).push_all()
+                     progress=progress, model_repo=model_repo).push_all()
 
 
 class PushHook:
