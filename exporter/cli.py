@@ -261,12 +261,17 @@ def _export_options(include: tuple[str, ...], dtype: str, device: str, max_shard
               help="Publish each finished step to this Hub dataset as the build goes.")
 @click.option("--delete-after-push", is_flag=True,
               help="With --push-to: remove a step's safetensors once the Hub holds them.")
+@click.option("--push-model-to", default=None, metavar="ORG/NAME",
+              help="After the build, publish each step as branch stepN of this model repository.")
+@click.option("--tokenizer", default=None, metavar="PATH|hf://ORG/NAME",
+              help="With --push-model-to: tokenizer files to add to every branch.")
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
           dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
-          push_to: str | None, delete_after_push: bool) -> None:
+          push_to: str | None, delete_after_push: bool, push_model_to: str | None,
+          tokenizer: str | None) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -292,6 +297,11 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         hub["max_disk"] = parse_size(max_disk) if max_disk else None
     if delete_after_push and not push_to:
         raise click.BadParameter("needs --push-to", param_hint="--delete-after-push")
+    if delete_after_push and push_model_to:
+        raise click.BadParameter("the model repository needs the weights kept",
+                                 param_hint="--delete-after-push")
+    if tokenizer and not push_model_to:
+        raise click.BadParameter("needs --push-model-to", param_hint="--tokenizer")
     src = open_source(source, **hub)
     quiet = ctx.obj["quiet"] or log_json
     hook = None
@@ -300,13 +310,19 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         from exporter.publish import make_push_hook
 
         hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
-                              progress=None if quiet else echo_push_event)
+                              progress=None if quiet else echo_push_event,
+                              model_repo=push_model_to)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
         quiet=quiet, on_step_done=hook))
     if hook is not None:
         click.echo(f"pushed: {hook.flush().url}")
+    if push_model_to and not summary.count("failed"):
+        from exporter.commands_hub import push_model_to as publish_model
+
+        publish_model(out_dir, push_model_to, dataset_repo=push_to, tokenizer=tokenizer,
+                      quiet=quiet)
     if log_json:
         click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
                                "steps_skipped": summary.count("skipped"),

@@ -473,7 +473,8 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
                    steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
                    license: str = "apache-2.0", delete_after_push: bool = False,
                    retry: RetryPolicy | None = None,
-                   progress: Callable[[PushEvent], None] | None = None) -> PushHook:
+                   progress: Callable[[PushEvent], None] | None = None,
+                   model_repo: str | None = None) -> PushHook:
     """A build hook that publishes each finished step (``build --push-to``).
 
     With ``delete_after_push`` the safetensors files of a step are removed once the remote
@@ -489,4 +490,4 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
     return PushHook(Publisher(root, repo_id, private=private, revision=revision, token=token,
                               steps_per_commit=steps_per_commit, license=license,
                               delete_after_push=delete_after_push, retry=retry,
-                              progress=progress))
+                              progress=progress, model_repo=model_repo))

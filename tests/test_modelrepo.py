@@ -108,3 +108,25 @@ def test_push_command_publishes_the_model_repo_and_links_it_from_the_dataset_car
     assert sorted(hub_server.branches(MODEL)) == sorted(["main", *(f"step{s}" for s in STEPS)])
     card = hub_server.read_file("neox/tiny", "README.md", repo_type="dataset").decode()
     assert f"from_pretrained(\"{MODEL}\", revision=\"step8\")" in card
+
+
+def test_build_push_model_to_publishes_every_built_step(
+    hub_server: HubServer, tmp_path: Path, tokenizer: Path
+) -> None:
+    from exporter.cli import cli
+
+    write_run(tmp_path / "run", TINY, steps=(0, 1), dp=2, config=tiny_run_config(1))
+    args = ["-q", "build", str(tmp_path / "run"), "--out", str(tmp_path / "a"),
+            "--include", "model", "--push-to", "neox/pushed", "--push-model-to", MODEL,
+            "--tokenizer", str(tokenizer)]
+
+    outcome = CliRunner().invoke(cli, args)
+
+    assert outcome.exit_code == 0, outcome.output
+    assert sorted(hub_server.branches(MODEL)) == ["main", "step0", "step1"]
+    assert "tokenizer.json" in hub_server.list_files(MODEL, revision="step1")
+    assert torch.equal(logits(MODEL, "step1"), logits(tmp_path / "a" / "steps" / "step1"))
+    card = hub_server.read_file("neox/pushed", "README.md", repo_type="dataset").decode()
+    assert MODEL in card
+    refused = CliRunner().invoke(cli, [*args[:-2], "--delete-after-push"])
+    assert refused.exit_code == 2 and "weights kept" in refused.output
