@@ -15,7 +15,8 @@ huggingface_hub client:
 - ``whole files``: ``archive.download(kinds=["model"])`` then the same trajectory, which is
   what reading cost before range reads (each step's ``model.safetensors`` downloaded whole).
 
-The server counts the bytes of file content it sends. ``--write`` appends the table to
+The server counts the bytes of file content it sends; seconds are the best of ``--repeats``
+(each from cold caches), from opening the archive to the last tensor. ``--write`` appends the table to
 ``benchmarks/RESULTS.md``.
 """
 
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "neox-exporter-bench")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N (seconds)")
     parser.add_argument("--write", action="store_true", help="append to benchmarks/RESULTS.md")
     args = parser.parse_args()
     steps = [0, *range(1000, 1000 * args.steps, 1000)]
@@ -97,18 +99,23 @@ def main() -> None:
     index_bytes = sum(p.stat().st_size for p in [archive / "manifest.json",
                                                   *(archive / "index").rglob("*.parquet")])
     scratch = Path(tempfile.mkdtemp(prefix="hub-reads-", dir=args.workdir))
-    rows = []
+    rows: dict[str, dict[str, float]] = {}
     with HubServer(scratch / "server") as server:
         server.seed_repo(REPO, archive, repo_type="dataset", message="Add steps")
-        cache = scratch / "tensor-cache"
-        for label, method, home in (("range", "range", "a"), ("range, second read", "range", "a"),
-                                    ("whole files", "whole", "c")):
-            result = measure(server, method, name, scratch / home,
-                             cache if method == "range" else scratch / "unused-cache")
-            rows.append((label, result))
-            print(label, json.dumps(result), flush=True)
+        for repeat in range(args.repeats):  # best of N seconds; every repeat starts cold
+            cache = scratch / f"tensor-cache-{repeat}"
+            for label, method, home in (("range", "range", "a"),
+                                        ("range, second read", "range", "a"),
+                                        ("whole files", "whole", "c")):
+                result = measure(server, method, name, scratch / f"{home}{repeat}",
+                                 cache if method == "range" else scratch / f"unused-{repeat}")
+                print(label, json.dumps(result), flush=True)
+                best = rows.get(label)
+                if best is None or result["seconds"] < best["seconds"]:
+                    rows[label] = result
+                shutil.rmtree(scratch / f"c{repeat}", ignore_errors=True)
     shutil.rmtree(scratch)
-    tensor = rows[0][1]["tensor_bytes"]
+    tensor = rows["range"]["tensor_bytes"]
     lines = [
         f"\n## Reading one tensor across steps from the Hub ({time.strftime('%Y-%m-%d')})\n",
         f"`python benchmarks/hub_reads.py --shape {args.shape} --steps {len(steps)}`: "
@@ -117,12 +124,12 @@ def main() -> None:
         f"({archive_bytes / 1e6:.0f} MB; index and manifest {index_bytes / 1e3:.0f} kB), "
         f"from the Hub test server on 127.0.0.1 through huggingface_hub "
         f"{__import__('huggingface_hub').__version__}, each read in a fresh process with a "
-        f"cold Hugging Face cache. The tensor is {tensor / len(steps) / 1e6:.2f} MB per step, "
+        f"cold Hugging Face cache; best of {args.repeats}. The tensor is {tensor / len(steps) / 1e6:.2f} MB per step, "
         f"{tensor / 1e6:.2f} MB in all.\n",
         "| method | bytes sent | of which tensor files | file requests | all requests | seconds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, r in rows:
+    for label, r in rows.items():
         lines.append(f"| {label} | {r['bytes_sent'] / 1e6:.2f} MB | {r['tensor_file_bytes'] / 1e6:.2f} MB "
                      f"| {r['file_requests']} | {r['requests']} | {r['seconds']:.2f} |")
     text = "\n".join(lines) + "\n"

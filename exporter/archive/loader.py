@@ -50,7 +50,9 @@ from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
 from exporter.errors import ArchiveError
 from exporter.publish import RetryPolicy
 
+#: the tensor the examples read
 DENSE = "gpt_neox.layers.0.attention.dense.weight"
+
 
 class _LocalFiles:
     """Files of an archive folder."""

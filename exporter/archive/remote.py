@@ -109,19 +109,16 @@ class HubReader:
         self.max_request_bytes = max_request_bytes
         self.token = token
         self.label = f"hf://datasets/{self.repo_id}"
+        self.commit = self.requested  # until resolved, just below
         self.commit = self._resolve()
 
     # -- Hub calls ------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         policy = self.retry_policy
-        return retry(fn, what=f"{what} ({self.label}@{self.commit_or_requested})",
+        return retry(fn, what=f"{what} ({self.label}@{self.commit})",
                      attempts=policy.attempts, base_delay=policy.base_delay,
                      max_delay=policy.max_delay, error=ArchiveError)
-
-    @property
-    def commit_or_requested(self) -> str:
-        return getattr(self, "commit", None) or self.requested
 
     def _resolve(self) -> str:
         """The commit the asked revision points at (remembered for offline use)."""
