@@ -21,6 +21,7 @@ from exporter import open_archive
 from exporter.archive.cache import TensorCache
 from exporter.archive.digest import digest_key
 from exporter.archive.loader import Archive
+from exporter.archive.remote import HubLocation, HubReader
 from exporter.errors import ArchiveError, IntegrityError
 from exporter.export import ExportOptions
 from exporter.pipeline import BuildOptions, build
@@ -246,6 +247,26 @@ def test_adjacent_tensors_of_a_file_share_one_request(
             filter=(ds.field("step") == 4) & (ds.field("kind") == "model")).to_pylist())
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_large_tensor_is_read_in_pieces_and_a_reset_repeats_one_piece(
+    hub: HubServer, archive: Path, tmp_path: Path
+) -> None:
+    [row] = [r for r in rows_of(archive, DENSE, "master") if r["step"] == 8]
+    size = int(row["data_offset_end"]) - int(row["data_offset_begin"])
+    reader = HubReader(HubLocation(REPO), cache=TensorCache(tmp_path / "cache"),
+                       retry_policy=NO_WAIT, max_request_bytes=1000)
+    hub.clear_requests()
+    reset = hub.inject_drop(FILES, after_bytes=10, reset=True, method="GET")
+
+    found = reader.fetch([row])
+
+    pieces = -(-size // 1000)
+    assert reset.fired == 1 and size > 2000
+    assert hub.count_requests("GET", FILES) == pieces + 1
+    assert hub.bytes_sent("GET", FILES) == size + 10
+    expected = open_archive(archive).tensor(8, DENSE, kind="master")
+    assert bytes(found[digest_key(row)]) == expected.numpy().tobytes()
 
 
 def test_downloaded_steps_are_memory_mapped_not_range_read(

@@ -16,8 +16,9 @@ the client's endpoint, token and session; ``HfFileSystem`` over-reads, so it is 
 - Retries: huggingface_hub 2.4 does not retry a 503 or a connection reset on a file GET
   (``exporter/hubio.py``); every request here goes through :func:`exporter.hubio.retry`.
 - Coalescing and concurrency: tensors of one file whose byte ranges touch (or lie within
-  ``max_gap`` bytes) are fetched in one request, up to ``max_request_bytes``; requests run on
-  ``concurrency`` threads (httpx clients are thread-safe; hashing releases the GIL).
+  ``max_gap`` bytes) are fetched together, in requests of at most ``max_request_bytes`` (a
+  large tensor is split, so it downloads in parallel and a retry repeats one piece); requests
+  run on ``concurrency`` threads (httpx clients are thread-safe; hashing releases the GIL).
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ class HubReader:
         retry_policy: backoff for transient Hub errors.
         concurrency: requests in flight at once.
         max_gap: tensors of one file at most this many bytes apart share a request.
-        max_request_bytes: the largest coalesced request.
+        max_request_bytes: the largest single request.
         token: Hub token (``HF_TOKEN`` or the saved login when None).
     """
 
     def __init__(self, location: HubLocation, *, cache: TensorCache,
                  retry_policy: RetryPolicy | None = None, concurrency: int = 8,
-                 max_gap: int = 0, max_request_bytes: int = 64 << 20,
+                 max_gap: int = 0, max_request_bytes: int = 32 << 20,
                  token: str | None = None) -> None:
         if concurrency < 1:
             raise ArchiveError(f"concurrency must be at least 1, got {concurrency}")
@@ -218,25 +219,20 @@ class HubReader:
         return _Span(row, int(row["data_offset_begin"]), int(row["data_offset_end"]))
 
     def _groups(self, spans: Iterable[_Span]) -> list[list[_Span]]:
-        """Spans of one file whose ranges touch (within ``max_gap``) share one request."""
+        """Spans of one file whose ranges touch (within ``max_gap``) are read together."""
         groups: list[list[_Span]] = []
         for span in sorted(spans, key=lambda s: (s.row["file"], s.start)):
             last = groups[-1] if groups else None
             if (last is not None and last[-1].row["file"] == span.row["file"]
-                    and span.start - last[-1].end <= self.max_gap
-                    and span.end - last[0].start <= self.max_request_bytes):
+                    and span.start - max(s.end for s in last) <= self.max_gap):
                 last.append(span)
             else:
                 groups.append([span])
         return groups
 
-    def _read_group(self, group: list[_Span]) -> dict[str, bytearray]:
-        file = group[0].row["file"]
-        start, end = group[0].start, max(s.end for s in group)
-        names = ", ".join(repr(s.row["name"]) for s in group[:3]) + (", ..." if len(group) > 3
-                                                                     else "")
-        what = f"step {group[0].row['step']} {group[0].row['kind']} tensor(s) {names}"
-        data = self.read_range(file, start, end, what=what) if end > start else b""
+    def _check(self, group: list[_Span], data: bytearray) -> dict[str, bytearray]:
+        """Each tensor of a group read into ``data``, checked against its digest and cached."""
+        start = group[0].start
         view = memoryview(data)
         found: dict[str, bytearray] = {}
         for span in group:
@@ -245,15 +241,36 @@ class HubReader:
             key = digest_key(span.row)
             if key not in found:
                 self.cache.put(key, piece)
-                found[key] = bytearray(piece)
+                found[key] = data if len(group) == 1 else bytearray(piece)
         return found
 
     def fetch(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, bytearray]:
-        """The checked bytes of each row's tensor, by digest key, read by range and cached."""
-        # Every row takes part in coalescing (rows with equal bytes would leave holes).
-        spans = [self._span(r) for r in rows]
+        """The checked bytes of each row's tensor, by digest key, read by range and cached.
+
+        Every row takes part in coalescing (leaving out rows with equal bytes would leave
+        holes); each group's range is cut into requests of at most ``max_request_bytes``, all
+        of them run on the thread pool, then each tensor is checked.
+        """
+        groups = self._groups(self._span(r) for r in rows)
+        buffers = [bytearray(max(s.end for s in g) - g[0].start) for g in groups]
+        requests = []
+        for group, buffer in zip(groups, buffers, strict=True):
+            names = ", ".join(repr(s.row["name"]) for s in group[:3])
+            what = (f"step {group[0].row['step']} {group[0].row['kind']} tensor(s) {names}"
+                    f"{', ...' if len(group) > 3 else ''}")
+            for offset in range(0, len(buffer), self.max_request_bytes):
+                requests.append((group, buffer, offset,
+                                 min(offset + self.max_request_bytes, len(buffer)), what))
+
+        def read(request: tuple[list[_Span], bytearray, int, int, str]) -> None:
+            group, buffer, begin, end, what = request
+            first = group[0].start
+            buffer[begin:end] = self.read_range(group[0].row["file"], first + begin,
+                                                first + end, what=what)
+
+        found: dict[str, bytearray] = {}
         with ThreadPoolExecutor(self.concurrency) as pool:
-            found: dict[str, bytearray] = {}
-            for part in pool.map(self._read_group, self._groups(spans)):
+            list(pool.map(read, requests))
+            for part in pool.map(self._check, groups, buffers):
                 found.update(part)
         return found
