@@ -301,10 +301,10 @@ def test_the_index_is_a_dataset_that_filters_by_step_kind_and_name(
 
 
 def test_docstring_examples_of_the_read_modules_run() -> None:
-    from exporter.archive import cache, digest, header, query, remote
+    from exporter.archive import cache, digest, query, remote, tensorfile
 
     runner = doctest.DocTestRunner()
-    for module in (cache, digest, header, query, remote):
+    for module in (cache, digest, query, remote, tensorfile):
         for test in doctest.DocTestFinder().find(module):
             runner.run(test)
 

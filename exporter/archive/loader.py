@@ -29,7 +29,6 @@ Across steps, and statistics without tensors:
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -43,10 +42,10 @@ import torch
 
 from exporter.archive.cache import TensorCache
 from exporter.archive.digest import digest_key
-from exporter.archive.header import read_safetensors_header, tensor_from_bytes
 from exporter.archive.layout import step_dir
 from exporter.archive.query import index_dataset, matching_names, select, statistics_table
 from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
+from exporter.archive.tensorfile import CompressedTensors, SafetensorsMap, tensor_from_bytes
 from exporter.errors import ArchiveError
 from exporter.publish import RetryPolicy
 
@@ -86,51 +85,6 @@ class _HubFiles:
 
     def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
         return self.reader.paths([f"{folder}/step{step}.parquet" for step in steps])
-
-
-class SafetensorsMap:
-    """A safetensors file mapped into memory; tensors are zero-copy views of the mapping."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-
-            def read(offset: int, length: int) -> bytes:
-                fh.seek(offset)
-                return fh.read(length)
-
-            parsed = read_safetensors_header(read, size, str(path))
-            self.header: dict[str, Any] = parsed.entries
-            self._start = parsed.data_start
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self._start else None
-
-    def keys(self) -> list[str]:
-        return [k for k in self.header if k != "__metadata__"]
-
-    def get(self, name: str) -> torch.Tensor:
-        entry = self.header.get(name)
-        if entry is None or name == "__metadata__":
-            raise KeyError(name)
-        begin, end = entry["data_offsets"]
-        if end == begin:
-            return tensor_from_bytes(bytearray(), entry["dtype"], entry["shape"])
-        assert self._map is not None
-        view = memoryview(self._map)[self._start + begin:self._start + end]
-        return tensor_from_bytes(view, entry["dtype"], entry["shape"])
-
-
-class CompressedTensors:
-    """A ``.safetensors.zst`` file (``--compress zstd``): tensors are decompressed on read, not
-    memory-mapped (still no pickle)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def get(self, name: str) -> torch.Tensor:
-        from exporter.convert.compress import read_compressed_tensor
-
-        return read_compressed_tensor(self.path, name)
 
 
 class Archive:

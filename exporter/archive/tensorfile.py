@@ -1,4 +1,4 @@
-"""The safetensors format on the read side: the header parser and tensors from raw bytes.
+"""Tensor files on the read side: the safetensors header parser, memory maps, raw bytes.
 
 Every safetensors header the loader reads (a local file, or byte ranges of a Hub file) goes
 through :func:`read_safetensors_header`, so a stricter validating parser replaces it in one
@@ -11,9 +11,12 @@ place. Format (safetensors ``README.md``, "Format"): 8 bytes little-endian u64 `
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,3 +96,46 @@ def tensor_from_bytes(data: bytearray | memoryview, dtype: str, shape: Sequence[
     if len(data) == 0:
         return torch.empty(list(shape), dtype=torch_dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype).reshape(list(shape))
+
+
+class SafetensorsMap:
+    """A safetensors file mapped into memory; tensors are zero-copy views of the mapping."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+
+            def read(offset: int, length: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(length)
+
+            self.parsed = read_safetensors_header(read, size, str(path))
+            self.header: dict[str, Any] = self.parsed.entries
+            self._start = self.parsed.data_start
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self._start else None
+
+    def keys(self) -> list[str]:
+        return self.parsed.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        begin, end = self.parsed.span(name)
+        entry = self.header[name]
+        if end == begin:
+            return tensor_from_bytes(bytearray(), entry["dtype"], entry["shape"])
+        assert self._map is not None
+        view = memoryview(self._map)[self._start + begin:self._start + end]
+        return tensor_from_bytes(view, entry["dtype"], entry["shape"])
+
+
+class CompressedTensors:
+    """A ``.safetensors.zst`` file (``--compress zstd``): tensors are decompressed on read, not
+    memory-mapped (still no pickle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, name: str) -> torch.Tensor:
+        from exporter.convert.compress import read_compressed_tensor
+
+        return read_compressed_tensor(self.path, name)
