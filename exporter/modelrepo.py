@@ -112,7 +112,8 @@ def tokenizer_files(spec: str | None, token: str | None = None) -> dict[str, Pat
             except EntryNotFoundError:
                 continue
             except RepositoryNotFoundError as exc:
-                raise PublishError(f"--tokenizer {spec}: {exc}") from exc
+                raise PublishError(f"--tokenizer {spec}: no such model repository "
+                                   f"(or no access to it)") from exc
     else:
         path = Path(spec)
         if path.is_file():

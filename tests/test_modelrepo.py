@@ -130,3 +130,19 @@ def test_build_push_model_to_publishes_every_built_step(
     assert MODEL in card
     refused = CliRunner().invoke(cli, [*args[:-2], "--delete-after-push"])
     assert refused.exit_code == 2 and "weights kept" in refused.output
+
+
+def test_tokenizer_files_come_from_a_hub_model_repository(
+    hub_server: HubServer, archive: Path
+) -> None:
+    hub_server.seed_repo("EleutherAI/pythia-tok", {name: text.encode()
+                                                   for name, text in TOKENIZER.items()})
+
+    push_model_repo(archive, MODEL, steps=[2], tokenizer="hf://EleutherAI/pythia-tok",
+                    retry=NO_WAIT)
+
+    for name, text in TOKENIZER.items():
+        assert hub_server.read_file(MODEL, name, revision="step2").decode() == text
+    assert sorted(hub_server.branches(MODEL)) == ["main", "step2"]
+    with pytest.raises(PublishError, match="nothing-here: no such model repository"):
+        push_model_repo(archive, MODEL, tokenizer="hf://EleutherAI/nothing-here", retry=NO_WAIT)
