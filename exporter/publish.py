@@ -205,7 +205,9 @@ def _commit_message(steps: Sequence[int]) -> str:
 class Publisher:
     """Pushes one archive folder to one dataset repository and branch.
 
-    :func:`push_archive` and :func:`make_push_hook` are the ways in.
+    :func:`push_archive` and :func:`make_push_hook` are the ways in. With ``repo_type="model"``
+    :mod:`exporter.modelrepo` uses :meth:`commit_files` to fill one branch of a model repository
+    per step; ``model_repo`` is the run's model repository, linked from the dataset card.
     """
 
     def __init__(self, root: str | Path, repo_id: str, *, private: bool = False,
