@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import doctest
 import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from exporter.archive.remote import HubLocation, HubReader
 from exporter.errors import ArchiveError, IntegrityError
 from exporter.export import ExportOptions
 from exporter.pipeline import BuildOptions, build
-from exporter.publish import RetryPolicy
+from exporter.publish import RetryPolicy, push_archive
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource
 
@@ -75,12 +76,15 @@ def rows_of(archive: Path, name: str, kind: str) -> list[dict[str, object]]:
 def test_one_tensor_of_every_step_costs_its_bytes_plus_the_index(
     hub: HubServer, archive: Path, tmp_path: Path
 ) -> None:
+    pushed = Path(shutil.copytree(archive, tmp_path / "pushed"))  # push writes the card in it
+    push_archive(pushed, "neox/pushed", steps_per_commit=2, retry=NO_WAIT)
+    hub.clear_requests()
     rows = rows_of(archive, DENSE, "exp_avg")
     distinct = {r["sha256"]: r for r in rows}.values()  # equal bytes are read once, by digest
     tensor_bytes = sum(int(r["data_offset_end"]) - int(r["data_offset_begin"]) for r in distinct)
     local = open_archive(archive)
 
-    remote = open_hub(tmp_path / "cache")
+    remote = open_hub(tmp_path / "cache", "hf://datasets/neox/pushed")
     got = {step: remote.tensor(step, DENSE, kind="exp_avg") for step in remote.steps}
 
     assert all(torch.equal(got[s], local.tensor(s, DENSE, kind="exp_avg")) for s in STEPS)
