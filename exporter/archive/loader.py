@@ -162,7 +162,7 @@ class Archive:
         Hub archive, by byte range, checked against the index digest, and cached."""
         ranged = [r for r in rows if self._hub is not None and r["file"] not in self._downloaded
                   and not r["file"].endswith(".zst")]
-        found: dict[str, bytearray] = {}
+        found: dict[str, bytearray | memoryview] = {}
         if ranged:
             assert self._hub is not None
             missing = []

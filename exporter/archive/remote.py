@@ -230,21 +230,22 @@ class HubReader:
                 groups.append([span])
         return groups
 
-    def _check(self, group: list[_Span], data: bytearray) -> dict[str, bytearray]:
-        """Each tensor of a group read into ``data``, checked against its digest and cached."""
+    def _check(self, group: list[_Span], data: bytearray) -> dict[str, memoryview]:
+        """Each tensor of a group read into ``data``, checked against its digest and cached;
+        the tensors are views of ``data`` (no copy: a whole file's worth stays one buffer)."""
         start = group[0].start
         view = memoryview(data)
-        found: dict[str, bytearray] = {}
+        found: dict[str, memoryview] = {}
         for span in group:
             piece = view[span.start - start:span.end - start]
             check_tensor_bytes(piece, span.row)
             key = digest_key(span.row)
             if key not in found:
                 self.cache.put(key, piece)
-                found[key] = data if len(group) == 1 else bytearray(piece)
+                found[key] = piece
         return found
 
-    def fetch(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, bytearray]:
+    def fetch(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, memoryview]:
         """The checked bytes of each row's tensor, by digest key, read by range and cached.
 
         Every row takes part in coalescing (leaving out rows with equal bytes would leave
@@ -268,7 +269,7 @@ class HubReader:
             buffer[begin:end] = self.read_range(group[0].row["file"], first + begin,
                                                 first + end, what=what)
 
-        found: dict[str, bytearray] = {}
+        found: dict[str, memoryview] = {}
         with ThreadPoolExecutor(self.concurrency) as pool:
             list(pool.map(read, requests))
             for part in pool.map(self._check, groups, buffers):
