@@ -118,6 +118,25 @@ def test_a_second_read_transfers_nothing_and_works_offline(
         offline.tensor(8, DENSE, kind="master")
 
 
+def test_a_damaged_cache_entry_is_read_anew_not_returned(
+    hub: HubServer, archive: Path, tmp_path: Path
+) -> None:
+    [row] = [r for r in rows_of(archive, DENSE, "master") if r["step"] == 4]
+    remote = open_hub(tmp_path / "cache")
+    expected = remote.tensor(4, DENSE, kind="master")
+    entry = TensorCache(tmp_path / "cache").path(digest_key(row))
+    damaged = bytearray(entry.read_bytes())
+    damaged[0] ^= 0xFF
+    entry.write_bytes(bytes(damaged))
+    hub.clear_requests()
+
+    again = remote.tensor(4, DENSE, kind="master")
+
+    assert torch.equal(again, expected)
+    assert hub.count_requests("GET", FILES) == 1
+    assert entry.read_bytes() == expected.numpy().tobytes()
+
+
 def test_trajectory_and_stats_are_the_same_on_a_folder_and_the_hub(
     hub: HubServer, archive: Path, tmp_path: Path
 ) -> None:

@@ -6,7 +6,8 @@ holds the same bytes) reads the local file, and ``HF_HUB_OFFLINE=1`` serves what
 before. The default root is huggingface_hub's assets cache for this library
 (``cached_assets_path("neox-exporter", "tensors")``, under ``HF_ASSETS_CACHE``). Entries are
 written whole under a temporary name and renamed into place, and only after their digest was
-checked, so a present entry is complete.
+checked, so a present entry is complete; readers check an entry's digest again when they use
+it, and read a damaged one anew.
 
 The cache also remembers which commit a branch resolved to (``refs/``), so an archive opened
 offline by branch name reads the revision it read online.
@@ -69,13 +70,13 @@ class TensorCache:
     def put(self, key: str, data: bytes | bytearray | memoryview) -> Path:
         """Store ``data`` (already checked against ``key``) under ``key``; returns its path."""
         path = self.path(key)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A unique temporary name: threads may store the same digest at once.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Replaces what is there (readers store only what they found missing or damaged); a
+        # unique temporary name, since threads may store the same digest at once.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
         return path
 
     def ref_path(self, repo_id: str, revision: str) -> Path:

@@ -2,8 +2,8 @@
 
 The tensor index records each tensor's ``sha256`` (of its bytes as stored in the archive,
 computed while it was written: ``exporter/convert/stream.py``). A faster digest column may
-join it later; readers call only :func:`digest_key` and :func:`check_tensor_bytes`, so that
-change stays here.
+join it later; readers call only :func:`digest_key`, :func:`check_tensor_bytes` and
+:func:`digest_matches`, so that change stays here.
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def digest_key(row: Mapping[str, Any]) -> str:
 def describe(row: Mapping[str, Any]) -> str:
     """How errors name a tensor: kind, name, step and file."""
     return f"{row['kind']} tensor {row['name']!r} of step {row['step']} ({row['file']})"
+
+
+def digest_matches(data: bytes | bytearray | memoryview, row: Mapping[str, Any]) -> bool:
+    """Whether ``data`` are the bytes the index row records (:func:`check_tensor_bytes`)."""
+    try:
+        check_tensor_bytes(data, row)
+    except IntegrityError:
+        return False
+    return True
 
 
 def check_tensor_bytes(data: bytes | bytearray | memoryview, row: Mapping[str, Any]) -> None:

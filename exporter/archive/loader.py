@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 
 from exporter.archive.cache import TensorCache
-from exporter.archive.digest import digest_key
+from exporter.archive.digest import digest_key, digest_matches
 from exporter.archive.layout import step_dir
 from exporter.archive.query import index_dataset, matching_names, select, statistics_table
 from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
@@ -166,9 +166,9 @@ class Archive:
         if ranged:
             assert self._hub is not None
             missing = []
-            for row in ranged:
+            for row in ranged:  # cache entries are checked again: a damaged one is read anew
                 cached = self._hub.cache.get(digest_key(row))
-                if cached is not None:
+                if cached is not None and digest_matches(cached, row):
                     found[digest_key(row)] = cached
                 else:
                     missing.append(row)
