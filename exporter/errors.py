@@ -54,3 +54,7 @@ class OptionsError(ExporterError):
 
 class CatalogError(ExporterError):
     """A catalog of runs cannot be built or read: a member refused, an unknown run."""
+
+class IntegrityError(ArchiveError):
+    """Bytes read from an archive are not the ones its index records: a digest mismatch, a
+    range that came back short, or a response from another revision of the repository."""

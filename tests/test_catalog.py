@@ -71,7 +71,7 @@ def member_rows(root: Path, seed: int, stat: str, match: str, kind: str = "model
     """What a run's own archive index says, filtered as ``stats`` filters."""
     from exporter.archive.plot import name_matches
 
-    index = open_archive(root / "archives" / f"seed{seed}").index
+    index = open_archive(root / "archives" / f"seed{seed}").index.to_table()
     return [(f"seed{seed}", r["step"], r["kind"], r["name"], r["layer"], r[stat])
             for r in index.to_pylist() if r["kind"] == kind and name_matches(r["name"], match)]
 
@@ -257,7 +257,7 @@ def test_compare_a_run_with_itself_gives_cosine_one_and_distance_zero(work: Path
 
     table = pq.read_table(compare_runs(catalog, "seed1", "seed1").path).to_pylist()
 
-    assert len(table) == sum(1 for r in open_archive(archives(work)[0]).index.to_pylist()
+    assert len(table) == sum(1 for r in open_archive(archives(work)[0]).index.to_table().to_pylist()
                              if r["kind"] == "model")
     assert {r["l2_distance"] for r in table} == {0.0} and {r["relative_l2"] for r in table} == {0.0}
     nonzero = [r for r in table if r["l2_a"] > 0]

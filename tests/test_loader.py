@@ -52,7 +52,7 @@ def test_every_tensor_equals_what_safetensors_load_file_reads(
     opened = open_archive(root)
     files: dict[str, dict[str, torch.Tensor]] = {}
 
-    rows = opened.index.to_pylist()
+    rows = opened.index.to_table().to_pylist()
 
     assert {r["kind"] for r in rows} >= {"model", "state"}
     for row in rows:
@@ -87,7 +87,7 @@ def test_state_dict_is_the_model_file_of_the_step(archive: Path) -> None:
 
 def test_tensors_are_views_into_one_mapping_at_the_indexed_offsets(archive: Path) -> None:
     opened = open_archive(archive)
-    rows = {r["name"]: r for r in opened.index.to_pylist()
+    rows = {r["name"]: r for r in opened.index.to_table().to_pylist()
             if r["step"] == 8 and r["kind"] == "model"}
     first, second = "gpt_neox.embed_in.weight", DENSE
 

@@ -32,7 +32,8 @@ from exporter.errors import ArchiveError, PublishError
 from exporter.hub import publish
 from exporter.hub.calls import RetryPolicy
 from exporter.hub.files import step_files
-from exporter.hub.publish import PushEvent, make_push_hook, push_archive
+from exporter.hub.hook import make_push_hook
+from exporter.hub.publish import PushEvent, push_archive
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
@@ -92,8 +93,8 @@ def test_pushed_archive_reads_back_tensor_for_tensor(hub_server: HubServer, arch
     remote = open_archive("hf://datasets/neox/tiny")
     assert result.pushed_steps == list(STEPS) and result.skipped_steps == []
     assert remote.steps == local.steps == list(STEPS)
-    assert remote.index.equals(local.index) and remote.checkpoints.equals(local.checkpoints)
-    for row in local.index.to_pylist():
+    assert remote.index.to_table().equals(local.index.to_table()) and remote.checkpoints.equals(local.checkpoints)
+    for row in local.index.to_table().to_pylist():
         mine = local.tensor(row["step"], row["name"], row["kind"])
         theirs = remote.tensor(row["step"], row["name"], row["kind"])
         assert theirs.dtype == mine.dtype and torch.equal(theirs, mine), row["name"]

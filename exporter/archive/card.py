@@ -187,7 +187,7 @@ def _kinds(tensors: pa.Table, step: int) -> str:
 
 
 def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
-              plot_file: str | None = CARD_PLOT) -> str:
+              plot_file: str | None = CARD_PLOT, model_repo: str | None = None) -> str:
     """The card of the archive at ``root`` as published under ``repo_id``.
 
     Args:
@@ -195,6 +195,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
         repo_id: ``ORG/NAME`` of the dataset repository (used in the loading snippets).
         license: license identifier for the front matter.
         plot_file: path of the plot image relative to the root, or None for no plot.
+        model_repo: ``ORG/NAME`` of the run's model repository (one branch per step), if any.
     """
     root = Path(root)
     manifest = json.loads(manifest_path(root).read_text(encoding="utf-8"))
@@ -261,10 +262,26 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
             "Tensors, memory-mapped, with [neox-exporter](https://pypi.org/project/neox-exporter/):",
             "", "```python", "from exporter import open_archive", "",
             f"archive = open_archive(\"hf://datasets/{repo_id}\")",
-            f"w = archive.tensor({step}, \"{example}\")",
+            f"w = archive.tensor({step}, \"{example}\")   # only this tensor's bytes",
             f"weights = archive.state_dict({step})          # every model tensor of the step",
             f"state = archive.state({step})                 # iteration, lr, rng states ...",
+            f"for step, t in archive.trajectory(\"{example}\"):   # one tensor, every step",
+            "    ...",
+            "l2 = archive.stats(\"layers.*.attention.dense.weight\", stat=\"l2\")  # index only",
+            "```", "",
+            "The index is plain Parquet; with DuckDB or pandas (through `huggingface_hub`'s "
+            "`hf://` file system):", "", "```python", "import duckdb", "",
+            "duckdb.sql(\"SELECT step, name, l2 FROM "
+            f"'hf://datasets/{repo_id}/{index_glob(TENSOR_INDEX_DIR)}' "
+            "WHERE kind = 'model' AND name LIKE '%attention.dense.weight'\").df()",
             "```", ""]
+    if model_repo is not None:
+        out += ["## Model repository", "",
+                f"Every step as a `transformers` model, one branch per step as in EleutherAI's "
+                f"Pythia repositories: [{model_repo}](https://huggingface.co/{model_repo}).", "",
+                "```python", "from transformers import GPTNeoXForCausalLM", "",
+                f"model = GPTNeoXForCausalLM.from_pretrained(\"{model_repo}\", "
+                f"revision=\"step{step}\")", "```", ""]
     if model_file is not None:
         out += ["One file with `safetensors` alone:", "", "```python",
                 "from huggingface_hub import hf_hub_download",
@@ -288,7 +305,8 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
     return "\n".join(out)
 
 
-def write_card(root: str | Path, repo_id: str, *, license: str = "unknown") -> list[str]:
+def write_card(root: str | Path, repo_id: str, *, license: str = "unknown",
+               model_repo: str | None = None) -> list[str]:
     """Write ``README.md`` (and its plot, when the index has tensors to draw) into the archive.
 
     Returns:
@@ -306,6 +324,6 @@ def write_card(root: str | Path, repo_id: str, *, license: str = "unknown") -> l
         written.append(CARD_PLOT)
     except ArchiveError:
         plot_file = None  # no model tensors were exported: a card without the plot
-    text = card_text(root, repo_id, license=license, plot_file=plot_file)
+    text = card_text(root, repo_id, license=license, plot_file=plot_file, model_repo=model_repo)
     write_bytes_atomic(card_path(root), text.encode("utf-8"))
     return [CARD, *written]

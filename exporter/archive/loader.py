@@ -15,177 +15,108 @@ Example (an archive of the tiny sample run, ``neox-export build runs/tiny --out 
 Optimizer state reads the same way with ``kind="master"``, ``"exp_avg"`` or ``"exp_avg_sq"``
 (archives built with ``--include optimizer``).
 
-A Hub dataset (``hf://datasets/ORG/NAME``) is read the same way; only the files a call
-needs are downloaded (into the Hugging Face cache).
+A Hub dataset (``hf://datasets/ORG/NAME``, or ``...@REVISION`` pinned) is read the same way:
+manifest and index are downloaded (into the Hugging Face cache), and a tensor costs its byte
+range only, checked against the index digest and cached (``exporter/archive/remote.py``).
+
+Across steps, and statistics without tensors:
+    >>> [step for step, _ in archive.trajectory(DENSE, steps=[4, 8])]
+    [4, 8]
+    >>> archive.stats("layers.0.attention.dense.weight", stat="absmax").num_rows
+    5
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import operator
 import os
-import struct
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from exporter.archive.cache import TensorCache
+from exporter.archive.digest import digest_key, digest_matches
 from exporter.archive.layout import (
     CHECKPOINT_INDEX_DIR,
     MANIFEST,
     STATE_JSON,
     TENSOR_INDEX_DIR,
+    checkpoint_index_file,
     is_archive,
     model_patterns,
+    shard_step,
     step_dir,
     step_file,
     step_prefix,
+    tensor_index_file,
 )
+from exporter.archive.query import index_dataset, matching_names, select, statistics_table
+from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
+from exporter.archive.tensorfile import CompressedTensors, SafetensorsMap, tensor_from_bytes
 from exporter.errors import ArchiveError
-from exporter.records import KINDS, TORCH_DTYPES
+from exporter.hub.calls import RetryPolicy
+from exporter.records import KINDS
+
+#: the tensor the examples read
+DENSE = "gpt_neox.layers.0.attention.dense.weight"
 
 
-class _Files:
-    """Local access to archive files (a folder, or Hub downloads on demand)."""
+class _LocalFiles:
+    """Files of an archive folder."""
 
-    def __init__(self, root: Path | None = None, repo_id: str | None = None,
-                 revision: str | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.repo_id = repo_id
-        self.revision = revision
-
-    def listing(self, prefix: str) -> list[str]:
-        if self.root is not None:
-            base = self.root / prefix
-            if not base.is_dir():
-                return []
-            return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
-        from huggingface_hub import HfApi, constants
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        if constants.HF_HUB_OFFLINE:
-            return self._cached_listing(prefix)
-        try:
-            files = HfApi().list_repo_files(self.repo_id, repo_type="dataset", revision=self.revision)
-        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
-        return sorted(f for f in files if f.startswith(prefix))
-
-    def _cached_listing(self, prefix: str) -> list[str]:
-        """HF_HUB_OFFLINE: the files of the cached snapshot, as ``hf_hub_download`` reads them
-        offline (``snapshot_download(local_files_only=True)`` resolves the revision through the
-        cache's refs, as huggingface_hub does in offline mode)."""
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            folder = Path(snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
-                                            local_files_only=True, allow_patterns=[f"{prefix}/*"]))
-        except LocalEntryNotFoundError as exc:
-            raise ArchiveError(
-                f"hf://datasets/{self.repo_id}: offline mode (HF_HUB_OFFLINE) is set and the "
-                f"cache holds no snapshot of revision {self.revision or 'main'}; read it once "
-                f"online, or unset HF_HUB_OFFLINE") from exc
-        base = folder / prefix
-        if not base.is_dir():
-            return []
-        return sorted(p.relative_to(folder).as_posix() for p in base.rglob("*") if p.is_file())
 
     def path(self, relative: str) -> Path:
-        if self.root is not None:
-            path = self.root / relative
-            if not path.exists():
-                raise ArchiveError(f"{self.root}: missing {relative}")
-            return path
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
+        path = self.root / relative
+        if not path.exists():
+            raise ArchiveError(f"{self.root}: missing {relative}")
+        return path
 
-        try:
-            return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
-                                        revision=self.revision))
-        except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
-            from huggingface_hub import constants
-
-            why = ("offline mode (HF_HUB_OFFLINE) is set; read it once online, or unset "
-                   "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else
-                   f"the Hub cannot be reached ({str(exc).splitlines()[0]})")
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: {relative} (revision "
-                               f"{self.revision or 'main'}) is not in the cache and {why}") from exc
-        except EntryNotFoundError as exc:
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
-        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
+    def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
+        """The shards of an index folder, in step order (every shard present, as built)."""
+        paths = [p for p in (self.root / folder).glob("step*.parquet")
+                 if shard_step(p.name) is not None]
+        return sorted(paths, key=lambda p: shard_step(p.name) or 0)
 
 
-class SafetensorsMap:
-    """A safetensors file mapped into memory; tensors are zero-copy views of the mapping."""
+class _HubFiles:
+    """Files of a Hub archive at one commit: downloaded whole when asked for, into the
+    Hugging Face cache; the index shards are those of the manifest's steps."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise ArchiveError(f"{path}: not a safetensors file")
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > min(size - 8, 100 << 20):
-                raise ArchiveError(f"{path}: corrupt safetensors header")
-            try:
-                self.header: dict[str, Any] = json.loads(fh.read(header_len))
-            except ValueError as exc:
-                raise ArchiveError(f"{path}: corrupt safetensors header") from exc
-            self._start = 8 + header_len
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self._start else None
+    def __init__(self, reader: HubReader) -> None:
+        self.reader = reader
+        self.root = None
 
-    def keys(self) -> list[str]:
-        return [k for k in self.header if k != "__metadata__"]
+    def path(self, relative: str) -> Path:
+        return self.reader.path(relative)
 
-    def get(self, name: str) -> torch.Tensor:
-        entry = self.header.get(name)
-        if entry is None or name == "__metadata__":
-            raise KeyError(name)
-        dtype = TORCH_DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        shape = entry["shape"]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin,
-                               offset=self._start + begin)
-        return raw.view(dtype).reshape(shape)
-
-
-class CompressedTensors:
-    """A ``.safetensors.zst`` file (``--compress zstd``): tensors are decompressed on read, not
-    memory-mapped (still no pickle)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def get(self, name: str) -> torch.Tensor:
-        from exporter.convert.compress import read_compressed_tensor
-
-        return read_compressed_tensor(self.path, name)
+    def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
+        shard = tensor_index_file if folder == TENSOR_INDEX_DIR else checkpoint_index_file
+        return self.reader.paths([shard(step) for step in steps])
 
 
 class Archive:
     """An archive written by ``neox-export build``: steps, index, tensors, state.
 
-    Open one with :func:`open_archive`.
+    Open one with :func:`open_archive`. ``revision`` is the commit a Hub archive reads
+    (resolved once, when opened), None for a folder.
     """
 
-    def __init__(self, files: _Files, label: str) -> None:
+    def __init__(self, files: _LocalFiles | _HubFiles, label: str) -> None:
         self._files = files
         self.label = label
-        self._maps: dict[str, SafetensorsMap] = {}
+        self._maps: dict[str, SafetensorsMap | CompressedTensors] = {}
+        self._downloaded: dict[str, Path] = {}
+        self._hub = files.reader if isinstance(files, _HubFiles) else None
+        self.revision: str | None = self._hub.commit if self._hub is not None else None
 
     def __repr__(self) -> str:
         return f"Archive({self.label!r}, steps={self.steps})"
@@ -199,22 +130,28 @@ class Archive:
         """Completed steps, ascending."""
         return sorted(int(s) for s in self.manifest.get("steps", {}))
 
-    def _table(self, folder: str) -> pa.Table:
-        paths = [p for p in self._files.listing(folder) if p.endswith(".parquet")]
-        if not paths:
-            raise ArchiveError(f"{self.label}: no {folder} index")
-        paths.sort(key=lambda p: (len(p), p))  # step{N}.parquet in step order
-        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in paths])
-
     @cached_property
-    def index(self) -> pa.Table:
-        """The tensor index (one row per tensor per step) as a pyarrow Table."""
-        return self._table(TENSOR_INDEX_DIR)
+    def index(self) -> ds.Dataset:
+        """The tensor index (one row per tensor per step) as a pyarrow Dataset over the step
+        shards: filters on ``step``, ``kind`` and ``name`` are pushed down to the Parquet files.
+
+        Example:
+            >>> import pyarrow.dataset as ds
+            >>> archive = open_archive("archive")
+            >>> rows = archive.index.to_table(filter=(ds.field("step") == 8)
+            ...                               & (ds.field("kind") == "model"), columns=["name"])
+            >>> rows.num_rows
+            28
+        """
+        return index_dataset(self._files.index_paths(TENSOR_INDEX_DIR, self.steps), self.label)
 
     @cached_property
     def checkpoints(self) -> pa.Table:
         """The checkpoint index (one row per step)."""
-        return self._table(CHECKPOINT_INDEX_DIR)
+        paths = self._files.index_paths(CHECKPOINT_INDEX_DIR, self.steps)
+        if not paths:
+            raise ArchiveError(f"{self.label}: no index/checkpoints index")
+        return pa.concat_tables([pq.read_table(p) for p in paths])
 
     def _check_step(self, step: int) -> None:
         if step not in self.steps:
@@ -235,9 +172,7 @@ class Archive:
 
     def _row(self, step: int, name: str, kind: str) -> dict[str, Any]:
         step = self._check_query(step, kind)
-        mask = pc.and_(pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["name"], name)),
-                       pc.equal(self.index["kind"], kind))
-        rows = self.index.filter(mask).to_pylist()
+        rows = select(self.index, kind=kind, steps=[step], names=[name]).to_pylist()
         if not rows:
             self._check_step(step)
             raise ArchiveError(f"{self.label}: step {step} has no {kind} tensor {name!r}")
@@ -245,34 +180,151 @@ class Archive:
 
     def _map(self, relative: str) -> SafetensorsMap | CompressedTensors:
         if relative not in self._maps:
-            path = self._files.path(relative)
+            path = self._downloaded.get(relative) or self._files.path(relative)
             if relative.endswith(".zst"):
                 self._maps[relative] = CompressedTensors(path)
             else:
                 self._maps[relative] = SafetensorsMap(path)
         return self._maps[relative]
 
+    def _read(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The tensors of index rows: memory-mapped from local (or downloaded) files; from a
+        Hub archive, by byte range, checked against the index digest, and cached."""
+        ranged = [r for r in rows if self._hub is not None and r["file"] not in self._downloaded
+                  and not r["file"].endswith(".zst")]
+        found: dict[str, bytearray | memoryview] = {}
+        if ranged:
+            assert self._hub is not None
+            missing = []
+            for row in ranged:  # cache entries are checked again: a damaged one is read anew
+                cached = self._hub.cache.get(digest_key(row))
+                if cached is not None and digest_matches(cached, row):
+                    found[digest_key(row)] = cached
+                else:
+                    missing.append(row)
+            if missing:
+                found.update(self._hub.fetch(missing))
+        tensors, used = [], set()
+        for row in rows:
+            key = digest_key(row)
+            if key in found:  # a second row with the same bytes gets its own copy
+                data = found[key] if key not in used else bytearray(found[key])
+                used.add(key)
+                tensors.append(tensor_from_bytes(data, row["dtype"], row["shape"]))
+            else:
+                tensors.append(self._map(row["file"]).get(row["name"]))
+        return tensors
+
     def tensor(self, step: int, name: str, kind: str = "model") -> torch.Tensor:
-        """One tensor, memory-mapped (read-only semantics: writes stay private to the process;
-        tensors of ``--compress`` archives are decompressed instead).
+        """One tensor: memory-mapped from a local archive (read-only semantics: writes stay
+        private to the process; tensors of ``--compress`` archives are decompressed); from a
+        Hub archive, only its byte range is read, checked against its index digest and cached.
 
         Args:
             step: training step.
             name: Hugging Face name (``gpt_neox.layers.0.attention.dense.weight``).
             kind: model, master, exp_avg, exp_avg_sq, buffer or state.
+
+        Raises:
+            ArchiveError: no such step or tensor; IntegrityError when the bytes read are not
+                the ones the index records.
         """
-        row = self._row(step, name, kind)
-        return self._map(row["file"]).get(name)
+        return self._read([self._row(step, name, kind)])[0]
 
     def state_dict(self, step: int, kind: str = "model") -> dict[str, torch.Tensor]:
-        """Every tensor of one kind at one step, by name, memory-mapped."""
+        """Every tensor of one kind at one step, by name (Hub: concurrent, coalesced ranges)."""
         step = self._check_query(step, kind)
         self._check_step(step)
-        mask = pc.and_(pc.equal(self.index["step"], step), pc.equal(self.index["kind"], kind))
-        rows = self.index.filter(mask).to_pylist()
+        rows = select(self.index, kind=kind, steps=[step]).to_pylist()
         if not rows:
             raise ArchiveError(f"{self.label}: step {step} has no {kind} tensors")
-        return {r["name"]: self._map(r["file"]).get(r["name"]) for r in rows}
+        return dict(zip([r["name"] for r in rows], self._read(rows), strict=True))
+
+    def _trajectory_rows(self, name: str, kind: str,
+                         steps: Iterable[int] | None) -> list[dict[str, Any]]:
+        names = matching_names(self.index, name, kind)
+        if len(names) != 1:
+            found = ", ".join(names[:5]) if names else "none"
+            raise ArchiveError(f"{self.label}: a trajectory follows one {kind} tensor; "
+                               f"{name!r} matches {len(names)} ({found})")
+        wanted = self.steps if steps is None else sorted(set(steps))
+        for step in wanted:
+            self._check_step(step)
+        rows = select(self.index, kind=kind, steps=wanted, names=names).to_pylist()
+        return sorted(rows, key=lambda r: r["step"])
+
+    def trajectory(self, name: str, kind: str = "model", steps: Iterable[int] | None = None, *,
+                   stack: bool = False, memory_budget: int = 2 << 30
+                   ) -> Iterator[tuple[int, torch.Tensor]] | tuple[list[int], torch.Tensor]:
+        """One tensor across steps, in step order, reading only its bytes.
+
+        Args:
+            name: a tensor name, or a glob matching exactly one (``layers.3.*dense.weight``).
+            kind: model, master, exp_avg, exp_avg_sq, buffer or state.
+            steps: the steps to read (all when None).
+            stack: return ``(steps, tensor)`` with the tensors stacked on a new first
+                dimension, when they fit in ``memory_budget`` bytes; otherwise yield
+                ``(step, tensor)`` pairs (Hub archives read ahead a window of steps
+                concurrently).
+            memory_budget: the most bytes ``stack=True`` may hold.
+
+        Raises:
+            ArchiveError: the name matches no tensor or several, an unknown step, or a stack
+                over the budget.
+
+        Example:
+            >>> archive = open_archive("archive")
+            >>> [step for step, _ in archive.trajectory("layers.0.attention.dense.weight")]
+            [0, 1, 2, 4, 8]
+            >>> steps, stacked = archive.trajectory(DENSE, stack=True)
+            >>> tuple(stacked.shape)
+            (5, 32, 32)
+        """
+        rows = self._trajectory_rows(name, kind, steps)
+        if stack:
+            total = sum(r["data_offset_end"] - r["data_offset_begin"] for r in rows)
+            if total > memory_budget:
+                raise ArchiveError(f"{self.label}: {len(rows)} steps of {rows[0]['name']!r} take "
+                                   f"{total} bytes, over the memory budget of {memory_budget}; "
+                                   f"iterate instead (stack=False)")
+            return [r["step"] for r in rows], torch.stack(self._read(rows))
+        return self._iterate(rows)
+
+    def _iterate(self, rows: list[dict[str, Any]]) -> Iterator[tuple[int, torch.Tensor]]:
+        window = max(1, self._hub.concurrency if self._hub is not None else 1)
+        for start in range(0, len(rows), window):
+            part = rows[start:start + window]
+            yield from zip([r["step"] for r in part], self._read(part), strict=True)
+
+    def stats(self, match: str, kind: str = "model", stat: str | Sequence[str] = "l2",
+              steps: Iterable[int] | None = None) -> pa.Table:
+        """Statistics of the tensors matching a glob, per step, from the index alone (no
+        tensor byte is read). Columns: ``step``, ``name``, ``layer``, then each statistic.
+
+        Example:
+            >>> table = open_archive("archive").stats("layers.*.attention.dense.weight")
+            >>> table.column_names, table.num_rows
+            (['step', 'name', 'layer', 'l2'], 10)
+        """
+        return statistics_table(self.index, match, kind=kind, stat=stat, steps=steps,
+                                label=self.label)
+
+    def download(self, steps: Iterable[int] | None = None,
+                 kinds: Iterable[str] | None = None) -> list[Path]:
+        """Whole files of some steps (all when None) and kinds (all when None), as local paths;
+        later reads of their tensors memory-map them instead of reading ranges. A local
+        archive's files are returned as they are."""
+        wanted = self.steps if steps is None else sorted(set(steps))
+        for step in wanted:
+            self._check_step(step)
+        table = select(self.index, steps=wanted, columns=["kind", "file"])
+        files = sorted({f for k, f in zip(table["kind"].to_pylist(), table["file"].to_pylist(),
+                                          strict=True) if kinds is None or k in set(kinds)})
+        if self._hub is None:
+            return [self._files.path(f) for f in files]
+        paths = self._hub.paths(files)
+        self._downloaded.update(zip(files, paths, strict=True))
+        return paths
 
     def state(self, step: int) -> dict[str, Any]:
         """The engine and optimizer state of a step (``state.json``)."""
@@ -282,65 +334,48 @@ class Archive:
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
         self._check_step(step)
-        if self._files.root is not None:
+        if isinstance(self._files, _LocalFiles):
             return step_dir(self._files.root, step)
         from huggingface_hub import snapshot_download
 
+        reader = self._files.reader
         folder = snapshot_download(
-            self._files.repo_id, repo_type="dataset", revision=self._files.revision,
+            reader.repo_id, repo_type="dataset", revision=reader.commit, token=reader.token,
             allow_patterns=model_patterns(step),
         )
         return Path(folder) / step_prefix(step)
 
 
-def open_archive(location: str | os.PathLike[str], revision: str | None = None) -> Archive:
-    """Open an archive folder or a Hub dataset (``hf://datasets/ORG/NAME``).
-
-    With ``HF_HUB_OFFLINE=1`` a Hub dataset is read from the Hugging Face cache (the files an
-    earlier online read downloaded), as huggingface_hub reads offline.
+def open_archive(location: str | os.PathLike[str], revision: str | None = None, *,
+                 cache_dir: str | os.PathLike[str] | None = None, concurrency: int = 8,
+                 retry: RetryPolicy | None = None, token: str | None = None) -> Archive:
+    """Open an archive folder or a Hub dataset (``hf://datasets/ORG/NAME[@REVISION]``).
 
     Args:
-        location: local archive folder, or ``hf://datasets/ORG/NAME``, or
-            ``hf://datasets/ORG/NAME@REVISION`` (a branch, tag or commit).
-        revision: Hub branch or commit (Hub datasets only; or ``@REVISION`` in ``location``).
+        location: local archive folder, or ``hf://datasets/ORG/NAME``, optionally pinned to a
+            branch, tag or commit with ``@REVISION``.
+        revision: Hub branch or commit (same as ``@REVISION``); ``main`` when neither.
+        cache_dir: where tensors read by range are cached (default: under the Hugging Face
+            assets cache, ``HF_ASSETS_CACHE``).
+        concurrency: Hub requests in flight at once.
+        retry: backoff for transient Hub errors.
+        token: Hub token (``HF_TOKEN`` or the saved login when None).
 
     Example:
-        >>> import pyarrow.compute as pc
         >>> archive = open_archive("archive")
         >>> archive.checkpoints.column("iteration").to_pylist()
         [0, 1, 2, 4, 8]
-        >>> model = archive.index.filter(pc.equal(archive.index["kind"], "model"))
+        >>> model = archive.index.to_table(filter=ds.field("kind") == "model")
         >>> model.num_rows // len(archive.steps)          # tensors per step
         28
     """
     text = str(location)
-    if text.startswith("hf://"):
-        repo = text.removeprefix("hf://")
-        if not repo.startswith("datasets/"):
-            raise ArchiveError(f"{text}: archives live in dataset repositories (hf://datasets/ORG/NAME)")
-        repo_id = repo.removeprefix("datasets/").strip("/")
-        # hf://datasets/ORG/NAME@REVISION, as huggingface_hub's HfFileSystem spells a revision
-        # (hf_file_system.py, resolve_path: "@" splits the repository from the revision).
-        repo_id, at, pinned = repo_id.partition("@")
-        if at:
-            if not pinned:
-                raise ArchiveError(f"{text}: no revision after '@' (hf://datasets/ORG/NAME@BRANCH)")
-            if revision not in (None, pinned):
-                raise ArchiveError(f"{text}: revision {revision!r} given as well; give one of them")
-            revision = pinned
-        _check_dataset_id(text, repo_id)
-        return Archive(_Files(repo_id=repo_id, revision=revision), text)
+    if text.startswith(HUB_PREFIX):
+        where = parse_hub_location(text, revision)
+        reader = HubReader(where, cache=TensorCache(cache_dir), retry_policy=retry,
+                           concurrency=concurrency, token=token)
+        return Archive(_HubFiles(reader), f"hf://datasets/{where.repo_id}@{reader.commit}")
     root = Path(location)
     if not is_archive(root):
         raise ArchiveError(f"{root}: not an archive (no {MANIFEST})")
-    return Archive(_Files(root=root), str(root))
-
-
-def _check_dataset_id(text: str, repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise ArchiveError(f"{text}: {repo_id!r} is not a Hub repository id "
-                           f"(hf://datasets/ORG/NAME[@REVISION]): {exc}") from None
+    return Archive(_LocalFiles(root), str(root))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from exporter.errors import ArchiveError
 from exporter.files import write_bytes_atomic
@@ -49,7 +50,8 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
 
 
-def statistic_series(index: pa.Table, stat: str, match: str, kind: str = "model") -> list[Series]:
+def statistic_series(index: pa.Table | ds.Dataset, stat: str, match: str,
+                     kind: str = "model") -> list[Series]:
     """The ``stat`` column of every ``kind`` tensor whose name matches, one series per tensor.
 
     Series come in layer order (tensors outside blocks last), then by name.
@@ -59,7 +61,11 @@ def statistic_series(index: pa.Table, stat: str, match: str, kind: str = "model"
     """
     if stat not in STATISTICS:
         raise ArchiveError(f"unknown statistic {stat!r}; choose from {', '.join(STATISTICS)}")
-    rows = index.filter(pc.equal(index["kind"], kind)).select(["step", "name", "layer", stat])
+    columns = ["step", "name", "layer", stat]
+    if isinstance(index, ds.Dataset):  # Archive.index: the kind filter is pushed down
+        rows = index.to_table(filter=ds.field("kind") == kind, columns=columns)
+    else:
+        rows = index.filter(pc.equal(index["kind"], kind)).select(columns)
     by_name: dict[str, list[tuple[int, float | None]]] = {}
     layers: dict[str, int | None] = {}
     for row in rows.to_pylist():
@@ -96,7 +102,7 @@ def log_steps(steps: list[int], logx: bool | None = None) -> bool:
     return bool(positive) and max(positive) / min(positive) >= LOG_SPAN
 
 
-def plot_statistic(index: pa.Table, *, stat: str = "l2",
+def plot_statistic(index: pa.Table | ds.Dataset, *, stat: str = "l2",
                    match: str = "layers.*.attention.dense.weight", kind: str = "model",
                    out: str | os.PathLike[str], title: str | None = None,
                    logx: bool | None = None) -> Path:

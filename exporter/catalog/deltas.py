@@ -92,8 +92,8 @@ def compute_deltas(archive: str | os.PathLike[str], *, kinds: Sequence[str] = ("
     steps = opened.steps
     if len(steps) < 2:
         raise CatalogError(f"{root}: deltas need two completed steps, the archive has {steps}")
-    index = opened.index.select(["step", "kind", "name", "layer", "data_offset_begin",
-                                 "data_offset_end"])
+    index = opened.index.to_table(columns=["step", "kind", "name", "layer", "data_offset_begin",
+                                           "data_offset_end"])
     selected = index.filter(pc.is_in(index["kind"], pa.array(list(kinds), pa.string())))
     names = set((matching_names(selected["name"], match) if match is not None
                  else pc.unique(selected["name"])).to_pylist())

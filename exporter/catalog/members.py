@@ -162,7 +162,7 @@ def read_member(archive: Archive, label: str) -> MemberTables:
     if not len(steps):
         raise CatalogError(f"{label}: refused: the archive has no completed steps")
     tables = []
-    for what, expected, read in (("tensor index", TENSOR_SCHEMA, lambda: archive.index),
+    for what, expected, read in (("tensor index", TENSOR_SCHEMA, lambda: archive.index.to_table()),
                                  ("checkpoint index", CHECKPOINT_SCHEMA,
                                   lambda: archive.checkpoints)):
         try:

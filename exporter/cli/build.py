@@ -62,6 +62,10 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
               help=f"With --push-to: {LICENSE_HELP}")
 @click.option("--token", default=None, callback=check_token,
               help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@click.option("--push-model-to", default=None, metavar="ORG/NAME",
+              help="After the build, publish each step as branch stepN of this model repository.")
+@click.option("--tokenizer", default=None, metavar="PATH|hf://ORG/NAME",
+              help="With --push-model-to: tokenizer files to add to every branch.")
 @verbosity_options
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
@@ -69,7 +73,7 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
           push_to: str | None, delete_after_push: bool, license_id: str | None,
-          token: str | None) -> None:
+          token: str | None, push_model_to: str | None, tokenizer: str | None) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -103,17 +107,22 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
     for given, name in ((delete_after_push, "--delete-after-push"), (license_id, "--license")):
         if given and not push_to:
             raise click.BadParameter("needs --push-to", param_hint=name)
+    if delete_after_push and push_model_to:
+        raise click.BadParameter("the model repository needs the weights kept",
+                                 param_hint="--delete-after-push")
+    if tokenizer and not push_model_to:
+        raise click.BadParameter("needs --push-model-to", param_hint="--tokenizer")
     src = open_source(source, **hub)
     quiet = is_quiet() or log_json
     hook = None
     if push_to:
         from exporter.cli.hub import echo_push_event
         from exporter.hub.calls import require_token
-        from exporter.hub.publish import make_push_hook
+        from exporter.hub.hook import make_push_hook
 
         token = require_token(token)
         hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, token=token,
-                              license=license_id,
+                              license=license_id, model_repo=push_model_to,
                               progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
@@ -123,6 +132,11 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         url = hook.flush().url
         if not quiet:
             click.echo(f"pushed: {url}")
+    if push_model_to and not summary.count("failed"):
+        from exporter.cli.hub import push_model_to as publish_model
+
+        publish_model(out_dir, push_model_to, dataset_repo=push_to, tokenizer=tokenizer,
+                      token=token, quiet=quiet)
     if log_json:
         click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
                                "steps_skipped": summary.count("skipped"),

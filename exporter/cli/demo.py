@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"    {r['step']:>4} {r['iteration']:>4} {r['skipped_steps']:>3} "
               f"{r['loss_scale']:>10} {r['adam_step']:>4}")
-    print(f"\ndemo done: archive at {archive} ({arc.index.num_rows} tensors indexed)")
+    print(f"\ndemo done: archive at {archive} ({arc.index.count_rows()} tensors indexed)")
     return 0
 
 

@@ -52,9 +52,15 @@ LICENSE_HELP = ("License of the dataset card: one of the Hub's identifiers (apac
 @click.option("--license", "license_id", default=None, callback=license_option, help=LICENSE_HELP)
 @click.option("--token", default=None, callback=check_token,
               help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
+@click.option("--model-repo", default=None, metavar="ORG/NAME",
+              help="Also publish each step as branch stepN of this model repository (Pythia's "
+                   "layout), linked from the dataset card.")
+@click.option("--tokenizer", default=None, metavar="PATH|hf://ORG/NAME",
+              help="With --model-repo: tokenizer files to add to every branch.")
 @verbosity_options
 def push(archive: Path, repo_id: str, revision: str | None, private: bool,
-         steps_per_commit: int, license_id: str | None, token: str | None) -> None:
+         steps_per_commit: int, license_id: str | None, token: str | None,
+         model_repo: str | None, tokenizer: str | None) -> None:
     """Publish an archive as the Hub dataset REPO_ID (ORG/NAME), whole steps per commit.
 
     Steps already on the Hub with the same sha256s are skipped, so an interrupted push
@@ -65,14 +71,32 @@ def push(archive: Path, repo_id: str, revision: str | None, private: bool,
     from exporter.hub.calls import require_token
     from exporter.hub.publish import push_archive
 
+    if tokenizer and not model_repo:
+        raise click.BadParameter("needs --model-repo", param_hint="--tokenizer")
     token = require_token(token)
     result = push_archive(archive, repo_id, private=private, revision=revision,
                           steps_per_commit=steps_per_commit, token=token,
-                          license=license_id,
+                          license=license_id, model_repo=model_repo,
                           progress=None if is_quiet() else echo_push_event)
     say(f"{result.url}: {len(result.commits)} commit(s), "
-               f"{len(result.pushed_steps)} step(s) pushed, "
-               f"{len(result.skipped_steps)} already there")
+        f"{len(result.pushed_steps)} step(s) pushed, "
+        f"{len(result.skipped_steps)} already there")
+    if model_repo:
+        push_model_to(archive, model_repo, dataset_repo=repo_id, tokenizer=tokenizer,
+                      private=private, token=token, quiet=is_quiet())
+
+
+def push_model_to(archive: Path, model_repo: str, *, dataset_repo: str | None,
+                  tokenizer: str | None, private: bool = False, token: str | None = None,
+                  quiet: bool = False) -> None:
+    """Publish the archive's steps as branches of ``model_repo`` and report it."""
+    from exporter.hub.modelrepo import push_model_repo
+
+    result = push_model_repo(archive, model_repo, tokenizer=tokenizer, dataset_repo=dataset_repo,
+                             private=private, token=token,
+                             progress=None if quiet else echo_push_event)
+    say(f"model repo {result.url}: {len(result.commits)} commit(s), "
+        f"{len(result.branches)} branch(es)")
 
 
 @click.command()

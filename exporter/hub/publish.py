@@ -86,14 +86,17 @@ def _commit_message(steps: Sequence[int]) -> str:
 class Publisher:
     """Pushes one archive folder to one dataset repository and branch.
 
-    :func:`push_archive` and :func:`make_push_hook` are the ways in.
+    :func:`push_archive` and :func:`make_push_hook` are the ways in. With ``repo_type="model"``
+    :mod:`exporter.hub.modelrepo` uses :meth:`commit_files` to fill one branch of a model repository
+    per step; ``model_repo`` is the run's model repository, linked from the dataset card.
     """
 
     def __init__(self, root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, token: str | None = None,
                  steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str | None = None,
                  delete_after_push: bool = False, retry: RetryPolicy | None = None,
-                 progress: Callable[[PushEvent], None] | None = None) -> None:
+                 progress: Callable[[PushEvent], None] | None = None,
+                 repo_type: str = REPO_TYPE, model_repo: str | None = None) -> None:
         from huggingface_hub import HfApi
 
         check_repo_id(repo_id)
@@ -108,6 +111,8 @@ class Publisher:
         # when the card is written.
         self.license = check_license(license) if license is not None else None
         self.delete_after_push = delete_after_push
+        self.repo_type = repo_type
+        self.model_repo = model_repo  # linked from the dataset card
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
         self.api = HfApi(token=token)
@@ -133,22 +138,30 @@ class Publisher:
             raise PublishError(f"could not {what} ({self.repo_id}): {exc}") from exc
 
     def _head(self) -> str:
-        return str(self.api.repo_info(self.repo_id, repo_type=REPO_TYPE, revision=self.revision).sha)
+        return str(self.api.repo_info(self.repo_id, repo_type=self.repo_type, revision=self.revision).sha)
 
     def _remote_files(self, paths: Sequence[str] | None, revision: str) -> dict[str, RemoteFile]:
         """Files at ``revision``: the given paths, or the whole tree."""
         if paths is None:
             items: list[Any] = list(self.api.list_repo_tree(
-                self.repo_id, repo_type=REPO_TYPE, revision=revision, recursive=True))
+                self.repo_id, repo_type=self.repo_type, revision=revision, recursive=True))
         else:
             # In chunks, as huggingface_hub's own preupload calls go (_commit_api.py,
             # `_fetch_upload_modes`: 256 paths per request).
             items = [item for start in range(0, len(paths), PATHS_PER_REQUEST)
                      for item in self.api.get_paths_info(
                          self.repo_id, list(paths[start:start + PATHS_PER_REQUEST]),
-                         repo_type=REPO_TYPE, revision=revision)]
+                         repo_type=self.repo_type, revision=revision)]
         return {item.path: RemoteFile.of_entry(item)
                 for item in items if hasattr(item, "lfs")}  # RepoFile, not RepoFolder
+
+    def _ensure_repo(self) -> None:
+        """Create the repository and the branch if they are missing."""
+        self._call("create the repository", lambda: self.api.create_repo(
+            self.repo_id, repo_type=self.repo_type, private=self.private, exist_ok=True))
+        if self.revision != "main":
+            self._call("create the branch", lambda: self.api.create_branch(
+                self.repo_id, repo_type=self.repo_type, branch=self.revision, exist_ok=True))
 
     def _commit(self, files: Sequence[LocalFile], message: str) -> str | None:
         """Commit whichever of ``files`` the remote lacks; the commit id, or None if none.
@@ -171,7 +184,7 @@ class Publisher:
                     operations[f.path] = f.operation()
             posted = True
             info = self.api.create_commit(
-                self.repo_id, [operations[f.path] for f in missing], repo_type=REPO_TYPE,
+                self.repo_id, [operations[f.path] for f in missing], repo_type=self.repo_type,
                 revision=self.revision, commit_message=message, parent_commit=head)
             return str(info.oid)
 
@@ -198,11 +211,7 @@ class Publisher:
     def push_steps(self, steps: Iterable[int]) -> None:
         """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
         if self._remote is None:
-            self._call("create the repository", lambda: self.api.create_repo(
-                self.repo_id, repo_type=REPO_TYPE, private=self.private, exist_ok=True))
-            if self.revision != "main":
-                self._call("create the branch", lambda: self.api.create_branch(
-                    self.repo_id, repo_type=REPO_TYPE, branch=self.revision, exist_ok=True))
+            self._ensure_repo()
             self._remote = self._call("list the remote files",
                                       lambda: self._remote_files(None, self.revision))
         pending: list[tuple[int, list[LocalFile]]] = []
@@ -249,7 +258,7 @@ class Publisher:
         deleted = {**deleted_after_push(self.root, step), **doomed}
         # Recorded before anything is removed: a crash in between leaves files that a build
         # finds complete anyway.
-        write_push_record(self.root, step, PushRecord(self.repo_id, REPO_TYPE, self.revision,
+        write_push_record(self.root, step, PushRecord(self.repo_id, self.repo_type, self.revision,
                                                       commit, deleted))
         for path in doomed:
             (self.root / path).unlink()
@@ -268,7 +277,8 @@ class Publisher:
             else:
                 log.info("dataset card license: %s (from %s)", chosen, origin)
             self.license = chosen
-        written = write_card(self.root, self.repo_id, license=self.license)
+        written = write_card(self.root, self.repo_id, license=self.license,
+                             model_repo=self.model_repo)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
                  for path in [*written, MANIFEST]]
         commit = self._commit(files, "Update dataset card and manifest")
@@ -281,11 +291,7 @@ class Publisher:
         """Commit files that belong to no step (a catalog's tables and card) the way steps
         are committed: repository and branch created if missing, only what the remote lacks
         sent, each file read back and checked. The commit id, None if already up to date."""
-        self._call("create the repository", lambda: self.api.create_repo(
-            self.repo_id, repo_type=REPO_TYPE, private=self.private, exist_ok=True))
-        if self.revision != "main":
-            self._call("create the branch", lambda: self.api.create_branch(
-                self.repo_id, repo_type=REPO_TYPE, branch=self.revision, exist_ok=True))
+        self._ensure_repo()
         commit = self._commit(files, message)
         remote = self._call("read back the commit", lambda: self._remote_files(
             [f.path for f in files], commit or self._head()))
@@ -312,7 +318,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
                  token: str | None = None, license: str | None = None,
                  retry: RetryPolicy | None = None,
-                 progress: Callable[[PushEvent], None] | None = None) -> PushResult:
+                 progress: Callable[[PushEvent], None] | None = None,
+                 model_repo: str | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
 
     Args:
@@ -327,6 +334,7 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
             model's (``exporter.hub.licenses``), else ``unknown``.
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
+        model_repo: the run's model repository (:mod:`exporter.hub.modelrepo`), linked from the card.
 
     Returns:
         The commits made, and the steps pushed or found on the remote already.
@@ -342,51 +350,4 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
     """
     return Publisher(root, repo_id, private=private, revision=revision, token=token,
                      steps_per_commit=steps_per_commit, license=license, retry=retry,
-                     progress=progress).push_all()
-
-
-class PushHook:
-    """Publishes steps as a build finishes them: ``BuildOptions(on_step_done=hook)``.
-
-    Steps are committed ``steps_per_commit`` at a time; :meth:`flush` commits the rest (and
-    any completed step the remote lacks, such as steps a resumed build skipped), then the card.
-    """
-
-    def __init__(self, publisher: Publisher) -> None:
-        self.publisher = publisher
-        self._pending: list[int] = []
-
-    def __call__(self, step: int) -> None:
-        self._pending.append(step)
-        if len(self._pending) >= self.publisher.steps_per_commit:
-            self.publisher.push_steps(self._pending)
-            self._pending = []
-
-    def flush(self) -> PushResult:
-        """Push what is left and the card; returns everything this hook did."""
-        self._pending = []
-        return self.publisher.push_all()
-
-
-def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
-                   revision: str | None = None,
-                   steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
-                   license: str | None = None, delete_after_push: bool = False,
-                   retry: RetryPolicy | None = None,
-                   progress: Callable[[PushEvent], None] | None = None) -> PushHook:
-    """A build hook that publishes each finished step (``build --push-to``).
-
-    With ``delete_after_push`` the safetensors files of a step are removed once the remote
-    holds them with their sha256s; index shards, small files and manifest stay, and
-    ``ARCHIVE/.push/step{N}.json`` records what was removed (:func:`deleted_after_push`).
-    Call ``hook.flush()`` after the build.
-
-    Example:
-        >>> hook = make_push_hook("archive", "me/pythia-tiny-checkpoints")     # doctest: +SKIP
-        >>> build(source, "archive", BuildOptions(on_step_done=hook))          # doctest: +SKIP
-        >>> hook.flush()                                                       # doctest: +SKIP
-    """
-    return PushHook(Publisher(root, repo_id, private=private, revision=revision, token=token,
-                              steps_per_commit=steps_per_commit, license=license,
-                              delete_after_push=delete_after_push, retry=retry,
-                              progress=progress))
+                     progress=progress, model_repo=model_repo).push_all()

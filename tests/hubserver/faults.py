@@ -8,7 +8,12 @@ decoded URL path (no query string), and fires a limited number of times. What it
 - ``drop_response``: handle the request, send the headers and ``after_bytes`` of the body,
   then close the connection;
 - ``lose_response``: handle the request completely (a commit lands), then close the
-  connection without sending a single byte of the response.
+  connection without sending a single byte of the response;
+- ``short_range``: handle the request, then send only the first ``after_bytes`` bytes of the
+  body with headers that agree (``Content-Length``, and ``Content-Range`` for a 206): a
+  well-formed response that holds less than was asked;
+- ``rewrite_headers``: handle the request and send the response with ``headers`` replacing
+  its own (e.g. another ``X-Repo-Commit``).
 
 A close is a plain FIN, or a TCP reset (RST) when ``reset`` is set: the client sees the first
 as an incomplete message (httpx ``RemoteProtocolError``) and the second as a connection reset
@@ -23,7 +28,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultAction = Literal["status", "drop_request", "drop_response", "lose_response"]
+FaultAction = Literal[
+    "status", "drop_request", "drop_response", "lose_response", "short_range", "rewrite_headers"
+]
 
 
 @dataclass
@@ -65,7 +72,8 @@ class FaultRule:
 class RequestRecord:
     """One request as the server saw it.
 
-    ``headers`` has lower-case names; ``status`` is None when no response was due.
+    ``headers`` has lower-case names; ``status`` is None when no response was due;
+    ``body_bytes`` counts the bytes of response body the server wrote to the socket.
     """
 
     method: str
@@ -74,6 +82,7 @@ class RequestRecord:
     headers: dict[str, str]
     status: int | None
     fault: FaultAction | None
+    body_bytes: int = 0
 
 
 class FaultPlan:

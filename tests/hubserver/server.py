@@ -282,6 +282,24 @@ class HubServer:
         """
         return self.faults.add(FaultRule("lose_response", path_regex, method, times, reset=reset))
 
+    def inject_short_range(
+        self, path_regex: str = r"/resolve/", *, keep: int = 0, times: int | None = 1,
+        method: str | None = "GET",
+    ) -> FaultRule:
+        """Answer the next ``times`` matching requests with only their first ``keep`` body bytes,
+        in a well-formed response (``Content-Length`` and ``Content-Range`` agree with it)."""
+        return self.faults.add(FaultRule("short_range", path_regex, method, times, after_bytes=keep))
+
+    def inject_headers(
+        self, path_regex: str, headers: Mapping[str, str], *, times: int | None = 1,
+        method: str | None = "GET",
+    ) -> FaultRule:
+        """Handle the next ``times`` matching requests, sending ``headers`` in place of the
+        response's own (``{"X-Repo-Commit": "0" * 40}`` claims another revision)."""
+        return self.faults.add(
+            FaultRule("rewrite_headers", path_regex, method, times, headers=dict(headers))
+        )
+
     def clear_faults(self) -> None:
         self.faults.clear()
 
@@ -295,6 +313,16 @@ class HubServer:
         pattern = re.compile(path_regex)
         return sum(
             1
+            for record in self.requests
+            if (method is None or record.method == method.upper()) and pattern.search(record.path)
+        )
+
+    def bytes_sent(self, method: str | None = None, path_regex: str = "") -> int:
+        """Bytes of response body sent for the requests matching ``method`` and ``path_regex``
+        (file downloads: ``path_regex=r"/resolve/"``)."""
+        pattern = re.compile(path_regex)
+        return sum(
+            record.body_bytes
             for record in self.requests
             if (method is None or record.method == method.upper()) and pattern.search(record.path)
         )

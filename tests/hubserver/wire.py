@@ -8,6 +8,7 @@ before a response goes out so a kept-alive connection stays in step.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -131,6 +132,22 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 Router = Callable[[Request], Response]
 
 
+def _shortened(response: Response, keep: int) -> Response:
+    """``response`` cut to its first ``keep`` body bytes, its headers saying so."""
+    body = response.body
+    headers = dict(response.headers)
+    if isinstance(body, FileSlice):
+        body = FileSlice(body.path, body.offset, min(keep, body.length))
+        length = body.length
+    else:
+        body = body[:keep]
+        length = len(body)
+    if range_match := re.match(r"bytes (\d+)-\d+/(\d+)", headers.get("Content-Range", "")):
+        first, total = int(range_match[1]), range_match[2]
+        headers["Content-Range"] = f"bytes {first}-{first + length - 1}/{total}"
+    return Response(status=response.status, headers=headers, body=body)
+
+
 class HubHTTPServer(ThreadingHTTPServer):
     """Threaded server on 127.0.0.1 that knows its open connections (to cut them at stop)."""
 
@@ -193,11 +210,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         rule = self.server.faults.take(self.command, path)
         action = rule.action if rule is not None else None
         status: int | None = None
+        sent = 0
         try:
             if rule is not None and rule.action == "status":
                 body.drain()
                 status = rule.status
-                self._send(
+                sent = self._send(
                     json_response(
                         {"error": f"Injected failure (HTTP {rule.status})"},
                         status=rule.status,
@@ -223,7 +241,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 if rule is not None and rule.action == "lose_response":
                     self._abort(rule.reset)
                 else:
-                    self._send(response, rule if action == "drop_response" else None)
+                    if rule is not None and rule.action == "short_range":
+                        response = _shortened(response, rule.after_bytes)
+                    elif rule is not None and rule.action == "rewrite_headers":
+                        response.headers.update(rule.headers)
+                    sent = self._send(response, rule if action == "drop_response" else None)
         finally:
             self.server.faults.record(
                 RequestRecord(
@@ -233,6 +255,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     headers={name.lower(): value for name, value in self.headers.items()},
                     status=status,
                     fault=action,
+                    body_bytes=sent,
                 )
             )
 
@@ -244,7 +267,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.server.internal_errors.append(error)
             return json_response({"error": error}, status=500)
 
-    def _send(self, response: Response, drop: FaultRule | None = None) -> None:
+    def _send(self, response: Response, drop: FaultRule | None = None) -> int:
+        """Send ``response``; returns the bytes of body written."""
         body = response.body
         length = body.length if isinstance(body, FileSlice) else len(body)
         self.send_response(response.status)
@@ -253,6 +277,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(length))
         self.end_headers()
         budget = length if drop is None else min(drop.after_bytes, length)
+        sent = 0
         if self.command != "HEAD":
             if isinstance(body, FileSlice):
                 with body.path.open("rb") as source:
@@ -261,10 +286,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     while left > 0 and (chunk := source.read(min(_CHUNK, left))):
                         self.wfile.write(chunk)
                         left -= len(chunk)
+                        sent += len(chunk)
             else:
                 self.wfile.write(body[:budget])
+                sent = len(body[:budget])
         if drop is not None:
             self._abort(drop.reset)
+        return sent
 
     def _abort(self, reset: bool) -> None:
         """Close the connection now: a FIN, or a TCP reset (linger 0) when ``reset``."""
