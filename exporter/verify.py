@@ -4,7 +4,9 @@ Checks, each reported with a count and the first failures by name:
 - ``master->model``: every fp32 master weight cast to the model dtype equals the model weight
   bitwise (mixed-precision training copies master -> model after every step: DeepSpeed
   ``stage_1_and_2.py`` ``step`` / DeeperSpeed ``stage1.py`` ``step``, "all_gather" of the
-  updated fp16 partitions);
+  updated fp16 partitions). An export written with ``--dtype`` holds that source weight cast
+  once more, so there the check is master -> source dtype -> output dtype (the source dtype
+  comes from the checkpoint index's ``model_dtype``, or the model file's metadata);
 - ``partitions``: ZeRO partition sizes add up to the parameters plus the recorded padding
   (checked while the partitions are planned);
 - ``coverage``: every tensor of every source file is accounted for, every model weight has
@@ -23,9 +25,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.archive.index import dtype_name
 from exporter.archive.layout import (
     CONFIG,
     KIND_FILES,
+    SOURCE_DTYPE_KEY,
     STATE_JSON,
     archive_of_step_dir,
     checkpoint_index_path,
@@ -37,7 +41,7 @@ from exporter.archive.layout import (
     step_dir,
     tensor_index_path,
 )
-from exporter.errors import ExporterError
+from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
 from exporter.neox.model import plan_model
@@ -119,8 +123,12 @@ def verify_checkpoint(folder: Path) -> Report:
     return Report(folder, [partitions, coverage, invariant])
 
 
-def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor) -> None:
-    cast = master.to(model.dtype)
+def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor,
+             source_dtype: torch.dtype | None = None) -> None:
+    """Count ``name`` as passed when ``master`` cast to ``source_dtype`` (the training model's
+    dtype; None: the model weight's own), then to the model weight's dtype, equals it bitwise."""
+    via = source_dtype if source_dtype is not None else model.dtype
+    cast = master.to(via).to(model.dtype)
     if cast.shape != model.shape:
         check.failures.append(f"{name}: master shape {list(cast.shape)} != model {list(model.shape)}")
     elif torch.equal(cast.view(torch.uint8) if cast.numel() else cast,
@@ -128,9 +136,10 @@ def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor)
         check.passed += 1
     else:
         differ = int((cast != model).sum())
+        path = " then ".join(dict.fromkeys(dtype_name(d) for d in (via, model.dtype)))
         check.failures.append(
-            f"{name}: master cast to {str(model.dtype).removeprefix('torch.')} differs from the "
-            f"model weight in {differ} of {model.numel()} elements"
+            f"{name}: master cast to {path} differs from the model weight in {differ} of "
+            f"{model.numel()} elements"
         )
 
 
@@ -166,6 +175,7 @@ def verify_export(folder: Path) -> Report:
     model = {k: v for p in model_paths for k, v in _tensors(p)}
     coverage.passed += len(model)
     tp_size = _tp_size(folder)
+    source_dtype = _source_dtype(folder, model_paths)
     if master_file.exists():
         for name, master in _tensors(master_file):
             if name not in model:
@@ -175,7 +185,7 @@ def verify_export(folder: Path) -> Report:
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
                 continue
             else:
-                _compare(invariant, name, master, model[name])
+                _compare(invariant, name, master, model[name], source_dtype)
     rows = _index_rows(folder)
     for row in rows:
         path = folder.parent.parent / row["file"]  # rows only exist inside an archive
@@ -193,6 +203,38 @@ def verify_export(folder: Path) -> Report:
             hashes.failures.append(f"{row['kind']} {row['name']}: sha256 does not match the index")
     checks = [coverage, invariant] + ([hashes] if rows else [])
     return Report(folder, checks)
+
+
+def _source_dtype(step_folder: Path, model_paths: list[Path]) -> torch.dtype | None:
+    """The dtype of the source checkpoint's model weights (None: not recorded, taken to be
+    the written one): the checkpoint index's ``model_dtype`` in an archive, else the
+    ``source_dtype`` metadata that :mod:`exporter.pipeline.export` writes into model files."""
+    import pyarrow.parquet as pq
+
+    root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
+    shard = checkpoint_index_path(root, step) if root is not None and step is not None else None
+    name = None
+    if shard is not None and shard.exists():
+        rows = pq.read_table(shard, columns=["model_dtype"]).to_pylist()
+        name = rows[0]["model_dtype"] if rows else None
+    elif model_paths:
+        name = _metadata(model_paths[0]).get(SOURCE_DTYPE_KEY)
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArchiveError(f"{step_folder}: recorded source dtype {name!r} is not a torch dtype")
+    return dtype
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a (plain or compressed) safetensors file."""
+    if path.name.endswith(".zst"):
+        from exporter.convert.compress import read_compressed_index
+
+        return dict(read_compressed_index(path).get("__metadata__") or {})
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def _tp_size(step_folder: Path) -> int:

@@ -39,6 +39,9 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 NEOX_CONFIG = "neox.yml"
 COMPRESSED_SUFFIX = ".zst"
+#: ``__metadata__`` key of model files: the source checkpoint's model dtype (``float16``), which
+#: ``verify`` needs when ``--dtype`` cast the weights once more.
+SOURCE_DTYPE_KEY = "source_dtype"
 
 #: The file of a step folder that holds each kind of tensor (model weights may be sharded).
 KIND_FILES = {

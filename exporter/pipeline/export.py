@@ -36,6 +36,7 @@ from exporter.archive.layout import (
     KIND_FILES,
     MODEL_SHARD_INDEX,
     NEOX_CONFIG,
+    SOURCE_DTYPE_KEY,
     STATE_JSON,
     STATE_TENSORS,
     compressed,
@@ -221,7 +222,8 @@ def _write_all(
         )
         write_json_atomic(tmp / CONFIG, config)
         weights = [j for j in model.jobs if j.kind == "model"]
-        records += _write_sharded(tmp, weights, converter, options.max_shard_size)
+        metadata = {"format": "pt", SOURCE_DTYPE_KEY: dtype_name(model.dtype)}
+        records += _write_sharded(tmp, weights, converter, options.max_shard_size, metadata)
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
             records += converter.write_file(tmp / BUFFERS, buffers, tmp)
@@ -259,14 +261,15 @@ def _compress(
 
 
 def _write_sharded(
-    tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int
+    tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int,
+    metadata: dict[str, str],
 ) -> list[WrittenRecord]:
     sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
     groups = plan_shards(jobs, sizes, max_shard_size)
     shards = list(zip(model_shard_files(len(groups)), groups, strict=True))
     records: list[WrittenRecord] = []
     for name, group in shards:
-        records += converter.write_file(tmp / name, group, tmp)
+        records += converter.write_file(tmp / name, group, tmp, metadata)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes)},
