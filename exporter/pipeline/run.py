@@ -20,7 +20,12 @@ from pathlib import Path
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
 from exporter.pipeline.export import ExportOptions
-from exporter.pipeline.step import remove_temporaries, safe_convert, step_complete
+from exporter.pipeline.step import (
+    completed_outcome,
+    remove_temporaries,
+    safe_convert,
+    step_complete,
+)
 from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
 from exporter.records import StepOutcome
@@ -109,7 +114,7 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     todo = []
     for step in selected:
         if step_complete(root, step, verify=options.verify_existing):
-            outcome = StepOutcome(step, "skipped", revision=None)
+            outcome = completed_outcome(root, step)
             outcomes.append(outcome)
             manifest.record(outcome)
             _report(options, outcome)
