@@ -19,6 +19,10 @@ what is missing, naming the head as parent: an attempt whose response was lost i
 recognised instead of repeated, and a concurrent writer makes the commit fail (HTTP 412)
 instead of interleaving. Other errors stop with :class:`~exporter.errors.PublishError`.
 
+Mixing runs: a dataset whose ``manifest.json`` names another source (or other export options)
+is refused before anything is committed, as ``build`` refuses to mix them in one folder;
+``force=True`` (``push --force``) replaces it.
+
 Rate limit: the Hub accepts about 128 commits per hour per repository; 10 steps per commit
 (the default) push the 154 steps of a Pythia run in 16 commits.
 """
@@ -91,7 +95,8 @@ class Publisher:
     def __init__(self, root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, token: str | None = None,
                  steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str = "apache-2.0",
-                 delete_after_push: bool = False, retry: RetryPolicy | None = None,
+                 delete_after_push: bool = False, force: bool = False,
+                 retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> None:
         from huggingface_hub import HfApi
 
@@ -105,6 +110,7 @@ class Publisher:
         self.steps_per_commit = steps_per_commit
         self.license = license
         self.delete_after_push = delete_after_push
+        self.force = force
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
         self.api = HfApi(token=token)
@@ -192,6 +198,27 @@ class Publisher:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         return LocalFile.of_bytes(MANIFEST, text.encode("utf-8"))
 
+    def _check_same_run(self) -> None:
+        """Refuse (unless ``force``) a remote whose manifest names another source or other
+        export options: its steps and this archive's would be mixed under one manifest."""
+        assert self._remote is not None
+        if self.force or MANIFEST not in self._remote:
+            return
+        path = self._call("read the remote manifest", lambda: self.api.hf_hub_download(
+            self.repo_id, MANIFEST, repo_type=REPO_TYPE, revision=self.revision))
+        try:
+            remote = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise PublishError(f"{self.repo_id}: unreadable remote {MANIFEST}: {exc}; "
+                               f"use --force to replace it") from exc
+        local = self.manifest()
+        for key, what in (("source", "built from"), ("options", "built with options")):
+            if remote.get(key) is not None and remote.get(key) != local.get(key):
+                raise PublishError(
+                    f"{self.repo_id} (revision {self.revision}) was {what} {remote[key]!r}, "
+                    f"but {self.root} was {what} {local.get(key)!r}; push to another dataset "
+                    f"or branch, or use --force to replace its manifest")
+
     def push_steps(self, steps: Iterable[int]) -> None:
         """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
         if self._remote is None:
@@ -202,6 +229,7 @@ class Publisher:
                     self.repo_id, repo_type=REPO_TYPE, branch=self.revision, exist_ok=True))
             self._remote = self._call("list the remote files",
                                       lambda: self._remote_files(None, self.revision))
+            self._check_same_run()
         pending: list[tuple[int, list[LocalFile]]] = []
         for step in sorted(set(steps) - self._on_remote):
             files = step_files(self.root, step)
@@ -279,7 +307,7 @@ class Publisher:
 
 def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
-                 token: str | None = None, license: str = "apache-2.0",
+                 token: str | None = None, license: str = "apache-2.0", force: bool = False,
                  retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
@@ -293,6 +321,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
             ~128 commits per hour.
         token: Hub token (``HF_TOKEN`` or the saved login when None).
         license: the card's license identifier.
+        force: push even into a dataset built from another source or with other options
+            (its manifest is replaced).
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
 
@@ -300,8 +330,9 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         The commits made, and the steps pushed or found on the remote already.
 
     Raises:
-        PublishError: a non-transient Hub error, transient ones past the retry budget, or a
-            local file that differs from its recorded sha256.
+        PublishError: a non-transient Hub error, transient ones past the retry budget, a
+            local file that differs from its recorded sha256, or (without ``force``) a
+            dataset built from another source or with other options.
 
     Example:
         >>> result = push_archive("archive", "me/pythia-tiny-checkpoints")   # doctest: +SKIP
@@ -309,8 +340,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         (2, [0, 1, 2, 4, 8])
     """
     return Publisher(root, repo_id, private=private, revision=revision, token=token,
-                     steps_per_commit=steps_per_commit, license=license, retry=retry,
-                     progress=progress).push_all()
+                     steps_per_commit=steps_per_commit, license=license, force=force,
+                     retry=retry, progress=progress).push_all()
 
 
 class PushHook:
@@ -340,7 +371,7 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
                    revision: str | None = None,
                    steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
                    license: str = "apache-2.0", delete_after_push: bool = False,
-                   retry: RetryPolicy | None = None,
+                   force: bool = False, retry: RetryPolicy | None = None,
                    progress: Callable[[PushEvent], None] | None = None) -> PushHook:
     """A build hook that publishes each finished step (``build --push-to``).
 
@@ -356,5 +387,5 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
     """
     return PushHook(Publisher(root, repo_id, private=private, revision=revision, token=token,
                               steps_per_commit=steps_per_commit, license=license,
-                              delete_after_push=delete_after_push, retry=retry,
-                              progress=progress))
+                              delete_after_push=delete_after_push, force=force,
+                              retry=retry, progress=progress))
