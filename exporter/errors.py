@@ -35,6 +35,10 @@ class ArchiveError(ExporterError):
     """An archive is missing files, or its index disagrees with its files."""
 
 
+class ArchiveLockedError(ArchiveError):
+    """Another process is writing the archive (it holds the archive's lock)."""
+
+
 class SourceError(ExporterError):
     """A checkpoint source (local folder, Hub repository) cannot be read."""
 

@@ -13,6 +13,7 @@ an archive root (``step_dir(root, 8)``).
       steps/step{N}/                     the step folder (:data:`STEP_FILES`)
       .push/step{N}.json                 local record of files removed after a verified push
       .downloads/                        Hub sources: the step being downloaded
+      .lock                              held by the command writing the archive (archive.lock)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CHECKPOINT_INDEX_DIR = "index/checkpoints"
 STEPS_DIR = "steps"
 PUSH_STATE_DIR = ".push"
 DOWNLOADS_DIR = ".downloads"
+LOCK = ".lock"
 
 # Files of a step folder, relative to it (exporter.pipeline.export writes them).
 CONFIG = "config.json"
@@ -165,6 +167,11 @@ def push_state_path(root: Path, step: int) -> Path:
 
 def downloads_dir(root: Path) -> Path:
     return root / DOWNLOADS_DIR
+
+
+def lock_path(root: Path) -> Path:
+    """The file whose ``flock`` a writer of the archive holds (:mod:`exporter.archive.lock`)."""
+    return root / LOCK
 
 
 def is_archive(root: Path) -> bool:

@@ -44,12 +44,13 @@ from exporter.cli.options import DTYPES, export_options, parse_include
               help="Publish each finished step to this Hub dataset as the build goes.")
 @click.option("--delete-after-push", is_flag=True,
               help="With --push-to: remove a step's safetensors once the Hub holds them.")
+@click.option("--wait", is_flag=True, help="If another command is writing --out, wait for it.")
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
           dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
-          push_to: str | None, delete_after_push: bool) -> None:
+          push_to: str | None, delete_after_push: bool, wait: bool) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -82,12 +83,12 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         from exporter.cli.hub import echo_push_event
         from exporter.hub.publish import make_push_hook
 
-        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
+        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, wait=wait,
                               progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
-        quiet=quiet, on_step_done=hook))
+        quiet=quiet, on_step_done=hook, wait=wait))
     if hook is not None:
         click.echo(f"pushed: {hook.flush().url}")
     if log_json:

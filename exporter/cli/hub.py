@@ -34,9 +34,11 @@ def echo_push_event(event: PushEvent) -> None:
               help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`).")
 @click.option("--force", is_flag=True,
               help="Push even into a dataset built from another source or with other options.")
+@click.option("--wait", is_flag=True, help="If another command is writing ARCHIVE, wait for it.")
 @click.pass_context
 def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, private: bool,
-         steps_per_commit: int, license_id: str, token: str | None, force: bool) -> None:
+         steps_per_commit: int, license_id: str, token: str | None, force: bool,
+         wait: bool) -> None:
     """Publish an archive as the Hub dataset REPO_ID (ORG/NAME), whole steps per commit.
 
     Steps already on the Hub with the same sha256s are skipped, so an interrupted push
@@ -49,7 +51,7 @@ def push(ctx: click.Context, archive: Path, repo_id: str, revision: str | None, 
     quiet = bool(ctx.obj and ctx.obj.get("quiet"))
     result = push_archive(archive, repo_id, private=private, revision=revision,
                           steps_per_commit=steps_per_commit, token=token, license=license_id,
-                          force=force, progress=None if quiet else echo_push_event)
+                          force=force, wait=wait, progress=None if quiet else echo_push_event)
     click.echo(f"{result.url}: {len(result.commits)} commit(s), "
                f"{len(result.pushed_steps)} step(s) pushed, "
                f"{len(result.skipped_steps)} already there")

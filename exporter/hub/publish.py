@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from exporter.archive.layout import MANIFEST, manifest_path
+from exporter.archive.lock import archive_lock
 from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
@@ -96,7 +97,7 @@ class Publisher:
                  revision: str | None = None, token: str | None = None,
                  steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str = "apache-2.0",
                  delete_after_push: bool = False, force: bool = False,
-                 retry: RetryPolicy | None = None,
+                 wait: bool | float = False, retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> None:
         from huggingface_hub import HfApi
 
@@ -111,6 +112,7 @@ class Publisher:
         self.license = license
         self.delete_after_push = delete_after_push
         self.force = force
+        self.wait = wait
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
         self.api = HfApi(token=token)
@@ -295,20 +297,22 @@ class Publisher:
                                 detail="updated" if commit else "already up to date"))
 
     def push_all(self) -> PushResult:
-        """Every completed step of the archive, then the card."""
-        steps = sorted(int(s) for s in self.manifest()["steps"])
-        if not steps:
-            raise PublishError(f"{self.root}: the archive has no completed steps to push")
-        self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
-        self.push_steps(steps)
-        self.push_card()
+        """Every completed step of the archive, then the card, under the archive's lock
+        (pushing writes the card and may delete files: :mod:`exporter.archive.lock`)."""
+        with archive_lock(self.root, wait=self.wait, command=f"push to {self.repo_id}"):
+            steps = sorted(int(s) for s in self.manifest()["steps"])
+            if not steps:
+                raise PublishError(f"{self.root}: the archive has no completed steps to push")
+            self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
+            self.push_steps(steps)
+            self.push_card()
         return self.result
 
 
 def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
                  token: str | None = None, license: str = "apache-2.0", force: bool = False,
-                 retry: RetryPolicy | None = None,
+                 wait: bool | float = False, retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
 
@@ -323,6 +327,8 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         license: the card's license identifier.
         force: push even into a dataset built from another source or with other options
             (its manifest is replaced).
+        wait: another process writing the archive makes the push wait for it (True, or at
+            most that many seconds) instead of failing at once.
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
 
@@ -333,6 +339,7 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         PublishError: a non-transient Hub error, transient ones past the retry budget, a
             local file that differs from its recorded sha256, or (without ``force``) a
             dataset built from another source or with other options.
+        ArchiveLockedError: another process is writing the archive (see ``wait``).
 
     Example:
         >>> result = push_archive("archive", "me/pythia-tiny-checkpoints")   # doctest: +SKIP
@@ -341,7 +348,7 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
     """
     return Publisher(root, repo_id, private=private, revision=revision, token=token,
                      steps_per_commit=steps_per_commit, license=license, force=force,
-                     retry=retry, progress=progress).push_all()
+                     wait=wait, retry=retry, progress=progress).push_all()
 
 
 class PushHook:
@@ -371,7 +378,8 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
                    revision: str | None = None,
                    steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
                    license: str = "apache-2.0", delete_after_push: bool = False,
-                   force: bool = False, retry: RetryPolicy | None = None,
+                   force: bool = False, wait: bool | float = False,
+                   retry: RetryPolicy | None = None,
                    progress: Callable[[PushEvent], None] | None = None) -> PushHook:
     """A build hook that publishes each finished step (``build --push-to``).
 
@@ -388,4 +396,4 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
     return PushHook(Publisher(root, repo_id, private=private, revision=revision, token=token,
                               steps_per_commit=steps_per_commit, license=license,
                               delete_after_push=delete_after_push, force=force,
-                              retry=retry, progress=progress))
+                              wait=wait, retry=retry, progress=progress))

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from exporter.archive.lock import archive_lock
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
 from exporter.pipeline.export import ExportOptions
@@ -52,6 +53,8 @@ class BuildOptions:
             (publishing hooks in here).
         log_json: one JSON line per step on stderr instead of log lines.
         quiet: no progress bars.
+        wait: another process writing the archive (holding its lock) makes the build wait
+            for it (True, or at most that many seconds) instead of failing at once.
 
     Raises:
         OptionsError: a value the build cannot use, named (checked when made).
@@ -67,6 +70,7 @@ class BuildOptions:
     on_step_done: Callable[[int], None] | None = None
     log_json: bool = False
     quiet: bool = False
+    wait: bool | float = False
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -76,6 +80,8 @@ class BuildOptions:
         if self.ray_address is not None and self.executor != "ray":
             raise OptionsError("ray_address: only used with the ray executor")
         check_step_spec(self.steps)
+        if not isinstance(self.wait, (bool, int, float)) or self.wait < 0:
+            raise OptionsError(f"wait: True, False or seconds, got {self.wait!r}")
 
 
 def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | None = None) -> BuildSummary:
@@ -91,6 +97,7 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
 
     Raises:
         ExporterError: on the first failing step, unless ``keep_going``.
+        ArchiveLockedError: another process is writing ``root`` (see ``options.wait``).
 
     Example (a sample run written by ``neox-export sample runs/tiny``):
         >>> from exporter import BuildOptions, build, open_source
@@ -103,7 +110,13 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     """
     options = options or BuildOptions()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    # Held from before the start-up clean-up: that clean-up removes partial steps, which are
+    # another build's work in progress if one is running.
+    with archive_lock(root, wait=options.wait, command=f"build from {source.uri}"):
+        return _build(source, root, options)
+
+
+def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
     start = time.perf_counter()
     manifest = Manifest(root, source.uri, options.export.manifest_entry())
     remove_temporaries(root)
