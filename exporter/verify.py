@@ -12,6 +12,10 @@ Checks, each reported with a count and the first failures by name:
 - ``coverage``: every tensor of every source file is accounted for, every model weight has
   optimizer state, and no file is left unread;
 - ``hashes`` (exports): every tensor's bytes match the sha256 in the index.
+
+Files that ``build --push-to ... --delete-after-push`` removed after a verified push
+(``.push/step{N}.json``) are not checked here: the report says which live only on the Hub,
+and where, and checks what is local.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from exporter.archive.layout import (
     step_dir,
     tensor_index_path,
 )
+from exporter.archive.push_state import read_push_record
 from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
@@ -75,15 +80,19 @@ class Check:
 
 @dataclass
 class Report:
+    """The checks of one target; ``notes`` say what was not checked here, and why."""
+
     target: Path
     checks: list[Check]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
     def text(self) -> str:
-        return "\n".join([f"verify {self.target}", *(c.line() for c in self.checks)])
+        return "\n".join([f"verify {self.target}", *(c.line() for c in self.checks),
+                          *(f"note: {n}" for n in self.notes)])
 
 
 def verify_checkpoint(folder: Path) -> Report:
@@ -170,7 +179,10 @@ def verify_export(folder: Path) -> Report:
     if not master_file.exists() and (folder / compressed(KIND_FILES["master"])).exists():
         master_file = folder / compressed(KIND_FILES["master"])
     model_paths = model_files(folder)
-    if not model_paths:
+    root, step = archive_of_step_dir(folder), folder_step(folder.name)
+    pushed = read_push_record(root, step) if root is not None and step is not None else None
+    on_hub = {p for p in (pushed.deleted if pushed else {}) if not (root / p).exists()}
+    if not model_paths and not any(Path(p).name.startswith("model") for p in on_hub):
         coverage.failures.append(f"{folder}: no model.safetensors")
     model = {k: v for p in model_paths for k, v in _tensors(p)}
     coverage.passed += len(model)
@@ -179,7 +191,8 @@ def verify_export(folder: Path) -> Report:
     if master_file.exists():
         for name, master in _tensors(master_file):
             if name not in model:
-                coverage.failures.append(f"{name}: master weight without a model weight")
+                if not on_hub:  # else the model weights are on the Hub only
+                    coverage.failures.append(f"{name}: master weight without a model weight")
             elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE):
                 # Summed / averaged shards round differently from their masters: checked on
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
@@ -187,8 +200,15 @@ def verify_export(folder: Path) -> Report:
             else:
                 _compare(invariant, name, master, model[name], source_dtype)
     rows = _index_rows(folder)
+    remote_rows = 0
     for row in rows:
         path = folder.parent.parent / row["file"]  # rows only exist inside an archive
+        if row["file"] in on_hub:
+            remote_rows += 1
+            continue
+        if not path.is_file():
+            hashes.failures.append(f"{row['kind']} {row['name']}: {row['file']} is missing")
+            continue
         if path.name.endswith(".zst"):
             from exporter.convert.compress import read_compressed_tensor
 
@@ -202,7 +222,13 @@ def verify_export(folder: Path) -> Report:
         else:
             hashes.failures.append(f"{row['kind']} {row['name']}: sha256 does not match the index")
     checks = [coverage, invariant] + ([hashes] if rows else [])
-    return Report(folder, checks)
+    notes = []
+    if pushed is not None and on_hub:
+        where = f"hf://datasets/{pushed.repo_id} at {pushed.commit or pushed.revision}"
+        notes.append(f"step {step} lives only on the Hub for {len(on_hub)} file(s) "
+                     f"({remote_rows} tensors), removed here after a verified push: {where}; "
+                     f"not checked locally")
+    return Report(folder, checks, notes)
 
 
 def _source_dtype(step_folder: Path, model_paths: list[Path]) -> torch.dtype | None:

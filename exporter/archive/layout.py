@@ -70,6 +70,7 @@ STEP_FILES = {
 }
 
 _STEP_NAME = re.compile(r"^step(\d+)$")
+_STEP_FILE = re.compile(rf"^{STEPS_DIR}/step(\d+)/")
 _SHARD_NAME = re.compile(r"^step(\d+)\.parquet$")
 
 
@@ -130,6 +131,12 @@ def model_patterns(step: int) -> list[str]:
 def shard_step(name: str) -> int | None:
     """The step of an index shard's file name (``step8.parquet``), None for other names."""
     m = _SHARD_NAME.match(name)
+    return int(m[1]) if m else None
+
+
+def file_step(relative: str) -> int | None:
+    """The step of a step folder's file, relative to the root (``steps/step8/x``), else None."""
+    m = _STEP_FILE.match(relative)
     return int(m[1]) if m else None
 
 

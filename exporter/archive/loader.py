@@ -16,7 +16,9 @@ Optimizer state reads the same way with ``kind="master"``, ``"exp_avg"`` or ``"e
 (archives built with ``--include optimizer``).
 
 A Hub dataset (``hf://datasets/ORG/NAME``) is read the same way; only the files a call
-needs are downloaded (into the Hugging Face cache).
+needs are downloaded (into the Hugging Face cache). So are the files of a local archive that
+``build --push-to ... --delete-after-push`` removed: ``.push/step{N}.json`` names the dataset
+and commit that hold them (:mod:`exporter.archive.push_state`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from exporter.archive.layout import (
     step_file,
     step_prefix,
 )
+from exporter.archive.push_state import pushed_file, read_push_record
 from exporter.errors import ArchiveError
 from exporter.records import TORCH_DTYPES
 
@@ -76,9 +79,19 @@ class _Files:
     def path(self, relative: str) -> Path:
         if self.root is not None:
             path = self.root / relative
-            if not path.exists():
+            if path.exists():
+                return path
+            pushed = pushed_file(self.root, relative)
+            if pushed is None:
                 raise ArchiveError(f"{self.root}: missing {relative}")
-            return path
+            # Removed after a verified push: read at the commit the push record names.
+            return self._download(pushed.repo_id, relative, pushed.commit or pushed.revision,
+                                  pushed.repo_type)
+        return self._download(str(self.repo_id), relative, self.revision)
+
+    @staticmethod
+    def _download(repo_id: str, relative: str, revision: str | None,
+                  repo_type: str = "dataset") -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
@@ -87,12 +100,11 @@ class _Files:
         )
 
         try:
-            return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
-                                        revision=self.revision))
+            return Path(hf_hub_download(repo_id, relative, repo_type=repo_type, revision=revision))
         except EntryNotFoundError as exc:
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
+            raise ArchiveError(f"hf://datasets/{repo_id}: missing {relative}") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-            raise ArchiveError(f"hf://datasets/{self.repo_id}: {exc}") from exc
+            raise ArchiveError(f"hf://datasets/{repo_id}: {exc}") from exc
 
 
 class SafetensorsMap:
@@ -235,14 +247,16 @@ class Archive:
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
         self._check_step(step)
+        repo_id, revision = self._files.repo_id, self._files.revision
         if self._files.root is not None:
-            return step_dir(self._files.root, step)
+            pushed = read_push_record(self._files.root, step)
+            if pushed is None or all((self._files.root / p).exists() for p in pushed.deleted):
+                return step_dir(self._files.root, step)
+            repo_id, revision = pushed.repo_id, pushed.commit or pushed.revision
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            self._files.repo_id, repo_type="dataset", revision=self._files.revision,
-            allow_patterns=model_patterns(step),
-        )
+        folder = snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                                   allow_patterns=model_patterns(step))
         return Path(folder) / step_prefix(step)
 
 
