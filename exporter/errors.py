@@ -49,3 +49,7 @@ class PublishError(ExporterError):
 
 class OptionsError(ExporterError):
     """An option has a value the tool cannot use (the message names the option and value)."""
+
+
+class HashingStopped(ExporterError):
+    """A background hash was told to stop: the step it served ended early (Ctrl-C, an error)."""

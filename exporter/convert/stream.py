@@ -14,7 +14,13 @@ and file writes all release the GIL on large buffers)::
            ┌──────────────┬───────┴───────┬─────────────────┐
       statistics     tensor sha256    file sha256     writer (page-cache writeback hints)
 
-Bounded queues between the stages keep at most a few chunks in flight. The sha256 of every
+Bounded queues between the stages keep at most a few chunks in flight. Every wait on a queue
+or a thread is bounded (:data:`WAIT_S`) and checks the pipeline's events: a KeyboardInterrupt
+can land inside ``queue.Queue``'s own ``Condition`` code in the caller thread and lose a
+wake-up (CPython ``threading.Condition.notify`` releases a waiter, then removes it) or leave the
+queue's mutex held, so a blocking ``get``/``put``/``join`` could wait forever. After an
+interrupt or error in the caller thread the stages drop their work, the caller touches no queue
+again, and threads that do not end within :data:`ABANDON_S` are left behind (daemons). The sha256 of every
 written file is computed as it is written (:attr:`Converter.written_files`), so nothing needs
 to read the output back.
 """
@@ -25,6 +31,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,8 @@ from exporter.records import TensorJob, TensorStats, WrittenFile, WrittenRecord
 CHUNK_BYTES = 8 << 20
 QUEUE_DEPTH = 2  # chunks waiting in front of each stage
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
+WAIT_S = 0.1  # longest single wait on a queue or thread before the events are checked again
+ABANDON_S = 2.0  # after an interrupt, how long the caller waits for a thread to end
 
 
 @dataclass
@@ -178,21 +187,44 @@ class _Aborted(Exception):
 _BEGIN, _END, _STOP = "begin", "end", "stop"
 
 
+def _join(thread: threading.Thread, stopped: threading.Event) -> None:
+    """Wait for ``thread`` in bounded steps; once ``stopped`` is set, for at most ABANDON_S."""
+    deadline: float | None = None
+    while thread.is_alive():
+        if stopped.is_set():
+            deadline = deadline if deadline is not None else time.monotonic() + ABANDON_S
+            if time.monotonic() >= deadline:
+                return  # a daemon thread stuck on a lost wake-up: left behind
+        thread.join(WAIT_S)
+
+
 class _Stage:
-    """A consumer thread: ``handle(kind, index, piece)`` for each item, in order."""
+    """A consumer thread: ``handle(kind, index, piece)`` for each item, in order.
+
+    ``failed``: a stage failed (the others skip their work); ``stopped``: the caller thread was
+    interrupted (every thread drops its work and ends)."""
 
     def __init__(self, name: str, handle: Callable[[str, int, _Piece | None], None],
-                 failed: threading.Event) -> None:
+                 failed: threading.Event, stopped: threading.Event) -> None:
         self.queue: queue.Queue[tuple[str, int, _Piece | None]] = queue.Queue(QUEUE_DEPTH)
         self.error: BaseException | None = None
         self._handle = handle
         self._failed = failed
+        self._stopped = stopped
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            kind, index, piece = self.queue.get()
+        while not self._stopped.is_set():
+            try:
+                kind, index, piece = self.queue.get(timeout=WAIT_S)
+            except queue.Empty:
+                continue
+            except BaseException as exc:  # noqa: BLE001 - the queue was broken by an interrupt
+                if not self._stopped.is_set():  # (its mutex released under this thread)
+                    self.error = exc
+                    self._failed.set()
+                return
             if kind == _STOP:
                 return
             try:
@@ -207,35 +239,43 @@ class _Stage:
 
     def put(self, item: tuple[str, int, _Piece | None]) -> None:
         while True:
-            if self._failed.is_set():
+            if self._failed.is_set() or self._stopped.is_set():
                 raise _Aborted
             try:
-                self.queue.put(item, timeout=0.1)
+                self.queue.put(item, timeout=WAIT_S)
                 return
             except queue.Full:
                 continue
 
     def stop(self) -> None:
-        self.queue.put((_STOP, -1, None))
-        self._thread.join()
+        """Let the thread finish its queue and end; after an interrupt, just let it end."""
+        while self._thread.is_alive() and not self._stopped.is_set():
+            try:
+                self.queue.put((_STOP, -1, None), timeout=WAIT_S)
+                break
+            except queue.Full:
+                continue
+        _join(self._thread, self._stopped)
 
 
 class _Reader:
     """Reads every job's chunks ahead of the caller in a thread of its own."""
 
-    def __init__(self, jobs: Sequence[TensorJob], chunk_bytes: int, failed: threading.Event):
+    def __init__(self, jobs: Sequence[TensorJob], chunk_bytes: int, failed: threading.Event,
+                 stopped: threading.Event):
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self._jobs = jobs
         self._chunk_bytes = chunk_bytes
         self._failed = failed
+        self._stopped = stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="convert-read", daemon=True)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._stopped.is_set()):
             try:
-                self.queue.put(item, timeout=0.1)
+                self.queue.put(item, timeout=WAIT_S)
                 return True
             except queue.Full:
                 continue
@@ -256,7 +296,7 @@ class _Reader:
         """The current job's chunks."""
         while True:
             try:
-                item = self.queue.get(timeout=0.1)
+                item = self.queue.get(timeout=WAIT_S)
             except queue.Empty:
                 if self._failed.is_set():
                     raise _Aborted from None
@@ -269,7 +309,7 @@ class _Reader:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        _join(self._thread, self._stopped)
 
 
 class _Pipeline:
@@ -319,21 +359,31 @@ class _Pipeline:
 
     def run(self) -> tuple[list[str], list[TensorStats]]:
         failed = threading.Event()
+        stopped = threading.Event()
         writers = [
-            _Stage("convert-write", self._write, failed),
-            _Stage("convert-file-sha256", self._hash_file, failed),
-            _Stage("convert-sha256", self._hash, failed),
+            _Stage("convert-write", self._write, failed, stopped),
+            _Stage("convert-file-sha256", self._hash_file, failed, stopped),
+            _Stage("convert-sha256", self._hash, failed, stopped),
         ]
-        summariser = _Stage("convert-stats", self._summarise, failed)
-        reader = _Reader(self.jobs, self.converter.chunk_bytes, failed)
+        summariser = _Stage("convert-stats", self._summarise, failed, stopped)
+        reader = _Reader(self.jobs, self.converter.chunk_bytes, failed, stopped)
         try:
             self._feed(reader, writers, summariser)
         except _Aborted:
             pass
+        except BaseException:
+            # KeyboardInterrupt (or an error) in this thread: the file is abandoned, so the
+            # threads drop their work, and no queue is touched again (see the module docstring).
+            stopped.set()
+            raise
         finally:
-            reader.stop()
-            for stage in (*writers, summariser):
-                stage.stop()
+            try:
+                reader.stop()
+                for stage in (*writers, summariser):
+                    stage.stop()
+            except BaseException:
+                stopped.set()  # interrupted while waiting for the threads: stop waiting
+                raise
         for stage in (*writers, summariser):
             if stage.error is not None:
                 raise stage.error

@@ -202,3 +202,8 @@ def safe_convert(
         log.exception("step %d: unexpected error", step)
         clear_step(root, step)
         return StepOutcome(step, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+    except BaseException:
+        # Ctrl-C: leave the step absent, not half-written (its folder may already be in place
+        # without its index); the interrupt goes on to end the build.
+        clear_step(root, step)
+        raise
