@@ -141,7 +141,7 @@ def test_sigint_at_random_instants_ends_the_build_cleanly_and_the_rerun_resumes(
                 "optimizer": (tmp_path / "opt", ["--include", "optimizer"])}
     # Instants spread over the first seconds of each build: the step's scan, the model file and
     # the start of the optimizer files ("all"), the master file ("optimizer").
-    spans = {"all": 4.0, "optimizer": 3.0}
+    spans = {"all": 3.0, "optimizer": 2.5}
     codes: list[int] = []
     try:
         for trial in range(TRIALS):
