@@ -67,6 +67,13 @@ def test_push_into_a_dataset_of_another_source_is_refused_unless_forced(
     assert _commits(hub_server, "neox/mixed") == commits
     with pytest.raises(PublishError, match="built from"):
         push_archive(second, "neox/mixed")
+    with pytest.raises(SystemExit) as refused:  # build --push-to checks before its first commit
+        main(["-q", "build", str(runs[1]), "--out", str(tmp_path / "third"), "--steps", "0",
+              "--push-to", "neox/mixed"])
+    assert refused.value.code == 1
+    error = capsys.readouterr().err
+    assert str(runs[0]) in error and str(runs[1]) in error
+    assert _commits(hub_server, "neox/mixed") == commits
 
     forced = CliRunner().invoke(cli, ["push", str(second), "neox/mixed", "--force"])
     assert forced.exit_code == 0, forced.output
