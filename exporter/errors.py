@@ -40,6 +40,10 @@ class ArchiveError(ExporterError):
     """An archive is missing files, or its index disagrees with its files."""
 
 
+class ArchiveLockedError(ArchiveError):
+    """Another process is writing the archive (it holds the archive's lock)."""
+
+
 class SourceError(ExporterError):
     """A checkpoint source (local folder, Hub repository) cannot be read."""
 
@@ -55,6 +59,11 @@ class OptionsError(ExporterError):
 class CatalogError(ExporterError):
     """A catalog of runs cannot be built or read: a member refused, an unknown run."""
 
+
 class IntegrityError(ArchiveError):
     """Bytes read from an archive are not the ones its index records: a digest mismatch, a
     range that came back short, or a response from another revision of the repository."""
+
+
+class HashingStopped(ExporterError):
+    """A background hash was told to stop: the step it served ended early (Ctrl-C, an error)."""

@@ -14,30 +14,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from exporter.errors import HashingStopped
+
 HASH_BLOCK = 8 << 20
 
 
-def file_digests(path: Path, blob_id: bool = False) -> tuple[str, str | None]:
-    """The sha256 of a file and, when asked, its git blob id, in one read."""
+def file_digests(path: Path, blob_id: bool = False,
+                 stop: threading.Event | None = None) -> tuple[str, str | None]:
+    """The sha256 of a file and, when asked, its git blob id, in one read.
+
+    ``stop``: checked before each block read; once set, raises :class:`HashingStopped` (so a
+    hash running in a thread ends within one block when its caller is interrupted).
+    """
     size = path.stat().st_size
     sha256 = hashlib.sha256()
     blob = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False) if blob_id else None
     with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_BLOCK):
+        while not (stop is not None and stop.is_set()) and (chunk := fh.read(HASH_BLOCK)):
             sha256.update(chunk)
             if blob is not None:
                 blob.update(chunk)
+    if stop is not None and stop.is_set():
+        raise HashingStopped(str(path))
     return sha256.hexdigest(), blob.hexdigest() if blob is not None else None
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file's content."""
-    return file_digests(path)[0]
+def file_sha256(path: Path, stop: threading.Event | None = None) -> str:
+    """The sha256 hex digest of a file's content (``stop``: see :func:`file_digests`)."""
+    return file_digests(path, stop=stop)[0]
 
 
 def git_blob_id(data: bytes) -> str:

@@ -4,12 +4,18 @@ Checks, each reported with a count and the first failures by name:
 - ``master->model``: every fp32 master weight cast to the model dtype equals the model weight
   bitwise (mixed-precision training copies master -> model after every step: DeepSpeed
   ``stage_1_and_2.py`` ``step`` / DeeperSpeed ``stage1.py`` ``step``, "all_gather" of the
-  updated fp16 partitions);
+  updated fp16 partitions). An export written with ``--dtype`` holds that source weight cast
+  once more, so there the check is master -> source dtype -> output dtype (the source dtype
+  comes from the checkpoint index's ``model_dtype``, or the model file's metadata);
 - ``partitions``: ZeRO partition sizes add up to the parameters plus the recorded padding
   (checked while the partitions are planned);
 - ``coverage``: every tensor of every source file is accounted for, every model weight has
   optimizer state, and no file is left unread;
 - ``hashes`` (exports): every tensor's bytes match the sha256 in the index.
+
+Files that ``build --push-to ... --delete-after-push`` removed after a verified push
+(``.push/step{N}.json``) are not checked here: the report says which live only on the Hub,
+and where, and checks what is local.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.archive.index import dtype_name
 from exporter.archive.layout import (
     CONFIG,
     KIND_FILES,
+    SOURCE_DTYPE_KEY,
     STATE_JSON,
     archive_of_step_dir,
     checkpoint_index_path,
@@ -37,7 +45,8 @@ from exporter.archive.layout import (
     step_dir,
     tensor_index_path,
 )
-from exporter.errors import ExporterError
+from exporter.archive.push_state import read_push_record
+from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import read_neox_config
 from exporter.neox.model import plan_model
@@ -75,15 +84,19 @@ class Check:
 
 @dataclass
 class Report:
+    """The checks of one target; ``notes`` say what was not checked here, and why."""
+
     target: Path
     checks: list[Check]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
     def text(self) -> str:
-        return "\n".join([f"verify {self.target}", *(c.line() for c in self.checks)])
+        return "\n".join([f"verify {self.target}", *(c.line() for c in self.checks),
+                          *(f"note: {n}" for n in self.notes)])
 
 
 def verify_checkpoint(folder: Path) -> Report:
@@ -125,8 +138,12 @@ def verify_checkpoint(folder: Path) -> Report:
     return Report(folder, [partitions, coverage, invariant])
 
 
-def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor) -> None:
-    cast = master.to(model.dtype)
+def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor,
+             source_dtype: torch.dtype | None = None) -> None:
+    """Count ``name`` as passed when ``master`` cast to ``source_dtype`` (the training model's
+    dtype; None: the model weight's own), then to the model weight's dtype, equals it bitwise."""
+    via = source_dtype if source_dtype is not None else model.dtype
+    cast = master.to(via).to(model.dtype)
     if cast.shape != model.shape:
         check.failures.append(f"{name}: master shape {list(cast.shape)} != model {list(model.shape)}")
     elif torch.equal(cast.view(torch.uint8) if cast.numel() else cast,
@@ -134,9 +151,10 @@ def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor)
         check.passed += 1
     else:
         differ = int((cast != model).sum())
+        path = " then ".join(dict.fromkeys(dtype_name(d) for d in (via, model.dtype)))
         check.failures.append(
-            f"{name}: master cast to {str(model.dtype).removeprefix('torch.')} differs from the "
-            f"model weight in {differ} of {model.numel()} elements"
+            f"{name}: master cast to {path} differs from the model weight in {differ} of "
+            f"{model.numel()} elements"
         )
 
 
@@ -167,24 +185,36 @@ def verify_export(folder: Path) -> Report:
     if not master_file.exists() and (folder / compressed(KIND_FILES["master"])).exists():
         master_file = folder / compressed(KIND_FILES["master"])
     model_paths = model_files(folder)
-    if not model_paths:
+    root, step = archive_of_step_dir(folder), folder_step(folder.name)
+    pushed = read_push_record(root, step) if root is not None and step is not None else None
+    on_hub = {p for p in (pushed.deleted if pushed else {}) if not (root / p).exists()}
+    if not model_paths and not any(Path(p).name.startswith("model") for p in on_hub):
         coverage.failures.append(f"{folder}: no model.safetensors")
     model = {k: v for p in model_paths for k, v in _tensors(p)}
     coverage.passed += len(model)
     tp_size = _tp_size(folder)
+    source_dtype = _source_dtype(folder, model_paths)
     if master_file.exists():
         for name, master in _tensors(master_file):
             if name not in model:
-                coverage.failures.append(f"{name}: master weight without a model weight")
+                if not on_hub:  # else the model weights are on the Hub only
+                    coverage.failures.append(f"{name}: master weight without a model weight")
             elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE, Merge.ROW_BIAS):
                 # Summed / averaged shards round differently from their masters: checked on
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
                 continue
             else:
-                _compare(invariant, name, master, model[name])
+                _compare(invariant, name, master, model[name], source_dtype)
     rows = _index_rows(folder)
+    remote_rows = 0
     for row in rows:
         path = folder.parent.parent / row["file"]  # rows only exist inside an archive
+        if row["file"] in on_hub:
+            remote_rows += 1
+            continue
+        if not path.is_file():
+            hashes.failures.append(f"{row['kind']} {row['name']}: {row['file']} is missing")
+            continue
         if path.name.endswith(".zst"):
             from exporter.convert.compress import read_compressed_tensor
 
@@ -203,7 +233,45 @@ def verify_export(folder: Path) -> Report:
         hashes.skipped = ("no index: a step folder outside an archive (verify the archive to "
                           "check hashes)" if archive_of_step_dir(folder) is None
                           else "no index shard for this step")
-    return Report(folder, [coverage, invariant, hashes])
+    notes = []
+    if pushed is not None and on_hub:
+        where = f"hf://datasets/{pushed.repo_id} at {pushed.commit or pushed.revision}"
+        notes.append(f"step {step} lives only on the Hub for {len(on_hub)} file(s) "
+                     f"({remote_rows} tensors), removed here after a verified push: {where}; "
+                     f"not checked locally")
+    return Report(folder, [coverage, invariant, hashes], notes)
+
+
+def _source_dtype(step_folder: Path, model_paths: list[Path]) -> torch.dtype | None:
+    """The dtype of the source checkpoint's model weights (None: not recorded, taken to be
+    the written one): the checkpoint index's ``model_dtype`` in an archive, else the
+    ``source_dtype`` metadata that :mod:`exporter.pipeline.export` writes into model files."""
+    import pyarrow.parquet as pq
+
+    root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
+    shard = checkpoint_index_path(root, step) if root is not None and step is not None else None
+    name = None
+    if shard is not None and shard.exists():
+        rows = pq.read_table(shard, columns=["model_dtype"]).to_pylist()
+        name = rows[0]["model_dtype"] if rows else None
+    elif model_paths:
+        name = _metadata(model_paths[0]).get(SOURCE_DTYPE_KEY)
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArchiveError(f"{step_folder}: recorded source dtype {name!r} is not a torch dtype")
+    return dtype
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a (plain or compressed) safetensors file."""
+    if path.name.endswith(".zst"):
+        from exporter.convert.compress import read_compressed_index
+
+        return dict(read_compressed_index(path).get("__metadata__") or {})
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def _tp_size(step_folder: Path) -> int:

@@ -14,6 +14,7 @@ an archive root (``step_dir(root, 8)``).
       steps/step{N}/                     the step folder (:data:`STEP_FILES`)
       .push/step{N}.json                 local record of files removed after a verified push
       .downloads/                        Hub sources: the step being downloaded
+      .lock                              held by the command writing the archive (archive.lock)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ASSETS_DIR = "assets"
 STEPS_DIR = "steps"
 PUSH_STATE_DIR = ".push"
 DOWNLOADS_DIR = ".downloads"
+LOCK = ".lock"
 
 # Files of a step folder, relative to it (exporter.pipeline.export writes them).
 CONFIG = "config.json"
@@ -42,6 +44,9 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 NEOX_CONFIG = "neox.yml"
 COMPRESSED_SUFFIX = ".zst"
+#: ``__metadata__`` key of model files: the source checkpoint's model dtype (``float16``), which
+#: ``verify`` needs when ``--dtype`` cast the weights once more.
+SOURCE_DTYPE_KEY = "source_dtype"
 
 #: The file of a step folder that holds each kind of tensor (model weights may be sharded).
 KIND_FILES = {
@@ -68,6 +73,7 @@ STEP_FILES = {
 }
 
 _STEP_NAME = re.compile(r"^step(\d+)$")
+_STEP_FILE = re.compile(rf"^{STEPS_DIR}/step(\d+)/")
 _SHARD_NAME = re.compile(r"^step(\d+)\.parquet$")
 
 
@@ -136,6 +142,12 @@ def shard_step(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def file_step(relative: str) -> int | None:
+    """The step of a step folder's file, relative to the root (``steps/step8/x``), else None."""
+    m = _STEP_FILE.match(relative)
+    return int(m[1]) if m else None
+
+
 def folder_step(name: str) -> int | None:
     """The step of a step folder's name (``step8``), None for other names."""
     m = _STEP_NAME.match(name)
@@ -176,6 +188,11 @@ def downloads_dir(root: Path) -> Path:
     return root / DOWNLOADS_DIR
 
 
+def lock_path(root: Path) -> Path:
+    """The file whose ``flock`` a writer of the archive holds (:mod:`exporter.archive.lock`)."""
+    return root / LOCK
+
+
 def is_archive(root: Path) -> bool:
     """Whether ``root`` holds an archive (its manifest)."""
     return manifest_path(root).is_file()
@@ -183,7 +200,7 @@ def is_archive(root: Path) -> bool:
 
 #: Names an archive root may hold (everything above); any other name is not the archive's.
 ARCHIVE_ENTRIES = frozenset({MANIFEST, CARD, CARD_PLOT.split("/")[0], TENSOR_INDEX_DIR.split("/")[0],
-                             STEPS_DIR, PUSH_STATE_DIR, DOWNLOADS_DIR})
+                             STEPS_DIR, PUSH_STATE_DIR, DOWNLOADS_DIR, LOCK})
 
 
 def foreign_entries(root: Path) -> list[Path]:

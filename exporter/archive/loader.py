@@ -24,6 +24,10 @@ Across steps, and statistics without tensors:
     [4, 8]
     >>> archive.stats("layers.0.attention.dense.weight", stat="absmax").num_rows
     5
+
+The files of a local archive that ``build --push-to ... --delete-after-push`` removed are read
+from the Hub: ``.push/step{N}.json`` names the dataset and commit that hold them
+(:mod:`exporter.archive.push_state`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from exporter.archive.access import HubFiles, LocalFiles
 from exporter.archive.cache import TensorCache
 from exporter.archive.digest import digest_key, digest_matches
 from exporter.archive.layout import (
@@ -48,15 +53,13 @@ from exporter.archive.layout import (
     MANIFEST,
     STATE_JSON,
     TENSOR_INDEX_DIR,
-    checkpoint_index_file,
     is_archive,
     model_patterns,
-    shard_step,
     step_dir,
     step_file,
     step_prefix,
-    tensor_index_file,
 )
+from exporter.archive.push_state import read_push_record
 from exporter.archive.query import index_dataset, matching_names, select, statistics_table
 from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
 from exporter.archive.tensorfile import CompressedTensors, SafetensorsMap, tensor_from_bytes
@@ -68,41 +71,6 @@ from exporter.records import KINDS
 DENSE = "gpt_neox.layers.0.attention.dense.weight"
 
 
-class _LocalFiles:
-    """Files of an archive folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, relative: str) -> Path:
-        path = self.root / relative
-        if not path.exists():
-            raise ArchiveError(f"{self.root}: missing {relative}")
-        return path
-
-    def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
-        """The shards of an index folder, in step order (every shard present, as built)."""
-        paths = [p for p in (self.root / folder).glob("step*.parquet")
-                 if shard_step(p.name) is not None]
-        return sorted(paths, key=lambda p: shard_step(p.name) or 0)
-
-
-class _HubFiles:
-    """Files of a Hub archive at one commit: downloaded whole when asked for, into the
-    Hugging Face cache; the index shards are those of the manifest's steps."""
-
-    def __init__(self, reader: HubReader) -> None:
-        self.reader = reader
-        self.root = None
-
-    def path(self, relative: str) -> Path:
-        return self.reader.path(relative)
-
-    def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
-        shard = tensor_index_file if folder == TENSOR_INDEX_DIR else checkpoint_index_file
-        return self.reader.paths([shard(step) for step in steps])
-
-
 class Archive:
     """An archive written by ``neox-export build``: steps, index, tensors, state.
 
@@ -110,12 +78,12 @@ class Archive:
     (resolved once, when opened), None for a folder.
     """
 
-    def __init__(self, files: _LocalFiles | _HubFiles, label: str) -> None:
+    def __init__(self, files: LocalFiles | HubFiles, label: str) -> None:
         self._files = files
         self.label = label
         self._maps: dict[str, SafetensorsMap | CompressedTensors] = {}
         self._downloaded: dict[str, Path] = {}
-        self._hub = files.reader if isinstance(files, _HubFiles) else None
+        self._hub = files.reader if isinstance(files, HubFiles) else None
         self.revision: str | None = self._hub.commit if self._hub is not None else None
 
     def __repr__(self) -> str:
@@ -334,10 +302,17 @@ class Archive:
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
         self._check_step(step)
-        if isinstance(self._files, _LocalFiles):
-            return step_dir(self._files.root, step)
         from huggingface_hub import snapshot_download
 
+        if isinstance(self._files, LocalFiles):
+            root = self._files.root
+            pushed = read_push_record(root, step)
+            if pushed is None or all((root / p).exists() for p in pushed.deleted):
+                return step_dir(root, step)
+            folder = snapshot_download(pushed.repo_id, repo_type="dataset",
+                                       revision=pushed.commit or pushed.revision,
+                                       allow_patterns=model_patterns(step))
+            return Path(folder) / step_prefix(step)
         reader = self._files.reader
         folder = snapshot_download(
             reader.repo_id, repo_type="dataset", revision=reader.commit, token=reader.token,
@@ -374,8 +349,8 @@ def open_archive(location: str | os.PathLike[str], revision: str | None = None, 
         where = parse_hub_location(text, revision)
         reader = HubReader(where, cache=TensorCache(cache_dir), retry_policy=retry,
                            concurrency=concurrency, token=token)
-        return Archive(_HubFiles(reader), f"hf://datasets/{where.repo_id}@{reader.commit}")
+        return Archive(HubFiles(reader), f"hf://datasets/{where.repo_id}@{reader.commit}")
     root = Path(location)
     if not is_archive(root):
         raise ArchiveError(f"{root}: not an archive (no {MANIFEST})")
-    return Archive(_LocalFiles(root), str(root))
+    return Archive(LocalFiles(root), str(root))

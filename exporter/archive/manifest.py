@@ -1,10 +1,13 @@
 """``manifest.json``: format version, tool, source, options, completed and failed steps.
 
-Only the process coordinating a build writes it, after each step, atomically.
+Only the process coordinating a build writes it, after each step, atomically, and only when
+something other than its ``updated`` time changed: a no-op rerun leaves the file as it was, so
+pushing it again makes no Hub commit (the Hub allows about 128 commits per hour).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,7 @@ class Manifest:
             "steps": {},
             "failed": {},
         }
+        self._saved: dict[str, Any] | None = None  # the file's content, less ``updated``
         if self.path.exists():
             try:
                 old = json.loads(self.path.read_text(encoding="utf-8"))
@@ -50,6 +54,7 @@ class Manifest:
                 )
             self.data["steps"] = old.get("steps", {})
             self.data["failed"] = old.get("failed", {})
+            self._saved = copy.deepcopy({k: v for k, v in old.items() if k != "updated"})
 
     def record(self, outcome: StepOutcome) -> None:
         key = str(outcome.step)
@@ -68,7 +73,12 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        """Write the manifest, stamped with the time, unless only the stamp would change."""
         self.data["steps"] = dict(sorted(self.data["steps"].items(), key=lambda kv: int(kv[0])))
         self.data["failed"] = dict(sorted(self.data["failed"].items(), key=lambda kv: int(kv[0])))
+        content = {k: v for k, v in self.data.items() if k != "updated"}
+        if content == self._saved:
+            return
         self.data["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
         write_json_atomic(self.path, self.data)
+        self._saved = copy.deepcopy(content)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exporter.archive.layout import push_state_path
+from exporter.archive.layout import file_step, push_state_path
 from exporter.files import write_json_atomic
 
 
@@ -47,6 +47,15 @@ def deleted_after_push(root: str | Path, step: int) -> dict[str, str]:
     """
     record = read_push_record(root, step)
     return record.deleted if record is not None else {}
+
+
+def pushed_file(root: str | Path, relative: str) -> PushRecord | None:
+    """The push record under which ``relative`` (``steps/step8/model.safetensors``) was
+    removed after a verified push, None if it was not: the loader then reads it from
+    ``repo_id`` at ``commit`` (or ``revision``)."""
+    step = file_step(relative)
+    record = read_push_record(root, step) if step is not None else None
+    return record if record is not None and relative in record.deleted else None
 
 
 def write_push_record(root: Path, step: int, record: PushRecord) -> None:

@@ -66,6 +66,7 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
               help="After the build, publish each step as branch stepN of this model repository.")
 @click.option("--tokenizer", default=None, metavar="PATH|hf://ORG/NAME",
               help="With --push-model-to: tokenizer files to add to every branch.")
+@click.option("--wait", is_flag=True, help="If another command is writing --out, wait for it.")
 @verbosity_options
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
@@ -73,7 +74,8 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
           push_to: str | None, delete_after_push: bool, license_id: str | None,
-          token: str | None, push_model_to: str | None, tokenizer: str | None) -> None:
+          token: str | None, push_model_to: str | None, tokenizer: str | None,
+          wait: bool) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -122,12 +124,12 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
 
         token = require_token(token)
         hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, token=token,
-                              license=license_id, model_repo=push_model_to,
+                              license=license_id, model_repo=push_model_to, wait=wait,
                               progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
-        quiet=quiet, on_step_done=hook))
+        quiet=quiet, on_step_done=hook, wait=wait))
     if hook is not None:
         url = hook.flush().url
         if not quiet:

@@ -57,10 +57,13 @@ LICENSE_HELP = ("License of the dataset card: one of the Hub's identifiers (apac
                    "layout), linked from the dataset card.")
 @click.option("--tokenizer", default=None, metavar="PATH|hf://ORG/NAME",
               help="With --model-repo: tokenizer files to add to every branch.")
+@click.option("--force", is_flag=True,
+              help="Push even into a dataset built from another source or with other options.")
+@click.option("--wait", is_flag=True, help="If another command is writing ARCHIVE, wait for it.")
 @verbosity_options
 def push(archive: Path, repo_id: str, revision: str | None, private: bool,
          steps_per_commit: int, license_id: str | None, token: str | None,
-         model_repo: str | None, tokenizer: str | None) -> None:
+         model_repo: str | None, tokenizer: str | None, force: bool, wait: bool) -> None:
     """Publish an archive as the Hub dataset REPO_ID (ORG/NAME), whole steps per commit.
 
     Steps already on the Hub with the same sha256s are skipped, so an interrupted push
@@ -76,7 +79,7 @@ def push(archive: Path, repo_id: str, revision: str | None, private: bool,
     token = require_token(token)
     result = push_archive(archive, repo_id, private=private, revision=revision,
                           steps_per_commit=steps_per_commit, token=token,
-                          license=license_id, model_repo=model_repo,
+                          license=license_id, model_repo=model_repo, force=force, wait=wait,
                           progress=None if is_quiet() else echo_push_event)
     say(f"{result.url}: {len(result.commits)} commit(s), "
         f"{len(result.pushed_steps)} step(s) pushed, "

@@ -16,6 +16,7 @@ import torch
 from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator
 
 CAST_BUFFERS = 3  # reusable CPU output buffers: one being filled, the rest downstream
+BUFFER_WAIT_S = 1.0  # longest wait for a free buffer before a new one is made
 
 Release = Callable[[], None]
 
@@ -53,7 +54,12 @@ class CpuCastEngine:
             if chunk.dtype == dtype:
                 yield chunk, None
                 continue
-            buf = self._free.get()
+            try:
+                # Bounded: a buffer whose piece was dropped (an aborted file) never comes
+                # back; the pipeline's bounded queues, not this pool, bound the memory in use.
+                buf = self._free.get(timeout=BUFFER_WAIT_S)
+            except queue.Empty:
+                buf = torch.empty(0, dtype=torch.uint8)
             nbytes = chunk.numel() * dtype.itemsize
             if buf.numel() < nbytes:
                 buf = torch.empty(nbytes, dtype=torch.uint8)

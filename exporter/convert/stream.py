@@ -14,7 +14,8 @@ and file writes all release the GIL on large buffers)::
            ┌──────────────┬───────┴───────┬─────────────────┐
       statistics     tensor sha256    file sha256     writer (page-cache writeback hints)
 
-Bounded queues between the stages keep at most a few chunks in flight. The sha256 of every
+Bounded queues between the stages keep at most a few chunks in flight; every wait on them is
+bounded, so Ctrl-C ends a write within seconds (:mod:`exporter.convert.stages`). The sha256 of every
 written file is computed as it is written (:attr:`Converter.written_files`), so nothing needs
 to read the output back.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +34,12 @@ import torch
 
 from exporter.convert.engines import CastEngine, CpuCastEngine, Release
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
+from exporter.convert.stages import BEGIN, END, Aborted, Reader, Stage
 from exporter.convert.stats import StatsAccumulator
 from exporter.errors import ExporterError
 from exporter.records import TensorJob, TensorStats, WrittenFile, WrittenRecord
 
 CHUNK_BYTES = 8 << 20
-QUEUE_DEPTH = 2  # chunks waiting in front of each stage
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
 
 
@@ -171,107 +171,6 @@ class _Piece:
             self._release()
 
 
-class _Aborted(Exception):
-    """A stage failed: the caller stops feeding and re-raises the stage's error."""
-
-
-_BEGIN, _END, _STOP = "begin", "end", "stop"
-
-
-class _Stage:
-    """A consumer thread: ``handle(kind, index, piece)`` for each item, in order."""
-
-    def __init__(self, name: str, handle: Callable[[str, int, _Piece | None], None],
-                 failed: threading.Event) -> None:
-        self.queue: queue.Queue[tuple[str, int, _Piece | None]] = queue.Queue(QUEUE_DEPTH)
-        self.error: BaseException | None = None
-        self._handle = handle
-        self._failed = failed
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            kind, index, piece = self.queue.get()
-            if kind == _STOP:
-                return
-            try:
-                if not self._failed.is_set():
-                    self._handle(kind, index, piece)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller thread
-                self.error = exc
-                self._failed.set()
-            finally:
-                if piece is not None:
-                    piece.done()
-
-    def put(self, item: tuple[str, int, _Piece | None]) -> None:
-        while True:
-            if self._failed.is_set():
-                raise _Aborted
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def stop(self) -> None:
-        self.queue.put((_STOP, -1, None))
-        self._thread.join()
-
-
-class _Reader:
-    """Reads every job's chunks ahead of the caller in a thread of its own."""
-
-    def __init__(self, jobs: Sequence[TensorJob], chunk_bytes: int, failed: threading.Event):
-        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
-        self._jobs = jobs
-        self._chunk_bytes = chunk_bytes
-        self._failed = failed
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="convert-read", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _loop(self) -> None:
-        try:
-            for job in self._jobs:
-                for chunk in job.chunks(self._chunk_bytes):
-                    if not self._put(chunk):
-                        return
-                if not self._put(_END):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller thread
-            self._put(exc)
-
-    def chunks(self) -> Iterator[torch.Tensor]:
-        """The current job's chunks."""
-        while True:
-            try:
-                item = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._failed.is_set():
-                    raise _Aborted from None
-                continue
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class _Pipeline:
     """The threads of one :meth:`Converter.write_file` call."""
 
@@ -292,9 +191,9 @@ class _Pipeline:
         return self._file_digest.hexdigest()
 
     def _hash(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if kind == _BEGIN:
+        if kind == BEGIN:
             self._tensor_digest = hashlib.sha256()
-        elif kind == _END:
+        elif kind == END:
             self.digests[index] = self._tensor_digest.hexdigest()
         else:
             assert piece is not None
@@ -309,9 +208,9 @@ class _Pipeline:
             self._file_digest.update(piece.data)
 
     def _summarise(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if kind == _BEGIN:
+        if kind == BEGIN:
             self._stats = StatsAccumulator()
-        elif kind == _END:
+        elif kind == END:
             self.stats[index] = self._stats.result()
         else:
             assert piece is not None
@@ -319,21 +218,31 @@ class _Pipeline:
 
     def run(self) -> tuple[list[str], list[TensorStats]]:
         failed = threading.Event()
+        stopped = threading.Event()
         writers = [
-            _Stage("convert-write", self._write, failed),
-            _Stage("convert-file-sha256", self._hash_file, failed),
-            _Stage("convert-sha256", self._hash, failed),
+            Stage("convert-write", self._write, failed, stopped),
+            Stage("convert-file-sha256", self._hash_file, failed, stopped),
+            Stage("convert-sha256", self._hash, failed, stopped),
         ]
-        summariser = _Stage("convert-stats", self._summarise, failed)
-        reader = _Reader(self.jobs, self.converter.chunk_bytes, failed)
+        summariser = Stage("convert-stats", self._summarise, failed, stopped)
+        reader = Reader(self.jobs, self.converter.chunk_bytes, failed, stopped)
         try:
             self._feed(reader, writers, summariser)
-        except _Aborted:
+        except Aborted:
             pass
+        except BaseException:
+            # KeyboardInterrupt (or an error) in this thread: the file is abandoned, so the
+            # threads drop their work, and no queue is touched again (see the module docstring).
+            stopped.set()
+            raise
         finally:
-            reader.stop()
-            for stage in (*writers, summariser):
-                stage.stop()
+            try:
+                reader.stop()
+                for stage in (*writers, summariser):
+                    stage.stop()
+            except BaseException:
+                stopped.set()  # interrupted while waiting for the threads: stop waiting
+                raise
         for stage in (*writers, summariser):
             if stage.error is not None:
                 raise stage.error
@@ -342,13 +251,13 @@ class _Pipeline:
             raise ExporterError("conversion pipeline finished without every tensor's statistics")
         return self.digests, stats
 
-    def _feed(self, reader: _Reader, writers: list[_Stage], summariser: _Stage) -> None:
+    def _feed(self, reader: Reader, writers: list[Stage], summariser: Stage) -> None:
         for index, (job, spec) in enumerate(zip(self.jobs, self.specs, strict=True)):
             engine = self.converter.engine_for(job)
             stats = StatsAccumulator()
             users = writers if engine.computes_stats else [*writers, summariser]
             for stage in users:
-                stage.put((_BEGIN, index, None))
+                stage.put((BEGIN, index, None))
             source = _Counted(reader.chunks(), self.converter.progress)
             for values, release in engine.cast(source, spec.dtype, stats):
                 piece = _Piece(values, release, len(users))
@@ -362,7 +271,7 @@ class _Pipeline:
             if engine.computes_stats:
                 self.stats[index] = stats.result()
             for stage in users:
-                stage.put((_END, index, None))
+                stage.put((END, index, None))
 
 
 class _Counted:

@@ -41,6 +41,7 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
                    revision: str | None = None,
                    steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, token: str | None = None,
                    license: str | None = None, delete_after_push: bool = False,
+                   force: bool = False, wait: bool | float = False,
                    retry: RetryPolicy | None = None,
                    progress: Callable[[PushEvent], None] | None = None,
                    model_repo: str | None = None) -> PushHook:
@@ -58,5 +59,5 @@ def make_push_hook(root: str | Path, repo_id: str, *, private: bool = False,
     """
     return PushHook(Publisher(root, repo_id, private=private, revision=revision, token=token,
                               steps_per_commit=steps_per_commit, license=license,
-                              delete_after_push=delete_after_push, retry=retry,
+                              delete_after_push=delete_after_push, force=force, wait=wait, retry=retry,
                               progress=progress, model_repo=model_repo))

@@ -19,6 +19,10 @@ what is missing, naming the head as parent: an attempt whose response was lost i
 recognised instead of repeated, and a concurrent writer makes the commit fail (HTTP 412)
 instead of interleaving. Other errors stop with :class:`~exporter.errors.PublishError`.
 
+Mixing runs: a dataset whose ``manifest.json`` names another source (or other export options)
+is refused before anything is committed, as ``build`` refuses to mix them in one folder;
+``force=True`` (``push --force``) replaces it.
+
 Rate limit: the Hub accepts about 128 commits per hour per repository; 10 steps per commit
 (the default) push the 154 steps of a Pythia run in 16 commits.
 """
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from exporter.archive.layout import MANIFEST, manifest_path
+from exporter.archive.lock import archive_lock
 from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
@@ -94,7 +99,8 @@ class Publisher:
     def __init__(self, root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, token: str | None = None,
                  steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT, license: str | None = None,
-                 delete_after_push: bool = False, retry: RetryPolicy | None = None,
+                 delete_after_push: bool = False, force: bool = False,
+                 wait: bool | float = False, retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None,
                  repo_type: str = REPO_TYPE, model_repo: str | None = None) -> None:
         from huggingface_hub import HfApi
@@ -113,6 +119,8 @@ class Publisher:
         self.delete_after_push = delete_after_push
         self.repo_type = repo_type
         self.model_repo = model_repo  # linked from the dataset card
+        self.force = force
+        self.wait = wait
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
         self.api = HfApi(token=token)
@@ -208,12 +216,34 @@ class Publisher:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         return LocalFile.of_bytes(MANIFEST, text.encode("utf-8"))
 
+    def _check_same_run(self) -> None:
+        """Refuse (unless ``force``) a remote whose manifest names another source or other
+        export options: its steps and this archive's would be mixed under one manifest."""
+        assert self._remote is not None
+        if self.force or MANIFEST not in self._remote:
+            return
+        path = self._call("read the remote manifest", lambda: self.api.hf_hub_download(
+            self.repo_id, MANIFEST, repo_type=REPO_TYPE, revision=self.revision))
+        try:
+            remote = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise PublishError(f"{self.repo_id}: unreadable remote {MANIFEST}: {exc}; "
+                               f"use --force to replace it") from exc
+        local = self.manifest()
+        for key, what in (("source", "built from"), ("options", "built with options")):
+            if remote.get(key) is not None and remote.get(key) != local.get(key):
+                raise PublishError(
+                    f"{self.repo_id} (revision {self.revision}) was {what} {remote[key]!r}, "
+                    f"but {self.root} was {what} {local.get(key)!r}; push to another dataset "
+                    f"or branch, or use --force to replace its manifest")
+
     def push_steps(self, steps: Iterable[int]) -> None:
         """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
         if self._remote is None:
             self._ensure_repo()
             self._remote = self._call("list the remote files",
                                       lambda: self._remote_files(None, self.revision))
+            self._check_same_run()
         pending: list[tuple[int, list[LocalFile]]] = []
         for step in sorted(set(steps) - self._on_remote):
             files = step_files(self.root, step)
@@ -304,20 +334,22 @@ class Publisher:
         return commit
 
     def push_all(self) -> PushResult:
-        """Every completed step of the archive, then the card."""
-        steps = sorted(int(s) for s in self.manifest()["steps"])
-        if not steps:
-            raise PublishError(f"{self.root}: the archive has no completed steps to push")
-        self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
-        self.push_steps(steps)
-        self.push_card()
+        """Every completed step of the archive, then the card, under the archive's lock
+        (pushing writes the card and may delete files: :mod:`exporter.archive.lock`)."""
+        with archive_lock(self.root, wait=self.wait, command=f"push to {self.repo_id}"):
+            steps = sorted(int(s) for s in self.manifest()["steps"])
+            if not steps:
+                raise PublishError(f"{self.root}: the archive has no completed steps to push")
+            self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
+            self.push_steps(steps)
+            self.push_card()
         return self.result
 
 
 def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
                  revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
-                 token: str | None = None, license: str | None = None,
-                 retry: RetryPolicy | None = None,
+                 token: str | None = None, license: str | None = None, force: bool = False,
+                 wait: bool | float = False, retry: RetryPolicy | None = None,
                  progress: Callable[[PushEvent], None] | None = None,
                  model_repo: str | None = None) -> PushResult:
     """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
@@ -332,6 +364,10 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         token: Hub token (``HF_TOKEN`` or the saved login when None).
         license: the card's license, one of the Hub's identifiers; None takes the source
             model's (``exporter.hub.licenses``), else ``unknown``.
+        force: push even into a dataset built from another source or with other options
+            (its manifest is replaced).
+        wait: another process writing the archive makes the push wait for it (True, or at
+            most that many seconds) instead of failing at once.
         retry: backoff for transient errors.
         progress: called with each :class:`PushEvent`.
         model_repo: the run's model repository (:mod:`exporter.hub.modelrepo`), linked from the card.
@@ -340,8 +376,10 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         The commits made, and the steps pushed or found on the remote already.
 
     Raises:
-        PublishError: a non-transient Hub error, transient ones past the retry budget, or a
-            local file that differs from its recorded sha256.
+        PublishError: a non-transient Hub error, transient ones past the retry budget, a
+            local file that differs from its recorded sha256, or (without ``force``) a
+            dataset built from another source or with other options.
+        ArchiveLockedError: another process is writing the archive (see ``wait``).
 
     Example:
         >>> result = push_archive("archive", "me/pythia-tiny-checkpoints")   # doctest: +SKIP
@@ -349,5 +387,6 @@ def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
         (2, [0, 1, 2, 4, 8])
     """
     return Publisher(root, repo_id, private=private, revision=revision, token=token,
-                     steps_per_commit=steps_per_commit, license=license, retry=retry,
-                     progress=progress, model_repo=model_repo).push_all()
+                     steps_per_commit=steps_per_commit, license=license, force=force,
+                     wait=wait, retry=retry, progress=progress,
+                     model_repo=model_repo).push_all()

@@ -36,6 +36,7 @@ from exporter.archive.layout import (
     KIND_FILES,
     MODEL_SHARD_INDEX,
     NEOX_CONFIG,
+    SOURCE_DTYPE_KEY,
     STATE_JSON,
     STATE_TENSORS,
     compressed,
@@ -215,7 +216,12 @@ def _write_all(
         config = model_config(model, cfg, str(out_dtype).removeprefix("torch."))
         write_json_atomic(tmp / CONFIG, config)
         weights = [j for j in model.jobs if j.kind == "model"]
-        records += _write_sharded(tmp, weights, converter, options.max_shard_size)
+        metadata = {"format": "pt"}
+        if out_dtype != model.dtype:
+            # Cast on the way out: verify needs the training dtype to check master -> model
+            # (without a cast the files are as before, and the written dtype is the source's).
+            metadata[SOURCE_DTYPE_KEY] = dtype_name(model.dtype)
+        records += _write_sharded(tmp, weights, converter, options.max_shard_size, metadata)
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
             records += converter.write_file(tmp / BUFFERS, buffers, tmp)
@@ -254,14 +260,15 @@ def _compress(
 
 
 def _write_sharded(
-    tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int
+    tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int,
+    metadata: dict[str, str],
 ) -> list[WrittenRecord]:
     sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
     groups = plan_shards(jobs, sizes, max_shard_size)
     shards = list(zip(model_shard_files(len(groups)), groups, strict=True))
     records: list[WrittenRecord] = []
     for name, group in shards:
-        records += converter.write_file(tmp / name, group, tmp)
+        records += converter.write_file(tmp / name, group, tmp, metadata)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes)},

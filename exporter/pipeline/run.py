@@ -17,12 +17,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from exporter.archive.layout import foreign_entries
+from exporter.archive.layout import foreign_entries, lock_path
+from exporter.archive.lock import archive_lock
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import is_temporary
 from exporter.pipeline.export import ExportOptions
-from exporter.pipeline.step import remove_temporaries, safe_convert, step_complete
+from exporter.pipeline.step import (
+    completed_outcome,
+    remove_temporaries,
+    safe_convert,
+    step_complete,
+)
 from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
 from exporter.records import StepOutcome
@@ -49,6 +55,8 @@ class BuildOptions:
             (publishing hooks in here).
         log_json: one JSON line per step on stderr instead of log lines.
         quiet: no progress bars.
+        wait: another process writing the archive (holding its lock) makes the build wait
+            for it (True, or at most that many seconds) instead of failing at once.
 
     Raises:
         OptionsError: a value the build cannot use, named (checked when made).
@@ -64,6 +72,7 @@ class BuildOptions:
     on_step_done: Callable[[int], None] | None = None
     log_json: bool = False
     quiet: bool = False
+    wait: bool | float = False
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -73,6 +82,8 @@ class BuildOptions:
         if self.ray_address is not None and self.executor != "ray":
             raise OptionsError("ray_address: only used with the ray executor")
         check_step_spec(self.steps)
+        if not isinstance(self.wait, (bool, int, float)) or self.wait < 0:
+            raise OptionsError(f"wait: True, False or seconds, got {self.wait!r}")
 
 
 def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | None = None) -> BuildSummary:
@@ -90,6 +101,7 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
         ExporterError: ``root`` holds files that are not an archive's (nothing is written
             there), or the first failing step, unless ``keep_going``. A build that fails
             before writing anything leaves no ``root`` behind.
+        ArchiveLockedError: another process is writing ``root`` (see ``options.wait``).
 
     Example (a sample run written by ``neox-export sample runs/tiny``):
         >>> from exporter import BuildOptions, build, open_source
@@ -106,7 +118,10 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
-        return _build(source, root, options)
+        # Held from before the start-up clean-up: that clean-up removes partial steps, which
+        # are another build's work in progress if one is running.
+        with archive_lock(root, wait=options.wait, command=f"build from {source.uri}"):
+            return _build(source, root, options)
     except BaseException:
         if created:
             _remove_if_empty(root)
@@ -126,9 +141,12 @@ def _check_root(root: Path) -> None:
 
 
 def _remove_if_empty(root: Path) -> None:
-    """Remove ``root`` and the empty folders in it if no file was written (a failed start)."""
-    if any(p.is_file() for p in root.rglob("*")):
+    """Remove ``root`` and the empty folders in it if no file but the lock was written (a
+    failed start; the lock was released when the build stopped)."""
+    lock = lock_path(root)
+    if any(p.is_file() and p != lock for p in root.rglob("*")):
         return
+    lock.unlink(missing_ok=True)
     for folder in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         folder.rmdir()
     root.rmdir()
@@ -148,7 +166,7 @@ def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
         if step_complete(root, step, verify=options.verify_existing):
             log.debug("step %d: complete in %s (%s), skipped", step, root,
                       "files re-hashed" if options.verify_existing else "file sizes checked")
-            outcome = StepOutcome(step, "skipped", revision=None)
+            outcome = completed_outcome(root, step)
             outcomes.append(outcome)
             manifest.record(outcome)
             _report(options, outcome)

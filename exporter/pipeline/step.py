@@ -66,6 +66,16 @@ def step_complete(root: Path, step: int, verify: bool = True) -> bool:
     return True
 
 
+def completed_outcome(root: Path, step: int) -> StepOutcome:
+    """The outcome of a complete step found on disk (``skipped``), with the figures its
+    checkpoint index recorded when it was converted, so a manifest that lacks the step (a
+    build stopped between the index and the manifest) gets them rather than zeros."""
+    row = pq.read_table(checkpoint_index_path(root, step)).to_pylist()[0]
+    return StepOutcome(step, "skipped", tensors=int(row["tensors"] or 0),
+                       bytes_out=int(row["bytes_out"] or 0), files=len(row["output_files"]),
+                       revision=row["source_revision"])
+
+
 def clear_step(root: Path, step: int) -> None:
     """Remove whatever an interrupted attempt at ``step`` left."""
     for path in (tensor_index_path(root, step), checkpoint_index_path(root, step),
@@ -195,3 +205,8 @@ def safe_convert(
         log.exception("step %d: unexpected error", step)
         clear_step(root, step)
         return StepOutcome(step, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+    except BaseException:
+        # Ctrl-C: leave the step absent, not half-written (its folder may already be in place
+        # without its index); the interrupt goes on to end the build.
+        clear_step(root, step)
+        raise

@@ -10,6 +10,7 @@ Three shapes are recognised:
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -67,14 +68,22 @@ class LocalSource(Source):
             raise SourceError(f"{self.root}: no step {step}")
         folder = self._folders[step]
 
+        stop = threading.Event()
+
         def hash_all() -> list[SourceFile]:
             return [
-                SourceFile(str(p.relative_to(folder)), p.stat().st_size, file_sha256(p))
+                SourceFile(str(p.relative_to(folder)), p.stat().st_size, file_sha256(p, stop))
                 for p in sorted(folder.rglob("*"))
                 if p.is_file()
             ]
 
         # Hash the source in a thread while the step converts: hashlib releases the GIL, and
-        # the export reads the same files, so the second read comes from the page cache.
+        # the export reads the same files, so the second read comes from the page cache. When
+        # the step ends early (Ctrl-C, an error) the hash stops at its next block: the pool's
+        # exit joins the thread, and so does the interpreter's exit (concurrent.futures
+        # ``_python_exit``), which would otherwise wait for gigabytes to be hashed.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash-source") as pool:
-            yield FetchedCheckpoint(step, folder, None, [], pool.submit(hash_all))
+            try:
+                yield FetchedCheckpoint(step, folder, None, [], pool.submit(hash_all))
+            finally:
+                stop.set()
