@@ -21,20 +21,26 @@ needs are downloaded (into the Hugging Face cache).
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from exporter.archive.header import SafetensorsHeader, check_row, read_safetensors_header
 from exporter.archive.layout import step_dir
+from exporter.archive.trust import (
+    check_model_folder,
+    check_relative,
+    inside_hub_cache,
+    read_json,
+    resolve_inside,
+)
+from exporter.archive.validate import read_shard, validate_manifest
 from exporter.errors import ArchiveError
 from exporter.records import TORCH_DTYPES
 
@@ -73,7 +79,7 @@ class _Files:
 
     def path(self, relative: str) -> Path:
         if self.root is not None:
-            path = self.root / relative
+            path = resolve_inside(self.root, relative, str(self.root))
             if not path.exists():
                 raise ArchiveError(f"{self.root}: missing {relative}")
             return path
@@ -83,10 +89,14 @@ class _Files:
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
+        from huggingface_hub.file_download import repo_folder_name
 
+        label = f"hf://datasets/{self.repo_id}"
+        check_relative(relative, label)
         try:
-            return Path(hf_hub_download(self.repo_id, relative, repo_type="dataset",
-                                        revision=self.revision))
+            return inside_hub_cache(
+                hf_hub_download(self.repo_id, relative, repo_type="dataset", revision=self.revision),
+                relative, repo_folder_name(repo_id=self.repo_id, repo_type="dataset"), label)
         except EntryNotFoundError as exc:
             raise ArchiveError(f"hf://datasets/{self.repo_id}: missing {relative}") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
@@ -99,34 +109,23 @@ class SafetensorsMap:
     def __init__(self, path: Path) -> None:
         self.path = path
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 8:
-                raise ArchiveError(f"{path}: not a safetensors file")
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > min(size - 8, 100 << 20):
-                raise ArchiveError(f"{path}: corrupt safetensors header")
-            try:
-                self.header: dict[str, Any] = json.loads(fh.read(header_len))
-            except ValueError as exc:
-                raise ArchiveError(f"{path}: corrupt safetensors header") from exc
-            self._start = 8 + header_len
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > self._start else None
+            # Validated whole before a byte is mapped (exporter/archive/header.py).
+            self.header: SafetensorsHeader = read_safetensors_header(fh, str(path))
+            self._start = self.header.data_start
+            self._map = (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                         if self.header.data_size else None)
 
     def keys(self) -> list[str]:
-        return [k for k in self.header if k != "__metadata__"]
+        return list(self.header.entries)
 
     def get(self, name: str) -> torch.Tensor:
-        entry = self.header.get(name)
-        if entry is None or name == "__metadata__":
-            raise KeyError(name)
-        dtype = TORCH_DTYPES[entry["dtype"]]
-        begin, end = entry["data_offsets"]
-        shape = entry["shape"]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin,
-                               offset=self._start + begin)
-        return raw.view(dtype).reshape(shape)
+        entry = self.header.entries[name]
+        dtype = TORCH_DTYPES[entry.dtype]
+        if entry.end == entry.begin:
+            return torch.empty(entry.shape, dtype=dtype)
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=entry.end - entry.begin,
+                               offset=self._start + entry.begin)
+        return raw.view(dtype).reshape(entry.shape)
 
 
 class CompressedTensors:
@@ -134,7 +133,10 @@ class CompressedTensors:
     memory-mapped (still no pickle)."""
 
     def __init__(self, path: Path) -> None:
+        from exporter.convert.compress import read_compressed_header
+
         self.path = path
+        self.header: SafetensorsHeader = read_compressed_header(path)
 
     def get(self, name: str) -> torch.Tensor:
         from exporter.convert.compress import read_compressed_tensor
@@ -158,7 +160,8 @@ class Archive:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self._files.path("manifest.json").read_text(encoding="utf-8"))
+        label = f"{self.label}/manifest.json"
+        return validate_manifest(read_json(self._files.path("manifest.json"), label), label)
 
     @property
     def steps(self) -> list[int]:
@@ -170,7 +173,7 @@ class Archive:
         if not paths:
             raise ArchiveError(f"{self.label}: no {folder} index")
         paths.sort(key=lambda p: (len(p), p))  # step{N}.parquet in step order
-        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in paths])
+        return pa.concat_tables([read_shard(self._files.path(p), f"{self.label}/{p}") for p in paths])
 
     @cached_property
     def index(self) -> pa.Table:
@@ -213,8 +216,14 @@ class Archive:
             name: Hugging Face name (``gpt_neox.layers.0.attention.dense.weight``).
             kind: model, master, exp_avg, exp_avg_sq, buffer or state.
         """
-        row = self._row(step, name, kind)
-        return self._map(row["file"]).get(name)
+        return self._read(self._row(step, name, kind))
+
+    def _read(self, row: dict[str, Any]) -> torch.Tensor:
+        """The tensor of an index row, once the file's header agrees with the row."""
+        tensors = self._map(row["file"])
+        check_row(row, tensors.header, f"{self.label}/index/tensors/step{row['step']}.parquet",
+                  f"{self.label}/{row['file']}")
+        return tensors.get(row["name"])
 
     def state_dict(self, step: int, kind: str = "model") -> dict[str, torch.Tensor]:
         """Every tensor of one kind at one step, by name, memory-mapped."""
@@ -223,17 +232,19 @@ class Archive:
         rows = self.index.filter(mask).to_pylist()
         if not rows:
             raise ArchiveError(f"{self.label}: step {step} has no {kind} tensors")
-        return {r["name"]: self._map(r["file"]).get(r["name"]) for r in rows}
+        return {r["name"]: self._read(r) for r in rows}
 
     def state(self, step: int) -> dict[str, Any]:
         """The engine and optimizer state of a step (``state.json``)."""
         self._check_step(step)
-        return json.loads(self._files.path(f"steps/step{step}/state.json").read_text(encoding="utf-8"))
+        return read_json(self._files.path(f"steps/step{step}/state.json"),
+                         f"{self.label}/steps/step{step}/state.json")
 
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
         self._check_step(step)
         if self._files.root is not None:
+            check_model_folder(self._files.root, f"steps/step{step}", self.label)
             return step_dir(self._files.root, step)
         from huggingface_hub import snapshot_download
 
@@ -241,7 +252,10 @@ class Archive:
             self._files.repo_id, repo_type="dataset", revision=self._files.revision,
             allow_patterns=[f"steps/step{step}/config.json", f"steps/step{step}/model*"],
         )
-        return Path(folder) / "steps" / f"step{step}"
+        snapshot = Path(folder)
+        check_model_folder(snapshot.parent.parent, f"snapshots/{snapshot.name}/steps/step{step}",
+                           self.label)
+        return snapshot / "steps" / f"step{step}"
 
 
 def open_archive(location: str | os.PathLike[str], revision: str | None = None) -> Archive:

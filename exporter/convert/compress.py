@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import zstandard
 
+from exporter.archive.header import SafetensorsHeader, validate_compressed_index
 from exporter.errors import ArchiveError, ExporterError
 from exporter.records import TORCH_DTYPES
 
@@ -310,7 +311,16 @@ def _read_safetensors_header(path: Path) -> _SourceHeader:
     return _SourceHeader(text, ordered, metadata, 8 + length)
 
 
+def read_compressed_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """The original safetensors header of a compressed file, validated with its index."""
+    return _read_validated(Path(path))[1]
+
+
 def _read_index(path: Path) -> dict[str, Any]:
+    return _read_validated(path)[0]
+
+
+def _read_validated(path: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -325,8 +335,9 @@ def _read_index(path: Path) -> dict[str, Any]:
         text = fh.read(length)
     try:
         index = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ArchiveError(f"{path}: unreadable index: {exc}") from exc
-    if not isinstance(index, dict) or index.get("__codec__", {}).get("name") != "zstd":
+    codec = index.get("__codec__") if isinstance(index, dict) else None
+    if not isinstance(codec, dict) or codec.get("name") != "zstd":
         raise ArchiveError(f"{path}: unknown codec")
-    return index
+    return index, validate_compressed_index(index, size - 16 - length, str(path))
