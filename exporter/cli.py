@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from exporter import __version__
+from exporter.archive.text import terminal_text
 from exporter.errors import ExporterError
 
 DTYPES = {"keep": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -342,9 +343,7 @@ def main(argv: list[str] | None = None) -> Any:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except ExporterError as exc:
-        click.echo(f"neox-export: error: {exc}", err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"neox-export: error: {exc}", err=True)
+    except (ExporterError, OSError) as exc:
+        # Messages quote archive content (tensor names, paths): shown as text, on one line.
+        click.echo(f"neox-export: error: {terminal_text(exc)}", err=True)
         sys.exit(1)

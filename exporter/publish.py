@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import pyarrow.parquet as pq
-
 from exporter.archive.layout import (
     checkpoint_index_path,
     manifest_path,
     tensor_index_path,
     write_json_atomic,
 )
+from exporter.archive.trust import check_relative, read_json, resolve_inside
+from exporter.archive.validate import read_shard, validate_manifest
 from exporter.errors import PublishError
 from exporter.hubio import retry
 from exporter.sources.local import file_sha256
@@ -166,17 +166,25 @@ class LocalFile:
 
 
 def step_files(root: Path, step: int) -> list[LocalFile]:
-    """Every file of one step: its output files (sha256 from the checkpoint index) and shards."""
-    shards = [tensor_index_path(root, step), checkpoint_index_path(root, step)]
-    if not all(p.is_file() for p in shards):
+    """Every file of one step: its output files (sha256 from the checkpoint index) and shards.
+
+    Every path is archive content: validated, and resolved inside the root
+    (exporter/archive/trust.py), so a push never uploads, and ``--delete-after-push`` never
+    removes, a file outside the archive.
+    """
+    shards = {p.relative_to(root).as_posix(): p
+              for p in (tensor_index_path(root, step), checkpoint_index_path(root, step))}
+    if not all(p.is_file() for p in shards.values()):
         raise PublishError(f"{root}: step {step} has no index shards; build it first")
-    rows = pq.read_table(shards[1]).to_pylist()
-    if len(rows) != 1:
-        raise PublishError(f"{shards[1]}: expected one row, found {len(rows)}")
-    files = [LocalFile(e["path"], root / e["path"], e["sha256"], e["bytes"])
-             for e in rows[0]["output_files"]]
-    files += [LocalFile(p.relative_to(root).as_posix(), p, file_sha256(p), p.stat().st_size)
-              for p in shards]
+    real = {relative: resolve_inside(root, relative, str(root)) for relative in shards}
+    tables = {relative: read_shard(path, f"{root}/{relative}") for relative, path in real.items()}
+    checkpoints = checkpoint_index_path(root, step).relative_to(root).as_posix()
+    label = f"{root}/{checkpoints}"
+    files = [LocalFile(e["path"], resolve_inside(root, e["path"], f"{label} output_files"),
+                       e["sha256"], e["bytes"])
+             for e in tables[checkpoints].to_pylist()[0]["output_files"]]
+    files += [LocalFile(relative, path, file_sha256(path), path.stat().st_size)
+              for relative, path in real.items()]
     return files
 
 
@@ -193,7 +201,15 @@ def deleted_after_push(root: str | Path, step: int) -> dict[str, str]:
     path = push_state_path(Path(root), step)
     if not path.is_file():
         return {}
-    return dict(json.loads(path.read_text(encoding="utf-8")).get("deleted", {}))
+    record = read_json(path, str(path))
+    deleted = record.get("deleted", {}) if isinstance(record, dict) else None
+    if not isinstance(deleted, dict):
+        raise PublishError(f"{path}: 'deleted' is not an object")
+    for relative, sha256 in deleted.items():
+        check_relative(relative, f"{path}: deleted")
+        if not isinstance(sha256, str):
+            raise PublishError(f"{path}: sha256 of {relative!r} is not text")
+    return dict(deleted)
 
 
 def _commit_message(steps: Sequence[int]) -> str:
@@ -301,14 +317,18 @@ class Publisher:
         path = manifest_path(self.root)
         if not path.is_file():
             raise PublishError(f"{self.root}: not an archive (no manifest.json)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        label = f"{path}"
+        return validate_manifest(read_json(self._manifest_file(), label), label, only=("steps",))
+
+    def _manifest_file(self) -> Path:
+        return resolve_inside(self.root, "manifest.json", str(self.root))
 
     def _manifest_for(self, steps: set[int]) -> LocalFile:
         """The manifest restricted to ``steps`` (the local file as is when it lists no more)."""
         data = self.manifest()
         keep = {str(s) for s in steps}
         if set(data["steps"]) <= keep:
-            return LocalFile.of_bytes("manifest.json", manifest_path(self.root).read_bytes())
+            return LocalFile.of_bytes("manifest.json", self._manifest_file().read_bytes())
         data["steps"] = {k: v for k, v in data["steps"].items() if k in keep}
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         return LocalFile.of_bytes("manifest.json", text.encode("utf-8"))
@@ -371,6 +391,7 @@ class Publisher:
             "repo_id": self.repo_id, "repo_type": REPO_TYPE, "revision": self.revision,
             "commit": commit, "deleted": dict(sorted(deleted.items()))})
         for path in doomed:
+            resolve_inside(self.root, path, str(self.root))  # never unlink through a link out
             (self.root / path).unlink()
             self.result.deleted_files.append(path)
         self.progress(PushEvent("delete", (step,), commit, f"{len(doomed)} file(s) removed"))
@@ -380,7 +401,7 @@ class Publisher:
         from exporter.archive.card import write_card
 
         written = write_card(self.root, self.repo_id, license=self.license)
-        files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
+        files = [LocalFile.of_bytes(path, resolve_inside(self.root, path, str(self.root)).read_bytes())
                  for path in [*written, "manifest.json"]]
         commit = self._commit(files, "Update dataset card and manifest")
         if commit is not None:

@@ -15,7 +15,6 @@ Checks, each reported with a count and the first failures by name:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.archive.header import check_row, read_safetensors_header
+from exporter.archive.text import terminal_text
+from exporter.archive.trust import read_json, resolve_inside
+from exporter.archive.validate import read_shard, validate_manifest
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
@@ -50,7 +53,7 @@ class Check:
         status = "ok" if self.ok else "FAILED"
         text = f"{self.name:<16} {status:<7} {self.passed}/{total}"
         for failure in self.failures[:10]:
-            text += f"\n    {failure}"
+            text += f"\n    {terminal_text(failure)}"
         if len(self.failures) > 10:
             text += f"\n    ... {len(self.failures) - 10} more"
         return text
@@ -132,7 +135,8 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(path: Path, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    path = resolve_inside(folder, path.relative_to(folder).as_posix(), str(folder))
     if path.name.endswith(".zst"):
         from exporter.convert.compress import read_compressed_index, read_compressed_tensor
 
@@ -140,6 +144,8 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if not key.startswith("__"):
                 yield key, read_compressed_tensor(path, key)
         return
+    with open(path, "rb") as fh:
+        read_safetensors_header(fh, str(path))  # refused here, not by safe_open's own error
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
             yield key, f.get_tensor(key)
@@ -156,11 +162,11 @@ def verify_export(folder: Path) -> Report:
     model_files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("model*.safetensors.zst"))
     if not model_files:
         coverage.failures.append(f"{folder}: no model.safetensors")
-    model = {k: v for p in model_files for k, v in _tensors(p)}
+    model = {k: v for p in model_files for k, v in _tensors(p, folder)}
     coverage.passed += len(model)
     tp_size = _tp_size(folder)
     if master_file.exists():
-        for name, master in _tensors(master_file):
+        for name, master in _tensors(master_file, folder):
             if name not in model:
                 coverage.failures.append(f"{name}: master weight without a model weight")
             elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE):
@@ -171,15 +177,7 @@ def verify_export(folder: Path) -> Report:
                 _compare(invariant, name, master, model[name])
     rows = _index_rows(folder)
     for row in rows:
-        path = folder.parent.parent / row["file"]
-        if path.name.endswith(".zst"):
-            from exporter.convert.compress import read_compressed_tensor
-
-            data = _raw(read_compressed_tensor(path, row["name"]))
-        else:
-            with open(path, "rb") as fh:
-                fh.seek(row["data_offset_begin"])
-                data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
+        data = _row_bytes(folder.parent.parent, row)
         if hashlib.sha256(data).hexdigest() == row["sha256"]:
             hashes.passed += 1
         else:
@@ -188,29 +186,41 @@ def verify_export(folder: Path) -> Report:
     return Report(folder, checks)
 
 
-def _tp_size(step_folder: Path) -> int:
-    import pyarrow.parquet as pq
+def _row_bytes(root: Path, row: dict) -> bytes:
+    """The bytes of an index row, read once the file's header agrees with the row."""
+    path = resolve_inside(root, row["file"], f"{root}/index/tensors/step{row['step']}.parquet")
+    index_label, file_label = f"{root}/index/tensors/step{row['step']}.parquet", str(path)
+    if path.name.endswith(".zst"):
+        from exporter.convert.compress import read_compressed_header, read_compressed_tensor
 
+        check_row(row, read_compressed_header(path), index_label, file_label)
+        return _raw(read_compressed_tensor(path, row["name"]))
+    with open(path, "rb") as fh:
+        check_row(row, read_safetensors_header(fh, file_label), index_label, file_label)
+        fh.seek(row["data_offset_begin"])
+        return fh.read(row["data_offset_end"] - row["data_offset_begin"])
+
+
+def _tp_size(step_folder: Path) -> int:
     shard = step_folder.parent.parent / "index" / "checkpoints" / f"{step_folder.name}.parquet"
     if shard.exists():
-        rows = pq.read_table(shard).to_pylist()
+        rows = read_shard(shard, str(shard)).to_pylist()
         if rows and rows[0].get("tp_size"):
             return int(rows[0]["tp_size"])
     state = step_folder / "state.json"
     if state.exists():
-        engine = json.loads(state.read_text(encoding="utf-8")).get("engine", {})
-        return max(1, len(engine))
+        data = read_json(state, str(state))
+        engine = data.get("engine", {}) if isinstance(data, dict) else {}
+        return max(1, len(engine)) if isinstance(engine, (dict, list)) else 1
     return 1
 
 
 def _index_rows(step_folder: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
     root = step_folder.parent.parent
     shard = root / "index" / "tensors" / f"{step_folder.name}.parquet"
     if step_folder.parent.name != "steps" or not shard.exists():
         return []
-    return pq.read_table(shard).to_pylist()
+    return read_shard(shard, str(shard)).to_pylist()
 
 
 def verify_path(path: str | Path) -> list[Report]:
@@ -219,11 +229,12 @@ def verify_path(path: str | Path) -> list[Report]:
     if not path.is_dir():
         raise ExporterError(f"{path}: not a folder")
     if (path / "manifest.json").exists():
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        steps = sorted(int(s) for s in manifest.get("steps", {}))
+        label = f"{path}/manifest.json"
+        manifest = validate_manifest(read_json(path / "manifest.json", label), label)
+        steps = sorted(int(s) for s in manifest["steps"])
         if not steps:
             raise ExporterError(f"{path}: archive has no complete steps")
-        return [verify_export(path / "steps" / f"step{s}") for s in steps]
+        return [verify_export(resolve_inside(path, f"steps/step{s}", str(path))) for s in steps]
     if (path / "config.json").exists() or list(path.glob("model*.safetensors*")):
         return [verify_export(path)]
     return [verify_checkpoint(path)]

@@ -15,13 +15,17 @@ import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
 from exporter.archive.index import read_index
-from exporter.archive.layout import manifest_path, write_bytes_atomic
+from exporter.archive.layout import write_bytes_atomic
+from exporter.archive.text import markdown_code, markdown_text, terminal_text
+from exporter.archive.trust import read_json, resolve_inside
+from exporter.archive.validate import validate_manifest
 from exporter.errors import ArchiveError
 
 TAGS = ["gpt-neox", "pythia", "checkpoints", "safetensors", "training-dynamics"]
@@ -60,14 +64,14 @@ def _cell(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return markdown_text(value)
 
 
 def _source_link(source: str) -> str:
     if source.startswith("hf://"):
         repo = source.removeprefix("hf://")
-        return f"[{repo}](https://huggingface.co/{repo})"
-    return f"`{source}`"
+        return f"[{markdown_text(repo)}](https://huggingface.co/{quote(terminal_text(repo))})"
+    return markdown_code(source)
 
 
 def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -78,7 +82,8 @@ def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
         if row is None:
             lines.append(f"| … | {len(rows) - STEPS_SHOWN} more steps | | | | |")
             continue
-        revision = f"`{row['source_revision']}`" if row["source_revision"] else "–"
+        revision = (markdown_code(row["source_revision"], in_table=True)
+                    if row["source_revision"] else "–")
         lines.append(f"| {row['step']} | {revision} | {row['tensors']} | {_size(row['bytes_out'])} "
                      f"| {_cell(row['learning_rate'])} | {_cell(row['loss_scale'])} |")
     return lines
@@ -144,7 +149,9 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
         plot_file: path of the plot image relative to the root, or None for no plot.
     """
     root = Path(root)
-    manifest = json.loads(manifest_path(root).read_text(encoding="utf-8"))
+    label = f"{root}/manifest.json"
+    manifest = validate_manifest(read_json(resolve_inside(root, "manifest.json", str(root)), label),
+                                 label)
     steps = sorted(int(s) for s in manifest.get("steps", {}))
     if not steps:
         raise ArchiveError(f"{root}: the archive has no completed steps")
@@ -183,16 +190,18 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
         out.append(f"- Revisions: one commit per step, listed below ({len(revisions)} of "
                    f"{len(rows)} steps record their source commit hash)")
     out += [f"- Parallelism: data {_cell(first['dp_size'])}, tensor {_cell(first['tp_size'])}, "
-            f"pipeline {_cell(first['pp_size'])}; optimizer checkpoint format: {first['format']}",
+            f"pipeline {_cell(first['pp_size'])}; optimizer checkpoint format: "
+            f"{markdown_text(first['format'])}",
             "", "## What was converted", "",
             "| | |", "|---|---|",
             f"| included | {', '.join(include)} |",
-            f"| model dtype | {first['model_dtype']} → {first['output_dtype']} (stored) |",
+            f"| model dtype | {markdown_text(first['model_dtype'])} → "
+            f"{markdown_text(first['output_dtype'])} (stored) |",
             "| optimizer | fp32 master weights and Adam moments, merged from the ZeRO "
             "partitions, under the model's parameter names |"
             if "optimizer" in include else "| optimizer | not included |",
             f"| tensors per step | {last['tensors']} ({_kinds(tensors, step)}) |",
-            f"| tool | neox-exporter {manifest['tool']['version']} |",
+            f"| tool | neox-exporter {markdown_text(manifest['tool']['version'])} |",
             "", "## Size", "",
             f"{_size(total)} in {files} files over {len(steps)} steps ({_size(total / len(steps))} "
             f"per step), converted from {_size(sum(r['bytes_in'] for r in rows))} of tensor data "
@@ -207,7 +216,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
             "Tensors, memory-mapped, with [neox-exporter](https://pypi.org/project/neox-exporter/):",
             "", "```python", "from exporter import open_archive", "",
             f"archive = open_archive(\"hf://datasets/{repo_id}\")",
-            f"w = archive.tensor({step}, \"{example}\")",
+            f"w = archive.tensor({step}, {json.dumps(example)})",
             f"weights = archive.state_dict({step})          # every model tensor of the step",
             f"state = archive.state({step})                 # iteration, lr, rng states ...",
             "```", ""]
@@ -215,7 +224,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "apache-2.0",
         out += ["One file with `safetensors` alone:", "", "```python",
                 "from huggingface_hub import hf_hub_download",
                 "from safetensors.torch import load_file", "",
-                f"path = hf_hub_download(\"{repo_id}\", \"{model_file}\", repo_type=\"dataset\")",
+                f"path = hf_hub_download(\"{repo_id}\", {json.dumps(model_file)}, repo_type=\"dataset\")",
                 "weights = load_file(path)", "```", "",
                 "A step as a `transformers` model:", "", "```python",
                 "from transformers import GPTNeoXForCausalLM", "",
@@ -242,6 +251,8 @@ def write_card(root: str | Path, repo_id: str, *, license: str = "apache-2.0") -
     from exporter.archive.plot import plot_statistic
 
     root = Path(root)
+    for path in ("README.md", PLOT_FILE):  # no write through a link that leaves the archive
+        resolve_inside(root, path, str(root))
     written = []
     plot_file: str | None = PLOT_FILE
     try:

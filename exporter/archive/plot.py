@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from exporter.archive.layout import write_bytes_atomic
+from exporter.archive.text import plot_text
 from exporter.errors import ArchiveError
 
 #: index columns that hold one number per tensor and step (exporter.archive.schema)
@@ -78,7 +79,7 @@ def statistic_series(index: pa.Table, stat: str, match: str, kind: str = "model"
 
 
 def _label(series: Series) -> str:
-    return f"layer {series.layer}" if series.layer is not None else series.name
+    return f"layer {series.layer}" if series.layer is not None else plot_text(series.name)
 
 
 def plot_statistic(index: pa.Table, *, stat: str = "l2",
@@ -124,7 +125,8 @@ def plot_statistic(index: pa.Table, *, stat: str = "l2",
     axes.set_xlabel("training step")
     axes.set_ylabel(stat)
     axes.grid(True, alpha=0.3)
-    axes.set_title(title or f"{stat} of {kind} {match} ({len(series)} tensors)", fontsize=10)
+    axes.set_title(plot_text(title or f"{stat} of {kind} {match} ({len(series)} tensors)"),
+                   fontsize=10)
     if len(series) <= MAX_LEGEND:
         axes.legend(fontsize=7, ncols=2 if len(series) > 6 else 1)
     else:

@@ -214,8 +214,12 @@ def _kind(value: Any) -> str:
     return next((t for t in _JSON_TYPES if _is_type(value, t)), type(value).__name__)
 
 
-def validate_manifest(data: Any, label: str) -> dict[str, Any]:
+def validate_manifest(data: Any, label: str,
+                      only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``manifest.json`` checked against the manifest schema (``schemas/manifest.schema.json``).
+
+    ``only`` restricts the check to some top-level keys, for a reader that uses no others
+    (``push`` reads ``steps``).
 
     Example:
         >>> validate_manifest({"format_version": 1}, "manifest.json")
@@ -223,5 +227,9 @@ def validate_manifest(data: Any, label: str) -> dict[str, Any]:
         ...
         exporter.errors.ArchiveError: manifest.json: no 'tool'
     """
-    check_json_schema(data, MANIFEST_SCHEMA, label)
+    schema = MANIFEST_SCHEMA
+    if only is not None:
+        schema = {"type": "object", "required": [k for k in schema["required"] if k in only],
+                  "properties": {k: schema["properties"][k] for k in only}}
+    check_json_schema(data, schema, label)
     return data
