@@ -202,25 +202,24 @@ def _row_bytes(root: Path, row: dict) -> bytes:
 
 
 def _tp_size(step_folder: Path) -> int:
-    shard = step_folder.parent.parent / "index" / "checkpoints" / f"{step_folder.name}.parquet"
-    if shard.exists():
-        rows = read_shard(shard, str(shard)).to_pylist()
-        if rows and rows[0].get("tp_size"):
-            return int(rows[0]["tp_size"])
+    rows = _index_rows(step_folder, "checkpoints")
+    if rows and rows[0].get("tp_size"):
+        return int(rows[0]["tp_size"])
     state = step_folder / "state.json"
     if state.exists():
-        data = read_json(state, str(state))
+        data = read_json(resolve_inside(step_folder, "state.json", str(step_folder)), str(state))
         engine = data.get("engine", {}) if isinstance(data, dict) else {}
         return max(1, len(engine)) if isinstance(engine, (dict, list)) else 1
     return 1
 
 
-def _index_rows(step_folder: Path) -> list[dict]:
+def _index_rows(step_folder: Path, table: str = "tensors") -> list[dict]:
+    """The rows of the step's shard of ``index/{table}``, when the folder is in an archive."""
     root = step_folder.parent.parent
-    shard = root / "index" / "tensors" / f"{step_folder.name}.parquet"
-    if step_folder.parent.name != "steps" or not shard.exists():
+    relative = f"index/{table}/{step_folder.name}.parquet"
+    if step_folder.parent.name != "steps" or not (root / relative).exists():
         return []
-    return read_shard(shard, str(shard)).to_pylist()
+    return read_shard(resolve_inside(root, relative, str(root)), f"{root}/{relative}").to_pylist()
 
 
 def verify_path(path: str | Path) -> list[Report]:

@@ -153,7 +153,7 @@ def read_shard(path: str | os.PathLike[str], label: str) -> pa.Table:
                                    f"(at most {MAX_SHARD_ROWS} rows, {MAX_SHARD_BYTES} bytes)")
             table = parquet.read()
     except (pa.ArrowException, OSError) as exc:
-        raise ArchiveError(f"{label}: unreadable Parquet: {exc}") from exc
+        raise ArchiveError(f"{label}: unreadable Parquet: {' '.join(str(exc).split())}") from exc
     validate = validate_tensor_shard if match["table"] == "tensors" else validate_checkpoint_shard
     return validate(table, label, int(match["step"]))
 

@@ -209,7 +209,7 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
     dtype = TORCH_DTYPES.get(entry.get("dtype"))
     if dtype is None:
         raise ArchiveError(f"{path}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    out = torch.empty(tuple(entry["shape"]), dtype=dtype)
+    out = _allocate(path, name, tuple(entry["shape"]), dtype, entry["nbytes"])
     if out.numel() * out.element_size() != entry["nbytes"]:
         raise ArchiveError(f"{path}: tensor {name!r}: size does not match its shape")
     if out.numel():
@@ -218,6 +218,25 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
             for begin, raw in _frames(path, fh, name, entry):
                 target[begin : begin + raw.size] = raw
     return out
+
+
+def _allocate(path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+              nbytes: int) -> torch.Tensor:
+    """Memory for a decompressed tensor, refused when it could never fit.
+
+    A few bytes of zstd frames can stand for gigabytes (all-zero moments compress about
+    30,000 to 1), so the size the index declares is checked against the machine's physical
+    memory before anything is allocated, and an allocation the system refuses is an
+    ArchiveError too, not an out-of-memory crash.
+    """
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > physical:
+        raise ArchiveError(f"{path}: tensor {name!r} needs {nbytes} bytes of memory, more than "
+                           f"this machine has ({physical})")
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:
+        raise ArchiveError(f"{path}: tensor {name!r}: cannot allocate {nbytes} bytes") from exc
 
 
 def decompress_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
