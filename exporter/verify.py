@@ -229,7 +229,8 @@ def verify_path(path: str | Path) -> list[Report]:
         raise ExporterError(f"{path}: not a folder")
     if (path / "manifest.json").exists():
         label = f"{path}/manifest.json"
-        manifest = validate_manifest(read_json(path / "manifest.json", label), label)
+        manifest = validate_manifest(
+            read_json(resolve_inside(path, "manifest.json", str(path)), label), label)
         steps = sorted(int(s) for s in manifest["steps"])
         if not steps:
             raise ExporterError(f"{path}: archive has no complete steps")
