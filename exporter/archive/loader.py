@@ -17,6 +17,11 @@ Optimizer state reads the same way with ``kind="master"``, ``"exp_avg"`` or ``"e
 
 A Hub dataset (``hf://datasets/ORG/NAME``) is read the same way; only the files a call
 needs are downloaded (into the Hugging Face cache).
+
+An archive is someone else's data: every path it names stays inside its root
+(``archive/trust.py``), index shards and manifest are validated against the schemas when
+opened (``archive/validate.py``), and a safetensors header is validated, and must agree with
+the index row, before a byte is mapped (``archive/header.py``); SECURITY.md lists the rules.
 """
 
 from __future__ import annotations
