@@ -94,7 +94,13 @@ def resolve_inside(root: str | os.PathLike[str], relative: object, what: str) ->
     """
     relative = check_relative(relative, what)
     base = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(base, relative))
+    try:
+        real = os.path.realpath(os.path.join(base, relative), strict=True)
+    except FileNotFoundError:
+        real = os.path.realpath(os.path.join(base, relative))  # a file yet to be written
+    except OSError as exc:  # a symlink loop (ELOOP), or a file in the way of a folder
+        raise ArchiveError(f"{what}: path {relative!r} cannot be resolved: "
+                           f"{exc.strerror or exc}") from exc
     if not _is_below(real, base):
         raise ArchiveError(f"{what}: path {relative!r} leads outside the archive "
                            "(through a symbolic link)")

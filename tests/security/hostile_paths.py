@@ -108,3 +108,13 @@ def push_record_climbs_out(root: Path, outside: Path) -> None:
     (root / ".push").mkdir()
     (root / ".push" / f"step{STEP}.json").write_text(json.dumps(
         {"deleted": {"../outside/secret.safetensors": "0" * 64}}))
+
+
+@case("path", None, local_only=True)
+def index_folder_holds_a_link_loop(root: Path, outside: Path) -> None:
+    (root / "index" / "tensors" / "loop").symlink_to("..")
+
+
+@case("path", "cannot be resolved: Too many levels of symbolic links", local_only=True)
+def model_file_links_to_itself(root: Path, outside: Path) -> None:
+    link(root / MODEL, "model.safetensors")
