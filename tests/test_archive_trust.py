@@ -171,3 +171,19 @@ def test_terminal_and_plot_text_hold_no_control_characters_or_mathtext(text: str
     for shown in (terminal_text(text), plot_text(text)):
         assert not [c for c in shown if ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or c == "\u202e"]
     assert not is_math_text(plot_text(text)) and len(plot_text("x" * 500)) <= 80
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import exporter.archive.header as header
+    import exporter.archive.text as text
+    import exporter.archive.trust as trust
+    import exporter.archive.validate as validate
+
+    runner = doctest.DocTestRunner()
+    for module in (header, text, trust, validate):
+        for test in doctest.DocTestFinder().find(module):
+            runner.run(test)
+
+    assert runner.tries >= 8 and runner.failures == 0
