@@ -215,7 +215,8 @@ def test_a_hub_archive_cannot_read_another_repository_in_the_cache(
 
 @pytest.mark.timeout(300)
 def test_push_uploads_and_deletes_nothing_outside_the_archive(
-        hub_server: HubServer, benign: dict[str, Path], tmp_path: Path) -> None:
+        hub_server: HubServer, benign: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     outcomes = {}
     for case in LOCAL:
         root, outside = make(case, benign, tmp_path / case.name)
@@ -227,6 +228,12 @@ def test_push_uploads_and_deletes_nothing_outside_the_archive(
         except ExporterError as exc:
             outcomes[case.name] = str(exc)
             assert "\n" not in str(exc), (case.name, str(exc))
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as exit_code:  # the same refusal from the CLI
+                main(["-q", "push", str(root), f"{repo}-cli"])
+            printed = capsys.readouterr().err
+            assert exit_code.value.code == 1 and printed.count("\n") == 1, (case.name, printed)
+            assert printed.startswith("neox-export: error: ") and MARKER.decode() not in printed
         assert digest(outside) == before, case.name
         if hub_server.repo_exists(repo, repo_type="dataset"):
             for path in hub_server.list_files(repo, repo_type="dataset"):
