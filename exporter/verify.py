@@ -21,7 +21,6 @@ and where, and checks what is local.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,23 +28,29 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.archive.header import check_row, read_safetensors_header
 from exporter.archive.index import dtype_name
 from exporter.archive.layout import (
     CONFIG,
     KIND_FILES,
+    MANIFEST,
     SOURCE_DTYPE_KEY,
     STATE_JSON,
     archive_of_step_dir,
+    checkpoint_index_file,
     checkpoint_index_path,
     compressed,
     folder_step,
     is_archive,
     manifest_path,
     model_files,
-    step_dir,
-    tensor_index_path,
+    step_prefix,
+    tensor_index_file,
 )
 from exporter.archive.push_state import read_push_record
+from exporter.archive.text import terminal_text
+from exporter.archive.trust import read_json, resolve_inside
+from exporter.archive.validate import read_shard, validate_manifest
 from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import read_neox_config
@@ -76,7 +81,7 @@ class Check:
         status = "ok" if self.ok else "FAILED"
         text = f"{self.name:<16} {status:<7} {self.passed}/{total}"
         for failure in self.failures[:10]:
-            text += f"\n    {failure}"
+            text += f"\n    {terminal_text(failure)}"
         if len(self.failures) > 10:
             text += f"\n    ... {len(self.failures) - 10} more"
         return text
@@ -163,7 +168,8 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(path: Path, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    path = resolve_inside(folder, path.relative_to(folder).as_posix(), str(folder))
     if path.name.endswith(".zst"):
         from exporter.convert.compress import read_compressed_index, read_compressed_tensor
 
@@ -171,6 +177,8 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if not key.startswith("__"):
                 yield key, read_compressed_tensor(path, key)
         return
+    with open(path, "rb") as fh:
+        read_safetensors_header(fh, str(path))  # refused here, not by safe_open's own error
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
             yield key, f.get_tensor(key)
@@ -190,12 +198,12 @@ def verify_export(folder: Path) -> Report:
     on_hub = {p for p in (pushed.deleted if pushed else {}) if not (root / p).exists()}
     if not model_paths and not any(Path(p).name.startswith("model") for p in on_hub):
         coverage.failures.append(f"{folder}: no model.safetensors")
-    model = {k: v for p in model_paths for k, v in _tensors(p)}
+    model = {k: v for p in model_paths for k, v in _tensors(p, folder)}
     coverage.passed += len(model)
     tp_size = _tp_size(folder)
     source_dtype = _source_dtype(folder, model_paths)
     if master_file.exists():
-        for name, master in _tensors(master_file):
+        for name, master in _tensors(master_file, folder):
             if name not in model:
                 if not on_hub:  # else the model weights are on the Hub only
                     coverage.failures.append(f"{name}: master weight without a model weight")
@@ -208,21 +216,14 @@ def verify_export(folder: Path) -> Report:
     rows = _index_rows(folder)
     remote_rows = 0
     for row in rows:
-        path = folder.parent.parent / row["file"]  # rows only exist inside an archive
         if row["file"] in on_hub:
             remote_rows += 1
             continue
-        if not path.is_file():
+        root = folder.parent.parent  # rows only exist inside an archive
+        if not resolve_inside(root, row["file"], str(root)).is_file():
             hashes.failures.append(f"{row['kind']} {row['name']}: {row['file']} is missing")
             continue
-        if path.name.endswith(".zst"):
-            from exporter.convert.compress import read_compressed_tensor
-
-            data = _raw(read_compressed_tensor(path, row["name"]))
-        else:
-            with open(path, "rb") as fh:
-                fh.seek(row["data_offset_begin"])
-                data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
+        data = _row_bytes(root, row)
         if hashlib.sha256(data).hexdigest() == row["sha256"]:
             hashes.passed += 1
         else:
@@ -274,30 +275,43 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _tp_size(step_folder: Path) -> int:
-    import pyarrow.parquet as pq
+def _row_bytes(root: Path, row: dict) -> bytes:
+    """The bytes of an index row, read once the file's header agrees with the row."""
+    path = resolve_inside(root, row["file"], f"{root}/index/tensors/step{row['step']}.parquet")
+    index_label, file_label = f"{root}/index/tensors/step{row['step']}.parquet", str(path)
+    if path.name.endswith(".zst"):
+        from exporter.convert.compress import read_compressed_header, read_compressed_tensor
 
-    root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
-    shard = checkpoint_index_path(root, step) if root is not None and step is not None else None
-    if shard is not None and shard.exists():
-        rows = pq.read_table(shard).to_pylist()
-        if rows and rows[0].get("tp_size"):
-            return int(rows[0]["tp_size"])
+        check_row(row, read_compressed_header(path), index_label, file_label)
+        return _raw(read_compressed_tensor(path, row["name"]))
+    with open(path, "rb") as fh:
+        check_row(row, read_safetensors_header(fh, file_label), index_label, file_label)
+        fh.seek(row["data_offset_begin"])
+        return fh.read(row["data_offset_end"] - row["data_offset_begin"])
+
+
+def _tp_size(step_folder: Path) -> int:
+    rows = _index_rows(step_folder, "checkpoints")
+    if rows and rows[0].get("tp_size"):
+        return int(rows[0]["tp_size"])
     state = step_folder / STATE_JSON
     if state.exists():
-        engine = json.loads(state.read_text(encoding="utf-8")).get("engine", {})
-        return max(1, len(engine))
+        data = read_json(resolve_inside(step_folder, "state.json", str(step_folder)), str(state))
+        engine = data.get("engine", {}) if isinstance(data, dict) else {}
+        return max(1, len(engine)) if isinstance(engine, (dict, list)) else 1
     return 1
 
 
-def _index_rows(step_folder: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
+def _index_rows(step_folder: Path, table: str = "tensors") -> list[dict]:
+    """The rows of the step's shard of one index table, when the folder is in an archive;
+    read through the archive's checks (paths inside the root, the committed schema)."""
     root, step = archive_of_step_dir(step_folder), folder_step(step_folder.name)
-    if root is None or step is None or not tensor_index_path(root, step).exists():
+    if root is None or step is None:
         return []
-    shard = tensor_index_path(root, step)
-    return pq.read_table(shard).to_pylist()
+    relative = tensor_index_file(step) if table == "tensors" else checkpoint_index_file(step)
+    if not (root / relative).exists():
+        return []
+    return read_shard(resolve_inside(root, relative, str(root)), f"{root}/{relative}").to_pylist()
 
 
 def verify_path(path: str | Path) -> list[Report]:
@@ -321,11 +335,13 @@ def verify_path(path: str | Path) -> list[Report]:
     if not path.is_dir():
         raise ExporterError(f"{path}: not a folder")
     if is_archive(path):
-        manifest = json.loads(manifest_path(path).read_text(encoding="utf-8"))
-        steps = sorted(int(s) for s in manifest.get("steps", {}))
+        label = str(manifest_path(path))
+        manifest = validate_manifest(
+            read_json(resolve_inside(path, MANIFEST, str(path)), label), label)
+        steps = sorted(int(s) for s in manifest["steps"])
         if not steps:
             raise ExporterError(f"{path}: archive has no complete steps")
-        return [verify_export(step_dir(path, s)) for s in steps]
+        return [verify_export(resolve_inside(path, step_prefix(s), str(path))) for s in steps]
     if (path / CONFIG).exists() or model_files(path):
         return [verify_export(path)]
     return [verify_checkpoint(path)]

@@ -9,11 +9,11 @@ from pathlib import Path
 from exporter.archive.layout import (
     TENSOR_INDEX_DIR,
     checkpoint_index_file,
-    shard_step,
     tensor_index_file,
 )
 from exporter.archive.push_state import pushed_file
 from exporter.archive.remote import HubReader
+from exporter.archive.trust import check_relative, inside_hub_cache, resolve_inside
 from exporter.errors import ArchiveError
 
 
@@ -24,7 +24,7 @@ class LocalFiles:
         self.root = root
 
     def path(self, relative: str) -> Path:
-        path = self.root / relative
+        path = resolve_inside(self.root, relative, str(self.root))
         if path.exists():
             return path
         pushed = pushed_file(self.root, relative)
@@ -35,10 +35,11 @@ class LocalFiles:
                          pushed.repo_type)
 
     def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
-        """The shards of an index folder, in step order (every shard present, as built)."""
-        paths = [p for p in (self.root / folder).glob("step*.parquet")
-                 if shard_step(p.name) is not None]
-        return sorted(paths, key=lambda p: shard_step(p.name) or 0)
+        """The shards of the manifest's steps in an index folder, in step order, each resolved
+        inside the archive (a shard, or the folder, that links out is refused)."""
+        shard = tensor_index_file if folder == TENSOR_INDEX_DIR else checkpoint_index_file
+        paths = [resolve_inside(self.root, shard(step), str(self.root)) for step in steps]
+        return [path for path in paths if path.is_file()]
 
 
 def _download(repo_id: str, relative: str, revision: str | None,
@@ -68,7 +69,13 @@ class HubFiles:
         self.root = None
 
     def path(self, relative: str) -> Path:
-        return self.reader.path(relative)
+        from huggingface_hub.file_download import repo_folder_name
+
+        label = f"hf://datasets/{self.reader.repo_id}"
+        check_relative(relative, label)
+        return inside_hub_cache(self.reader.path(relative), relative,
+                                repo_folder_name(repo_id=self.reader.repo_id, repo_type="dataset"),
+                                label)
 
     def index_paths(self, folder: str, steps: Sequence[int]) -> list[Path]:
         shard = tensor_index_file if folder == TENSOR_INDEX_DIR else checkpoint_index_file

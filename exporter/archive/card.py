@@ -15,6 +15,7 @@ import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,11 +32,13 @@ from exporter.archive.layout import (
     card_path,
     checkpoint_index_file,
     index_glob,
-    manifest_path,
     step_file,
     step_prefix,
     tensor_index_file,
 )
+from exporter.archive.text import markdown_code, markdown_text, terminal_text
+from exporter.archive.trust import read_json, resolve_inside
+from exporter.archive.validate import validate_manifest
 from exporter.errors import ArchiveError
 from exporter.files import write_bytes_atomic
 
@@ -110,15 +113,22 @@ def _cell(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return markdown_text(value)
 
 
 def _source_link(source: str) -> str:
     if source.startswith("hf://"):
         repo, _, revision = source.removeprefix("hf://").strip("/").partition("@")
         page = repo if not revision else f"{repo}/tree/{revision}"
-        return f"[{source.removeprefix('hf://')}]({hub_url(page)})"
-    return f"`{source}`"
+        label = markdown_text(source.removeprefix("hf://"))
+        return f"[{label}]({hub_url(quote(terminal_text(page)))})"
+    return markdown_code(source)
+
+
+def _verbatim(text: str) -> str:
+    """Archive text inside a fenced code block: control characters escaped, and no backtick
+    that could close the fence."""
+    return terminal_text(text).replace("`", "'")
 
 
 def _citation(name: str, repo_id: str, source: str, version: str) -> list[str]:
@@ -128,7 +138,8 @@ def _citation(name: str, repo_id: str, source: str, version: str) -> list[str]:
            f"@misc{{{key}_checkpoints,",
            f"  title = {{{{{name}}}: training checkpoints in safetensors and Parquet}},",
            f"  howpublished = {{\\url{{{hub_url('datasets/' + repo_id)}}}}},",
-           f"  note = {{Converted from {source.removeprefix('hf://')} with neox-exporter {version}}}",
+           f"  note = {{Converted from {_verbatim(source.removeprefix('hf://'))} with "
+           f"neox-exporter {_verbatim(version)}}}",
            "}", "```", ""]
     if "pythia" in source.lower():
         out[2] = "The model (Pythia):"
@@ -144,7 +155,8 @@ def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
         if row is None:
             lines.append(f"| … | {len(rows) - STEPS_SHOWN} more steps | | | | |")
             continue
-        revision = f"`{row['source_revision']}`" if row["source_revision"] else "–"
+        revision = (markdown_code(row["source_revision"], in_table=True)
+                    if row["source_revision"] else "–")
         lines.append(f"| {row['step']} | {revision} | {row['tensors']} | {_size(row['bytes_out'])} "
                      f"| {_cell(row['learning_rate'])} | {_cell(row['loss_scale'])} |")
     return lines
@@ -198,7 +210,9 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
         model_repo: ``ORG/NAME`` of the run's model repository (one branch per step), if any.
     """
     root = Path(root)
-    manifest = json.loads(manifest_path(root).read_text(encoding="utf-8"))
+    label = f"{root}/manifest.json"
+    manifest = validate_manifest(read_json(resolve_inside(root, "manifest.json", str(root)), label),
+                                 label)
     steps = sorted(int(s) for s in manifest.get("steps", {}))
     if not steps:
         raise ArchiveError(f"{root}: the archive has no completed steps")
@@ -238,16 +252,18 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
         out.append(f"- Revisions: one commit per step, listed below ({len(revisions)} of "
                    f"{len(rows)} steps record their source commit hash)")
     out += [f"- Parallelism: data {_cell(first['dp_size'])}, tensor {_cell(first['tp_size'])}, "
-            f"pipeline {_cell(first['pp_size'])}; optimizer checkpoint format: {first['format']}",
+            f"pipeline {_cell(first['pp_size'])}; optimizer checkpoint format: "
+            f"{markdown_text(first['format'])}",
             "", "## What was converted", "",
             "| | |", "|---|---|",
             f"| included | {', '.join(include)} |",
-            f"| model dtype | {first['model_dtype']} → {first['output_dtype']} (stored) |",
+            f"| model dtype | {markdown_text(first['model_dtype'])} → "
+            f"{markdown_text(first['output_dtype'])} (stored) |",
             "| optimizer | fp32 master weights and Adam moments, merged from the ZeRO "
             "partitions, under the model's parameter names |"
             if "optimizer" in include else "| optimizer | not included |",
             f"| tensors per step | {last['tensors']} ({_kinds(tensors, step)}) |",
-            f"| tool | neox-exporter {manifest['tool']['version']} |",
+            f"| tool | neox-exporter {markdown_text(manifest['tool']['version'])} |",
             "", "## Size", "",
             f"{_size(total)} in {files} files over {len(steps)} steps ({_size(total / len(steps))} "
             f"per step), converted from {_size(sum(r['bytes_in'] for r in rows))} of tensor data "
@@ -262,10 +278,10 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
             "Tensors, memory-mapped, with [neox-exporter](https://pypi.org/project/neox-exporter/):",
             "", "```python", "from exporter import open_archive", "",
             f"archive = open_archive(\"hf://datasets/{repo_id}\")",
-            f"w = archive.tensor({step}, \"{example}\")   # only this tensor's bytes",
+            f"w = archive.tensor({step}, {json.dumps(example)})   # only this tensor's bytes",
             f"weights = archive.state_dict({step})          # every model tensor of the step",
             f"state = archive.state({step})                 # iteration, lr, rng states ...",
-            f"for step, t in archive.trajectory(\"{example}\"):   # one tensor, every step",
+            f"for step, t in archive.trajectory({json.dumps(example)}):   # one tensor, every step",
             "    ...",
             "l2 = archive.stats(\"layers.*.attention.dense.weight\", stat=\"l2\")  # index only",
             "```", "",
@@ -286,7 +302,7 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
         out += ["One file with `safetensors` alone:", "", "```python",
                 "from huggingface_hub import hf_hub_download",
                 "from safetensors.torch import load_file", "",
-                f"path = hf_hub_download(\"{repo_id}\", \"{model_file}\", repo_type=\"dataset\")",
+                f"path = hf_hub_download(\"{repo_id}\", {json.dumps(model_file)}, repo_type=\"dataset\")",
                 "weights = load_file(path)", "```", "",
                 "A step as a `transformers` model:", "", "```python",
                 "from transformers import GPTNeoXForCausalLM", "",
@@ -315,6 +331,8 @@ def write_card(root: str | Path, repo_id: str, *, license: str = "unknown",
     from exporter.archive.plot import plot_statistic
 
     root = Path(root)
+    for path in (CARD, CARD_PLOT):  # no write through a link that leaves the archive
+        resolve_inside(root, path, str(root))
     written = []
     plot_file: str | None = CARD_PLOT
     try:

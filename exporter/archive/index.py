@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from exporter.archive.schema import CHECKPOINT_SCHEMA, TENSOR_SCHEMA
+from exporter.archive.trust import resolve_inside
+from exporter.archive.validate import read_shard
 from exporter.files import write_bytes_atomic
 from exporter.records import WrittenRecord
 
@@ -65,9 +67,13 @@ def write_checkpoint_index(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_index(folder: Path) -> pa.Table:
-    """All shards of an index folder as one table (sorted by step)."""
-    paths = sorted(folder.glob("step*.parquet"), key=lambda p: int(p.stem[4:]))
+    """All shards of an index folder as one table (sorted by step), each validated
+    (:func:`exporter.archive.validate.read_shard`)."""
+    paths = sorted(folder.glob("step*.parquet"), key=lambda p: (len(p.name), p.name))
     if not paths:
         schema = TENSOR_SCHEMA if folder.name == "tensors" else CHECKPOINT_SCHEMA
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths])
+    root = folder.parent.parent
+    return pa.concat_tables([
+        read_shard(resolve_inside(root, p.relative_to(root).as_posix(), str(root)), str(p))
+        for p in paths])

@@ -32,7 +32,6 @@ from the Hub: ``.push/step{N}.json`` names the dataset and commit that hold them
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,12 +41,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import torch
 
 from exporter.archive.access import HubFiles, LocalFiles
 from exporter.archive.cache import TensorCache
 from exporter.archive.digest import digest_key, digest_matches
+from exporter.archive.header import check_row
 from exporter.archive.layout import (
     CHECKPOINT_INDEX_DIR,
     MANIFEST,
@@ -58,11 +57,14 @@ from exporter.archive.layout import (
     step_dir,
     step_file,
     step_prefix,
+    tensor_index_file,
 )
 from exporter.archive.push_state import read_push_record
 from exporter.archive.query import index_dataset, matching_names, select, statistics_table
 from exporter.archive.remote import HUB_PREFIX, HubReader, parse_hub_location
 from exporter.archive.tensorfile import CompressedTensors, SafetensorsMap, tensor_from_bytes
+from exporter.archive.trust import check_model_folder, read_json
+from exporter.archive.validate import read_shard, validate_manifest
 from exporter.errors import ArchiveError
 from exporter.hub.calls import RetryPolicy
 from exporter.records import KINDS
@@ -91,7 +93,8 @@ class Archive:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self._files.path(MANIFEST).read_text(encoding="utf-8"))
+        label = f"{self.label}/{MANIFEST}"
+        return validate_manifest(read_json(self._files.path(MANIFEST), label), label)
 
     @property
     def steps(self) -> list[int]:
@@ -111,15 +114,21 @@ class Archive:
             >>> rows.num_rows
             28
         """
-        return index_dataset(self._files.index_paths(TENSOR_INDEX_DIR, self.steps), self.label)
+        return index_dataset(self._shards(TENSOR_INDEX_DIR), self.label)
 
     @cached_property
     def checkpoints(self) -> pa.Table:
         """The checkpoint index (one row per step)."""
-        paths = self._files.index_paths(CHECKPOINT_INDEX_DIR, self.steps)
-        if not paths:
-            raise ArchiveError(f"{self.label}: no index/checkpoints index")
-        return pa.concat_tables([pq.read_table(p) for p in paths])
+        tables = self._shards(CHECKPOINT_INDEX_DIR)
+        if not tables:
+            raise ArchiveError(f"{self.label}: no {CHECKPOINT_INDEX_DIR} index")
+        return pa.concat_tables(tables)
+
+    def _shards(self, folder: str) -> list[pa.Table]:
+        """The shards of one index table, each validated against the committed schema
+        (:func:`exporter.archive.validate.read_shard`) before any row is used."""
+        return [read_shard(path, f"{self.label}/{folder}/{path.name}")
+                for path in self._files.index_paths(folder, self.steps)]
 
     def _check_step(self, step: int) -> None:
         if step not in self.steps:
@@ -180,8 +189,16 @@ class Archive:
                 used.add(key)
                 tensors.append(tensor_from_bytes(data, row["dtype"], row["shape"]))
             else:
-                tensors.append(self._map(row["file"]).get(row["name"]))
+                tensors.append(self._mapped(row))
         return tensors
+
+    def _mapped(self, row: dict[str, Any]) -> torch.Tensor:
+        """The tensor of an index row from its local file, once the file's header agrees
+        with the row."""
+        tensors = self._map(row["file"])
+        check_row(row, tensors.header, f"{self.label}/{tensor_index_file(row['step'])}",
+                  f"{self.label}/{row['file']}")
+        return tensors.get(row["name"])
 
     def tensor(self, step: int, name: str, kind: str = "model") -> torch.Tensor:
         """One tensor: memory-mapped from a local archive (read-only semantics: writes stay
@@ -297,7 +314,8 @@ class Archive:
     def state(self, step: int) -> dict[str, Any]:
         """The engine and optimizer state of a step (``state.json``)."""
         self._check_step(step)
-        return json.loads(self._files.path(step_file(step, STATE_JSON)).read_text(encoding="utf-8"))
+        relative = step_file(step, STATE_JSON)
+        return read_json(self._files.path(relative), f"{self.label}/{relative}")
 
     def model_path(self, step: int) -> Path:
         """A local folder that ``transformers.GPTNeoXForCausalLM.from_pretrained`` loads."""
@@ -308,6 +326,7 @@ class Archive:
             root = self._files.root
             pushed = read_push_record(root, step)
             if pushed is None or all((root / p).exists() for p in pushed.deleted):
+                check_model_folder(root, step_prefix(step), self.label)
                 return step_dir(root, step)
             folder = snapshot_download(pushed.repo_id, repo_type="dataset",
                                        revision=pushed.commit or pushed.revision,
@@ -318,7 +337,10 @@ class Archive:
             reader.repo_id, repo_type="dataset", revision=reader.commit, token=reader.token,
             allow_patterns=model_patterns(step),
         )
-        return Path(folder) / step_prefix(step)
+        snapshot = Path(folder)
+        check_model_folder(snapshot.parent.parent, f"snapshots/{snapshot.name}/{step_prefix(step)}",
+                           self.label)
+        return snapshot / step_prefix(step)
 
 
 def open_archive(location: str | os.PathLike[str], revision: str | None = None, *,

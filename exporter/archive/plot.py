@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from exporter.archive.text import plot_text
 from exporter.errors import ArchiveError
 from exporter.files import write_bytes_atomic
 
@@ -85,8 +86,9 @@ def statistic_series(index: pa.Table | ds.Dataset, stat: str, match: str,
 
 def legend_labels(series: list[Series]) -> list[str]:
     """One label per line: the tensor's name without the model prefix ``gpt_neox.`` (the four
-    tensors of layer 0 that ``layers.0.*`` matches must not all read "layer 0")."""
-    return [s.name.removeprefix("gpt_neox.") for s in series]
+    tensors of layer 0 that ``layers.0.*`` matches must not all read "layer 0"), drawn as
+    text (archive names are not mathtext)."""
+    return [plot_text(s.name.removeprefix("gpt_neox.")) for s in series]
 
 
 #: Steps spanning this ratio or more (last / first positive step) are drawn on a log axis.
@@ -149,7 +151,8 @@ def plot_statistic(index: pa.Table | ds.Dataset, *, stat: str = "l2",
     axes.set_xlabel("training step")
     axes.set_ylabel(stat)
     axes.grid(True, alpha=0.3)
-    axes.set_title(title or f"{stat} of {kind} {match} ({len(series)} tensors)", fontsize=10)
+    axes.set_title(plot_text(title or f"{stat} of {kind} {match} ({len(series)} tensors)"),
+                   fontsize=10)
     if len(series) <= MAX_LEGEND:
         axes.legend(fontsize=7, ncols=2 if len(series) > 6 else 1)
     else:

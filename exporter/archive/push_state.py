@@ -8,12 +8,13 @@ that its tensors live on the Hub.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exporter.archive.layout import file_step, push_state_path
+from exporter.archive.trust import check_relative, read_json
+from exporter.errors import ArchiveError
 from exporter.files import write_json_atomic
 
 
@@ -33,10 +34,20 @@ def read_push_record(root: str | Path, step: int) -> PushRecord | None:
     path = push_state_path(Path(root), step)
     if not path.is_file():
         return None
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    data: Any = read_json(path, str(path))
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{path}: a push record is a JSON object")
+    deleted = data.get("deleted", {})
+    if not isinstance(deleted, dict):
+        raise ArchiveError(f"{path}: 'deleted' is not an object")
+    for relative, sha256 in deleted.items():
+        check_relative(relative, f"{path}: deleted")
+        if not isinstance(sha256, str):
+            raise ArchiveError(f"{path}: sha256 of {relative!r} is not text")
+    commit = data.get("commit")
     return PushRecord(str(data.get("repo_id", "")), str(data.get("repo_type", "dataset")),
-                      str(data.get("revision", "main")), data.get("commit"),
-                      dict(data.get("deleted", {})))
+                      str(data.get("revision", "main")),
+                      commit if isinstance(commit, str) else None, dict(deleted))
 
 
 def deleted_after_push(root: str | Path, step: int) -> dict[str, str]:

@@ -9,7 +9,6 @@ column projection) instead of materialising every row. Statistics come from the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
@@ -20,15 +19,16 @@ from exporter.archive.plot import STATISTICS, name_matches
 from exporter.errors import ArchiveError
 
 
-def index_dataset(paths: Sequence[str | os.PathLike[str]], label: str) -> ds.Dataset:
-    """A Parquet dataset over index shards, in the order given (step order).
+def index_dataset(shards: Sequence[pa.Table], label: str) -> ds.Dataset:
+    """A dataset over validated index shards, in the order given (step order): filters and
+    column selections run on it as on the Parquet files (``to_table(filter=...)``).
 
     Raises:
         ArchiveError: no shard.
     """
-    if not paths:
+    if not shards:
         raise ArchiveError(f"{label}: no tensor index")
-    return ds.dataset([os.fspath(p) for p in paths], format="parquet")
+    return ds.dataset(pa.concat_tables(shards))
 
 
 def select(index: ds.Dataset | pa.Table, *, kind: str | None = None,

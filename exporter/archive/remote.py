@@ -110,6 +110,7 @@ class HubReader:
         self.max_request_bytes = max_request_bytes
         self.token = token
         self.label = f"hf://datasets/{self.repo_id}"
+        self._sizes: dict[str, int] = {}
         self.commit = self.requested  # until resolved, just below
         self.commit = self._resolve()
 
@@ -213,10 +214,34 @@ class HubReader:
 
     # -- tensors --------------------------------------------------------------------------
 
-    def _span(self, row: Mapping[str, Any]) -> _Span:
+    def file_sizes(self, relatives: Iterable[str]) -> dict[str, int]:
+        """The sizes of files at the pinned commit, as the Hub lists them (asked once a file)."""
+        from huggingface_hub import HfApi, is_offline_mode
+
+        wanted = sorted(set(relatives) - self._sizes.keys())
+        if wanted and is_offline_mode():
+            raise ArchiveError(f"{self.label}@{self.commit[:12]}: tensors of {', '.join(wanted)} "
+                               f"are not in the local cache, and offline mode (HF_HUB_OFFLINE) "
+                               f"is set")
+        if wanted:
+            items = self._call("list file sizes", lambda: HfApi(token=self.token).get_paths_info(
+                self.repo_id, wanted, repo_type=REPO_TYPE, revision=self.commit))
+            self._sizes.update({item.path: int(item.size) for item in items
+                                if getattr(item, "size", None) is not None})
+        return self._sizes
+
+    def _span(self, row: Mapping[str, Any], sizes: Mapping[str, int]) -> _Span:
         # The index records absolute file offsets (exporter/convert/stream.py places each
-        # tensor; exporter/verify.py seeks to them), so no header has to be read first.
-        return _Span(row, int(row["data_offset_begin"]), int(row["data_offset_end"]))
+        # tensor; exporter/verify.py seeks to them), so no header has to be read first; the
+        # range must lie inside the file as the Hub lists it before a buffer is allocated.
+        begin, end = int(row["data_offset_begin"]), int(row["data_offset_end"])
+        size = sizes.get(row["file"])
+        if size is None or not 0 <= begin <= end <= size:
+            raise IntegrityError(
+                f"{self.label}@{self.commit[:12]}: {row['kind']} tensor {row['name']!r} of step "
+                f"{row['step']}: bytes [{begin}, {end}) of {row['file']} lie outside the file "
+                f"({'not on the Hub' if size is None else f'{size} bytes'})")
+        return _Span(row, begin, end)
 
     def _groups(self, spans: Iterable[_Span]) -> list[list[_Span]]:
         """Spans of one file whose ranges touch (within ``max_gap``) are read together."""
@@ -252,7 +277,8 @@ class HubReader:
         holes); each group's range is cut into requests of at most ``max_request_bytes``, all
         of them run on the thread pool, then each tensor is checked.
         """
-        groups = self._groups(self._span(r) for r in rows)
+        sizes = self.file_sizes(r["file"] for r in rows)
+        groups = self._groups(self._span(r, sizes) for r in rows)
         buffers = [bytearray(max(s.end for s in g) - g[0].start) for g in groups]
         requests = []
         for group, buffer in zip(groups, buffers, strict=True):

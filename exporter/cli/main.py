@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    """One line, shown as text: messages quote archive content (tensor names, paths), whose
+    control characters are written as escapes."""
+    from exporter.archive.text import terminal_text
+
+    return terminal_text("; ".join(line.strip() for line in text.strip().splitlines()
+                                   if line.strip()))
 
 
 def usage_line(exc: click.UsageError) -> str:

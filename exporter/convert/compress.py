@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import zstandard
 
+from exporter.archive.header import SafetensorsHeader, validate_compressed_index
 from exporter.errors import ArchiveError, ExporterError
 from exporter.files import atomic_open
 from exporter.records import TORCH_DTYPES
@@ -202,7 +203,7 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
     dtype = TORCH_DTYPES.get(entry.get("dtype"))
     if dtype is None:
         raise ArchiveError(f"{path}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    out = torch.empty(tuple(entry["shape"]), dtype=dtype)
+    out = _allocate(path, name, tuple(entry["shape"]), dtype, entry["nbytes"])
     if out.numel() * out.element_size() != entry["nbytes"]:
         raise ArchiveError(f"{path}: tensor {name!r}: size does not match its shape")
     if out.numel():
@@ -211,6 +212,25 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
             for begin, raw in _frames(path, fh, name, entry):
                 target[begin : begin + raw.size] = raw
     return out
+
+
+def _allocate(path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+              nbytes: int) -> torch.Tensor:
+    """Memory for a decompressed tensor, refused when it could never fit.
+
+    A few bytes of zstd frames can stand for gigabytes (all-zero moments compress about
+    30,000 to 1), so the size the index declares is checked against the machine's physical
+    memory before anything is allocated, and an allocation the system refuses is an
+    ArchiveError too, not an out-of-memory crash.
+    """
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > physical:
+        raise ArchiveError(f"{path}: tensor {name!r} needs {nbytes} bytes of memory, more than "
+                           f"this machine has ({physical})")
+    try:
+        return torch.empty(shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:
+        raise ArchiveError(f"{path}: tensor {name!r}: cannot allocate {nbytes} bytes") from exc
 
 
 def decompress_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
@@ -299,7 +319,16 @@ def _read_safetensors_header(path: Path) -> _SourceHeader:
     return _SourceHeader(text, ordered, metadata, 8 + length)
 
 
+def read_compressed_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """The original safetensors header of a compressed file, validated with its index."""
+    return _read_validated(Path(path))[1]
+
+
 def _read_index(path: Path) -> dict[str, Any]:
+    return _read_validated(path)[0]
+
+
+def _read_validated(path: Path) -> tuple[dict[str, Any], SafetensorsHeader]:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -314,8 +343,9 @@ def _read_index(path: Path) -> dict[str, Any]:
         text = fh.read(length)
     try:
         index = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ArchiveError(f"{path}: unreadable index: {exc}") from exc
-    if not isinstance(index, dict) or index.get("__codec__", {}).get("name") != "zstd":
+    codec = index.get("__codec__") if isinstance(index, dict) else None
+    if not isinstance(codec, dict) or codec.get("name") != "zstd":
         raise ArchiveError(f"{path}: unknown codec")
-    return index
+    return index, validate_compressed_index(index, size - 16 - length, str(path))

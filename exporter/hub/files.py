@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from exporter.archive.layout import checkpoint_index_path, tensor_index_path
+from exporter.archive.trust import resolve_inside
+from exporter.archive.validate import read_shard
 from exporter.errors import PublishError
 from exporter.files import file_sha256, git_blob_id
 
@@ -95,15 +95,26 @@ class LocalFile:
 
 
 def step_files(root: Path, step: int) -> list[LocalFile]:
-    """Every file of one step: its output files (sha256 from the checkpoint index) and shards."""
-    shards = [tensor_index_path(root, step), checkpoint_index_path(root, step)]
-    if not all(p.is_file() for p in shards):
+    """Every file of one step: its output files (sha256 from the checkpoint index) and shards.
+
+    Every path is archive content: validated, and resolved inside the root
+    (:mod:`exporter.archive.trust`), so a push never uploads, and ``--delete-after-push`` never
+    removes, a file outside the archive.
+    """
+    shards = {p.relative_to(root).as_posix(): p
+              for p in (tensor_index_path(root, step), checkpoint_index_path(root, step))}
+    if not all(p.is_file() for p in shards.values()):
         raise PublishError(f"{root}: step {step} has no index shards; build it first")
-    rows = pq.read_table(shards[1]).to_pylist()
+    real = {relative: resolve_inside(root, relative, str(root)) for relative in shards}
+    tables = {relative: read_shard(path, f"{root}/{relative}") for relative, path in real.items()}
+    checkpoints = checkpoint_index_path(root, step).relative_to(root).as_posix()
+    rows = tables[checkpoints].to_pylist()
+    label = f"{root}/{checkpoints}"
     if len(rows) != 1:
-        raise PublishError(f"{shards[1]}: expected one row, found {len(rows)}")
-    files = [LocalFile(e["path"], root / e["path"], e["sha256"], e["bytes"])
+        raise PublishError(f"{label}: expected one row, found {len(rows)}")
+    files = [LocalFile(e["path"], resolve_inside(root, e["path"], f"{label} output_files"),
+                       e["sha256"], e["bytes"])
              for e in rows[0]["output_files"]]
-    files += [LocalFile(p.relative_to(root).as_posix(), p, file_sha256(p), p.stat().st_size)
-              for p in shards]
+    files += [LocalFile(relative, path, file_sha256(path), path.stat().st_size)
+              for relative, path in real.items()]
     return files

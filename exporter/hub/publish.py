@@ -40,6 +40,8 @@ from typing import Any, Literal, TypeVar
 from exporter.archive.layout import MANIFEST, manifest_path
 from exporter.archive.lock import archive_lock
 from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
+from exporter.archive.trust import read_json, resolve_inside
+from exporter.archive.validate import validate_manifest
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
 from exporter.hub.files import LocalFile, RemoteFile, step_files
@@ -204,14 +206,18 @@ class Publisher:
         path = manifest_path(self.root)
         if not path.is_file():
             raise PublishError(f"{self.root}: not an archive (no {MANIFEST})")
-        return json.loads(path.read_text(encoding="utf-8"))
+        label = f"{path}"
+        return validate_manifest(read_json(self._manifest_file(), label), label, only=("steps",))
+
+    def _manifest_file(self) -> Path:
+        return resolve_inside(self.root, MANIFEST, str(self.root))
 
     def _manifest_for(self, steps: set[int]) -> LocalFile:
         """The manifest restricted to ``steps`` (the local file as is when it lists no more)."""
         data = self.manifest()
         keep = {str(s) for s in steps}
         if set(data["steps"]) <= keep:
-            return LocalFile.of_bytes(MANIFEST, manifest_path(self.root).read_bytes())
+            return LocalFile.of_bytes(MANIFEST, self._manifest_file().read_bytes())
         data["steps"] = {k: v for k, v in data["steps"].items() if k in keep}
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         return LocalFile.of_bytes(MANIFEST, text.encode("utf-8"))
@@ -291,6 +297,7 @@ class Publisher:
         write_push_record(self.root, step, PushRecord(self.repo_id, self.repo_type, self.revision,
                                                       commit, deleted))
         for path in doomed:
+            resolve_inside(self.root, path, str(self.root))  # never unlink through a link out
             (self.root / path).unlink()
             self.result.deleted_files.append(path)
         self.progress(PushEvent("delete", (step,), commit, f"{len(doomed)} file(s) removed"))
@@ -309,7 +316,7 @@ class Publisher:
             self.license = chosen
         written = write_card(self.root, self.repo_id, license=self.license,
                              model_repo=self.model_repo)
-        files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
+        files = [LocalFile.of_bytes(path, resolve_inside(self.root, path, str(self.root)).read_bytes())
                  for path in [*written, MANIFEST]]
         commit = self._commit(files, "Update dataset card and manifest")
         if commit is not None:

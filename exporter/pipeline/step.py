@@ -33,7 +33,8 @@ from exporter.archive.layout import (
     tensor_index_path,
 )
 from exporter.archive.push_state import deleted_after_push
-from exporter.errors import ExporterError
+from exporter.archive.trust import resolve_inside
+from exporter.errors import ArchiveError, ExporterError
 from exporter.files import file_sha256, is_temporary
 from exporter.pipeline.export import ExportOptions, ExportResult, export_checkpoint
 from exporter.records import StepOutcome
@@ -56,7 +57,10 @@ def step_complete(root: Path, step: int, verify: bool = True) -> bool:
         return False
     pushed = deleted_after_push(root, step)
     for entry in rows[0]["output_files"]:
-        path = root / entry["path"]
+        try:
+            path = resolve_inside(root, entry["path"], str(cpath))
+        except ArchiveError:
+            return False  # a path out of the archive: the step is rebuilt, nothing is read
         if not path.exists() and pushed.get(entry["path"]) == entry["sha256"]:
             continue  # on the Hub, removed locally by --delete-after-push
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
