@@ -4,10 +4,18 @@ A ZeRO partition file holds, per param group, one flat fp32 tensor (the rank's s
 group's flattened parameters) and the Adam moments of the same slice. A parameter is thus a
 list of :class:`Segment` s — contiguous element ranges of partition tensors, possibly on
 several ranks — and is read segment by segment, never by concatenating whole partitions.
+
+A partition can hold thousands of small segments (DeeperSpeed stage 1 with a small
+``reduce_bucket_size`` cuts each group into one comm interval per bucket, and a parameter's
+consecutive sub-partitions alternate between the rank files), so :meth:`ParamSlices.chunks`
+gathers segments straight into chunk-sized buffers: one ``preadv`` per segment into its place
+in the chunk, one open file per rank file for the whole tensor, no tensor or other object
+per segment, and chunks of the requested size however small the segments are.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,9 +25,10 @@ import torch
 
 from exporter.errors import CheckpointFormatError, LayoutError
 from exporter.torchfile import TensorRef
+from exporter.torchfile.records import read_exact, read_tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     """Elements ``[start, start + count)`` of a 1-D partition tensor."""
 
@@ -36,8 +45,8 @@ class Segment:
 
     def read(self) -> torch.Tensor:
         size = self.ref.element_size
-        raw = self.ref.storage.zip.read(self.ref.file_offset + self.start * size, self.count * size)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.ref.dtype)
+        return read_tensor(self.ref.path, self.ref.file_offset + self.start * size,
+                           self.count * size, self.ref.dtype)
 
 
 @dataclass
@@ -73,14 +82,40 @@ class ParamSlices:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
+        """Chunks of about ``max_bytes`` of one kind, each gathered from as many segments as
+        it spans (see the module docstring)."""
         segments = self.segments[kind]
 
         def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-            for seg in segments:
-                step = max(1, max_bytes // seg.ref.element_size)
-                for start in range(seg.start, seg.start + seg.count, step):
-                    count = min(step, seg.start + seg.count - start)
-                    yield Segment(seg.ref, start, count).read()
+            if not segments:
+                return
+            dtype, size = segments[0].ref.dtype, segments[0].ref.element_size
+            if any(seg.ref.dtype != dtype for seg in segments):
+                raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
+            total = sum(seg.count for seg in segments) * size
+            step = max(1, max_bytes // size) * size
+            files: dict[os.PathLike[str], int] = {}
+            try:
+                out, view, filled = None, memoryview(b""), 0
+                for seg in segments:
+                    fd = files.get(seg.ref.path)
+                    if fd is None:
+                        fd = files[seg.ref.path] = os.open(seg.ref.path, os.O_RDONLY)
+                    pos, left = seg.ref.file_offset + seg.start * size, seg.count * size
+                    while left:
+                        if out is None:
+                            out = torch.empty(min(step, total), dtype=torch.uint8)
+                            view, filled = memoryview(out.numpy()), 0
+                        take = min(left, out.numel() - filled)
+                        read_exact(fd, view[filled : filled + take], pos, seg.ref.path)
+                        filled, pos, left = filled + take, pos + take, left - take
+                        if filled == out.numel():
+                            total -= filled
+                            yield out.view(dtype)
+                            out = None
+            finally:
+                for fd in files.values():
+                    os.close(fd)
 
         return gen
 
