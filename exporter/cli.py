@@ -121,8 +121,10 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--compress", default=None, metavar="zstd[:LEVEL]",
               help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
                    "the loader without mmap. Default: plain safetensors.")
+@click.option("--no-stats", is_flag=True,
+              help="Skip per-tensor statistics (their index columns are null): files only.")
 def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: str, device: str,
-            max_shard_size: str, compress: str | None) -> None:
+            max_shard_size: str, compress: str | None, no_stats: bool) -> None:
     """Convert one checkpoint folder to safetensors + JSON.
 
     Writes model.safetensors under Hugging Face GPTNeoX names with config.json (loadable by
@@ -135,6 +137,7 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
     from exporter.progress import byte_bar
 
     options = _export_options(include, dtype, device, max_shard_size, compress)
+    options.statistics = not no_stats
     quiet = click.get_current_context().obj["quiet"]
     with byte_bar(f"convert {checkpoint.name}", disable=quiet) as advance:
         result = export_checkpoint(checkpoint, out_dir, options, progress=advance)

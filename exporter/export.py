@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from exporter.convert.sharding import plan_shards
-from exporter.convert.stream import Converter
+from exporter.convert.stream import Converter, FileTask
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import hf_config, load_neox_config
@@ -55,6 +55,7 @@ class ExportOptions:
             :mod:`exporter.convert.compress`) at this level; None writes plain safetensors.
         device: where casts and statistics run (``cpu``, ``cuda``).
         max_shard_size: model shards are split above this many bytes.
+        statistics: compute per-tensor statistics (False: the index columns are null).
     """
 
     include: tuple[str, ...] = INCLUDE_CHOICES
@@ -62,6 +63,7 @@ class ExportOptions:
     device: str = "cpu"
     max_shard_size: int = DEFAULT_SHARD_SIZE
     compress_level: int | None = None
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.include) - set(INCLUDE_CHOICES)
@@ -117,7 +119,8 @@ def export_checkpoint(
     optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
     if "optimizer" in options.include and optimizer is None:
         log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
-    converter = Converter(dtype=options.dtype, device=options.device, progress=progress)
+    converter = Converter(dtype=options.dtype, device=options.device, progress=progress,
+                          statistics=options.statistics)
 
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,7 +162,7 @@ def _write_all(
     options: ExportOptions,
     converter: Converter,
 ) -> list[WrittenRecord]:
-    records: list[WrittenRecord] = []
+    tasks: list[FileTask] = []
     if "model" in options.include:
         out_dtype = options.dtype or model.dtype
         config = hf_config(
@@ -172,22 +175,23 @@ def _write_all(
         )
         _write_json(tmp / "config.json", config)
         weights = [j for j in model.jobs if j.kind == "model"]
-        records += _write_sharded(tmp, weights, converter, options.max_shard_size)
+        tasks += _sharded(tmp, weights, converter, options.max_shard_size)
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
-            records += converter.write_file(tmp / "buffers.safetensors", buffers, tmp)
+            tasks.append(FileTask(tmp / "buffers.safetensors", buffers))
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
-            records += converter.write_file(tmp / "optimizer" / f"{kind}.safetensors", jobs, tmp)
+            tasks.append(FileTask(tmp / "optimizer" / f"{kind}.safetensors", jobs))
     if "state" in options.include:
         state = {"engine": engine.json}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json
         if engine.tensor_jobs:
-            records += converter.write_file(tmp / "state.safetensors", engine.tensor_jobs, tmp)
+            tasks.append(FileTask(tmp / "state.safetensors", engine.tensor_jobs))
         _write_json(tmp / "state.json", state)
     _copy_config(files, cfg, tmp / "neox.yml")
-    return records
+    # The files are independent: written in parallel (Converter.write_files), records in order.
+    return converter.write_files(tasks, tmp)
 
 
 def _compress(
@@ -209,21 +213,19 @@ def _compress(
     return {k: v for k, v in hashes.items() if k not in renamed}
 
 
-def _write_sharded(
+def _sharded(
     tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int
-) -> list[WrittenRecord]:
+) -> list[FileTask]:
     sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
     shards = plan_shards(jobs, sizes, max_shard_size)
-    records: list[WrittenRecord] = []
-    for name, group in shards:
-        records += converter.write_file(tmp / name, group, tmp)
+    tasks = [FileTask(tmp / name, group) for name, group in shards]
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes)},
             "weight_map": {job.name: name for name, group in shards for job in group},
         }
         _write_json(tmp / "model.safetensors.index.json", index)
-    return records
+    return tasks
 
 
 def _copy_config(files: CheckpointFiles, cfg: dict[str, Any], dest: Path) -> None:

@@ -9,12 +9,12 @@ Checks, each reported with a count and the first failures by name:
   (checked while the partitions are planned);
 - ``coverage``: every tensor of every source file is accounted for, every model weight has
   optimizer state, and no file is left unread;
-- ``hashes`` (exports): every tensor's bytes match the sha256 in the index.
+- ``hashes`` (exports): every tensor's bytes match the digest in the index (BLAKE3, or sha256
+  in archives written before; :mod:`exporter.convert.digest`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from exporter.convert.digest import index_digest, tensor_digest
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import load_neox_config
@@ -180,10 +181,11 @@ def verify_export(folder: Path) -> Report:
             with open(path, "rb") as fh:
                 fh.seek(row["data_offset_begin"])
                 data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
-        if hashlib.sha256(data).hexdigest() == row["sha256"]:
+        algorithm, digest = index_digest(row)
+        if tensor_digest(algorithm, data) == digest:
             hashes.passed += 1
         else:
-            hashes.failures.append(f"{row['kind']} {row['name']}: sha256 does not match the index")
+            hashes.failures.append(f"{row['kind']} {row['name']}: {algorithm} does not match the index")
     checks = [coverage, invariant] + ([hashes] if rows else [])
     return Report(folder, checks)
 
