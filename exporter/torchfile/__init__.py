@@ -81,7 +81,8 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
     data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
     try:
-        result = safe_unpickle(data, zip_)
+        with zip_.open():
+            result = safe_unpickle(data, zip_)
         obj = resolve_numpy(result.obj)
     except (CheckpointFormatError, UnsafePickleError) as exc:
         if str(zip_.path) in str(exc):

@@ -19,6 +19,8 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +81,27 @@ class TorchZip:
                 )
         self.prefix = self._find_prefix()
         self._members: dict[str, Member] = {}
+        self._fd: int | None = None
+
+    @contextmanager
+    def open(self) -> Iterator[TorchZip]:
+        """Keep the file open for the member look-ups inside the block: unpickling a ZeRO file
+        of many small comm intervals looks up tens of thousands of storage members."""
+        if self._fd is not None:
+            yield self
+            return
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            yield self
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, size, offset)
+        with open(self.path, "rb") as fh:
+            return os.pread(fh.fileno(), size, offset)
 
     def _find_prefix(self) -> str:
         prefixes = [
@@ -107,8 +130,7 @@ class TorchZip:
         if not 0 <= info.header_offset < self.file_size:
             # zipfile shifts offsets by any bytes it finds before the first member.
             raise CheckpointFormatError(f"{self.path}: bad zip header of '{info.filename}'")
-        with open(self.path, "rb") as fh:
-            header = os.pread(fh.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        header = self._pread(_LOCAL_HEADER.size, info.header_offset)
         if len(header) != _LOCAL_HEADER.size:
             raise CheckpointFormatError(f"{self.path}: truncated zip header of '{info.filename}'")
         fields = _LOCAL_HEADER.unpack(header)
@@ -145,8 +167,7 @@ class TorchZip:
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the file."""
-        with open(self.path, "rb") as fh:
-            data = os.pread(fh.fileno(), size, offset)
+        data = self._pread(size, offset)
         if len(data) != size:
             raise CheckpointFormatError(f"{self.path}: short read at {offset} (file truncated?)")
         return data

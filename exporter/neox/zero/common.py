@@ -15,6 +15,8 @@ per segment, and chunks of the requested size however small the segments are.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -144,6 +146,33 @@ def slice_flat(
         take = min(end - pos, partition_size - local)
         segments.append(Segment(refs[rank], local, take))
         pos += take
+    return segments
+
+
+def concatenated_starts(refs: list[TensorRef]) -> list[int]:
+    """Where each of ``refs`` starts in their concatenation (for :func:`slice_concatenated`)."""
+    return list(itertools.accumulate((ref.numel for ref in refs[:-1]), initial=0))
+
+
+def slice_concatenated(
+    refs: list[TensorRef], starts: list[int], begin: int, count: int
+) -> list[Segment]:
+    """The segments covering flat elements ``[begin, begin + count)`` of the concatenation of
+    ``refs`` (``starts`` from :func:`concatenated_starts`). A binary search finds the first
+    one: a group cut into thousands of comm intervals has as many refs per kind, and a scan
+    from the first for each parameter made planning quadratic."""
+    segments = []
+    index = max(0, bisect.bisect_right(starts, begin) - 1)
+    pos, end = begin, begin + count
+    while pos < end and index < len(refs):
+        local = pos - starts[index]
+        take = min(end - pos, refs[index].numel - local)
+        if take > 0:
+            segments.append(Segment(refs[index], local, take))
+            pos += take
+        index += 1
+    if pos < end:
+        raise LayoutError("parameter runs past the last partition (partition count mismatch)")
     return segments
 
 

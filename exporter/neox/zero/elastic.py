@@ -27,7 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.errors import LayoutError
-from exporter.neox.zero.common import ParamSlices, Segment, flat_partition, partition_state_dicts
+from exporter.neox.zero.common import (
+    ParamSlices,
+    concatenated_starts,
+    flat_partition,
+    partition_state_dicts,
+    slice_concatenated,
+)
 from exporter.torchfile import TensorRef, TorchFile
 
 ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
@@ -111,11 +117,12 @@ def read_elastic(
             )
         _check_padding(osds, files, g, comms, lengths)
         offset = 0
+        starts = concatenated_starts(pieces["master"])  # the moments' slices have the same sizes
         for name, shape in shapes[g].items():
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
             for kind, refs in pieces.items():
-                param.segments[kind] = _slice(refs, offset, n)
+                param.segments[kind] = slice_concatenated(refs, starts, offset, n)
             params.append(param)
             offset += n
         summary["groups"].append(
@@ -142,21 +149,6 @@ def _check_padding(osds: list[dict[str, Any]], files: list[TorchFile], g: int, c
         sizes.add(lean + int(local[index]))
     if len(sizes) > 1:
         raise LayoutError(f"{files[0].path}: group {g} sub-partitions and paddings do not add up")
-
-
-def _slice(refs: list[TensorRef], begin: int, count: int) -> list[Segment]:
-    segments, pos, base = [], begin, 0
-    for ref in refs:
-        lo, hi = base, base + ref.numel
-        if pos < hi and count > 0:
-            take = min(hi - pos, count)
-            segments.append(Segment(ref, pos - lo, take))
-            pos += take
-            count -= take
-        base = hi
-        if count == 0:
-            break
-    return segments
 
 
 def _numel(shape: tuple[int, ...]) -> int:
