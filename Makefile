@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: install test demo bench bench-gpu lint clean
+.PHONY: install test demo bench bench-gpu gpu-wheels lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu.py
+
+# Wheels of what the project imports beyond the GPU image's packages, for
+# benchmarks/gpu_check.sh on a machine without network (Python 3.12, x86_64).
+GPU_WHEELS ?= blake3 zstandard pytest-timeout
+gpu-wheels: $(STAMP)
+	rm -rf benchmarks/wheels
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d benchmarks/wheels $(GPU_WHEELS)
+	du -sh benchmarks/wheels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exporter tests benchmarks

@@ -1,0 +1,197 @@
+"""One pass over the bytes: BLAKE3 tensor digests (old sha256 indexes still verify), files
+written in parallel, optional statistics, and ZeRO partitions of many small comm intervals
+gathered into full chunks with the same output as their one-interval twin."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import blake3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from exporter.archive.schema import TENSOR_SCHEMA
+from exporter.convert.digest import index_digest, tensor_digest
+from exporter.convert.stream import Converter, FileTask
+from exporter.errors import ArchiveError, ExporterError
+from exporter.export import ExportOptions, export_checkpoint
+from exporter.neox.zero.common import Segment, concatenated_starts, slice_concatenated
+from exporter.pipeline import BuildOptions, build
+from exporter.records import TensorJob, chunks_of
+from exporter.samples import TINY, RunConfig, write_checkpoint, write_run
+from exporter.sources import LocalSource
+from exporter.torchfile import load_torch_file
+from exporter.verify import verify_path
+
+
+def test_tensor_digests_are_blake3_or_sha256_by_name() -> None:
+    assert tensor_digest("blake3", b"abc") == blake3.blake3(b"abc").hexdigest()
+    assert tensor_digest("sha256", b"abc") == hashlib.sha256(b"abc").hexdigest()
+    with pytest.raises(ArchiveError, match="unknown digest algorithm 'md5'"):
+        tensor_digest("md5", b"abc")
+
+
+def test_index_digest_reads_new_and_old_rows() -> None:
+    assert index_digest({"digest": "d", "digest_algorithm": "blake3"}) == ("blake3", "d")
+    assert index_digest({"sha256": "s", "name": "w"}) == ("sha256", "s")
+    with pytest.raises(ArchiveError, match="'w' holds no tensor digest"):
+        index_digest({"name": "w"})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    write_run(run, TINY, steps=(2,), dp=2)
+    out = tmp_path_factory.mktemp("archive") / "a"
+    build(LocalSource(run), out, BuildOptions(quiet=True))
+    return out
+
+
+def _rewrite_index_as_sha256(archive: Path, tamper: bool) -> None:
+    """Turn the step's index into the format written before BLAKE3: a sha256 column."""
+    shard = archive / "index" / "tensors" / "step2.parquet"
+    rows = pq.read_table(shard).to_pylist()
+    for row in rows:
+        with open(archive / row["file"], "rb") as fh:
+            fh.seek(row["data_offset_begin"])
+            data = fh.read(row["data_offset_end"] - row["data_offset_begin"])
+        row.pop("digest", None)
+        row.pop("digest_algorithm", None)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+    if tamper:
+        rows[3]["sha256"] = "0" * 64
+    fields = [f for f in TENSOR_SCHEMA if not f.name.startswith("digest")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([*fields, pa.field("sha256", pa.string())])), shard)
+
+
+def test_verify_checks_blake3_digests_and_old_sha256_indexes(archive: Path) -> None:
+    rows = pq.read_table(archive / "index" / "tensors").to_pylist()
+    assert {r["digest_algorithm"] for r in rows} == {"blake3"}
+    (report,) = verify_path(archive)
+    assert report.ok, report.text()
+    _rewrite_index_as_sha256(archive, tamper=False)
+    (report,) = verify_path(archive)
+    assert report.ok, report.text()
+    _rewrite_index_as_sha256(archive, tamper=True)
+    (report,) = verify_path(archive)
+    assert not report.ok and "sha256 does not match the index" in report.text()
+
+
+def _jobs(prefix: str, sizes: list[int]) -> list[TensorJob]:
+    g = torch.Generator().manual_seed(len(prefix))
+    return [TensorJob(f"{prefix}.{i}", "master", torch.float32, (n,), chunks_of(torch.randn(n, generator=g)))
+            for i, n in enumerate(sizes)]
+
+
+def test_parallel_files_equal_files_written_one_by_one(tmp_path: Path) -> None:
+    tasks = {name: _jobs(name, sizes) for name, sizes in
+             (("small", [10, 0, 3]), ("large", [70_000, 5]), ("middle", [30_000]))}
+
+    def write(workers: int, folder: Path) -> tuple[list, list]:
+        converter = Converter(chunk_bytes=4096, workers=workers)
+        records = converter.write_files(
+            [FileTask(folder / f"{name}.safetensors", jobs) for name, jobs in tasks.items()], folder)
+        return records, converter.written_files
+
+    serial, serial_files = write(1, tmp_path / "serial")
+    parallel, parallel_files = write(3, tmp_path / "parallel")
+    assert [r.job.name for r in parallel] == [j.name for jobs in tasks.values() for j in jobs]
+    assert [(r.file, r.begin, r.end, r.digest) for r in parallel] == \
+        [(r.file, r.begin, r.end, r.digest) for r in serial]
+    assert [f.path for f in parallel_files] == [f"{name}.safetensors" for name in tasks]
+    for written in parallel_files:
+        data = (tmp_path / "parallel" / written.path).read_bytes()
+        assert written.sha256 == hashlib.sha256(data).hexdigest()
+        assert data == (tmp_path / "serial" / written.path).read_bytes()
+
+
+def test_a_failing_file_stops_the_others_and_leaves_nothing(tmp_path: Path) -> None:
+    def broken(max_bytes: int):
+        yield torch.zeros(10)
+        raise ExporterError("disk on fire")
+
+    tasks = [FileTask(tmp_path / "ok.safetensors", _jobs("ok", [200_000])),
+             FileTask(tmp_path / "bad.safetensors",
+                      [TensorJob("b", "master", torch.float32, (100,), broken)])]
+    with pytest.raises(ExporterError, match="disk on fire"):
+        Converter(chunk_bytes=1024, workers=2).write_files(tasks, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_statistics_the_index_columns_are_null(tmp_path: Path) -> None:
+    records = Converter(statistics=False).write_file(
+        tmp_path / "f.safetensors", _jobs("a", [1000]), tmp_path)
+    assert set(records[0].stats.as_dict().values()) == {None}
+    assert records[0].digest == blake3.blake3((tmp_path / "f.safetensors").read_bytes()[
+        records[0].begin : records[0].end]).hexdigest()
+
+
+def test_export_without_statistics_writes_the_same_files(tmp_path: Path) -> None:
+    source = tmp_path / "ckpt"
+    write_checkpoint(source, TINY, step=8, dp=2)
+    full = export_checkpoint(source, tmp_path / "full", ExportOptions())
+    bare = export_checkpoint(source, tmp_path / "bare", ExportOptions(statistics=False))
+    assert bare.file_sha256 == full.file_sha256
+    assert all(r.stats.nan_count is None and r.stats.mean is None for r in bare.records)
+    assert all(r.stats.nan_count is not None for r in full.records)
+
+
+def test_slice_concatenated_equals_a_scan(tmp_path: Path) -> None:
+    sizes = [0, 5, 1, 0, 7, 3, 0, 11, 2]
+    torch.save({"parts": [torch.arange(n, dtype=torch.float32) for n in sizes]}, tmp_path / "p.pt")
+    refs = load_torch_file(tmp_path / "p.pt").obj["parts"]
+    starts = concatenated_starts(refs)
+    total = sum(sizes)
+    rng = random.Random(0)
+    for _ in range(200):
+        begin = rng.randrange(total)
+        count = rng.randrange(total - begin + 1)
+        got = slice_concatenated(refs, starts, begin, count)
+        assert sum(s.count for s in got) == count
+        assert all(s.count > 0 for s in got)
+        flat = torch.cat([r.read() for r in refs])
+        read = torch.cat([s.read() for s in got]) if got else torch.empty(0)
+        assert torch.equal(read, flat[begin : begin + count])
+    with pytest.raises(Exception, match="past the last partition"):
+        slice_concatenated(refs, starts, total - 1, 2)
+    assert Segment.__slots__  # segments of many-interval files stay small
+
+
+def test_many_comm_intervals_export_the_bytes_of_one_interval(tmp_path: Path) -> None:
+    # Same seed and shape, so the same values: only DeeperSpeed's bucket differs (thousands of
+    # comm intervals, parameters spread over many small partition tensors on both ranks).
+    one = tmp_path / "one"
+    many = tmp_path / "many"
+    write_checkpoint(one, TINY, step=8, dp=2)
+    truth = write_checkpoint(many, TINY, step=8, dp=2, config=RunConfig(max_elements_per_comm=64))
+    assert sum(p.num_comm_intervals for p in truth.partitions[0]) > 100
+    options = ExportOptions(include=("model", "optimizer"))
+    a = export_checkpoint(one, tmp_path / "a", options)
+    b = export_checkpoint(many, tmp_path / "b", options)
+    for rel in ("optimizer/master.safetensors", "optimizer/exp_avg.safetensors",
+                "optimizer/exp_avg_sq.safetensors", "model.safetensors"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert [r.digest for r in a.records] == [r.digest for r in b.records]
+
+
+def test_gathered_chunks_are_full_whatever_the_segment_size(tmp_path: Path) -> None:
+    from exporter.neox.checkpoint import scan_checkpoint
+    from exporter.neox.config import load_neox_config
+    from exporter.neox.model import plan_model
+    from exporter.neox.state import read_engine_state
+    from exporter.neox.zero import plan_optimizer
+
+    write_checkpoint(tmp_path, TINY, step=8, dp=2, config=RunConfig(max_elements_per_comm=64))
+    files = scan_checkpoint(tmp_path)
+    model = plan_model(files, load_neox_config(files.configs))
+    plan = plan_optimizer(files, model, read_engine_state(files, exported_module=True))
+    assert plan is not None
+    param = max(plan.units[0], key=lambda p: len(p.segments["master"]))
+    assert len(param.segments["master"]) > 20
+    chunks = list(param.chunks("master")(256))
+    assert [c.numel() for c in chunks[:-1]] == [64] * (len(chunks) - 1)
+    assert torch.equal(torch.cat(chunks).reshape(param.shape), param.read("master"))
