@@ -100,7 +100,7 @@ STEP_FILES = {
 INDEX_FILES = [
     ("manifest.json", "format version, source, options, completed steps"),
     ("index/tensors/step{N}.parquet", "one row per tensor: names, dtype, shape, file, offsets,"),
-    ("", "sha256, min/max/mean/std/l2/absmax, nan/inf/zero counts"),
+    ("", "digest (BLAKE3), min/max/mean/std/l2/absmax, nan/inf/zero counts"),
     ("index/checkpoints/step{N}.parquet", "one row per step: iteration, lr, loss scale,"),
     ("", "parallelism, source and output files with sha256"),
 ]
