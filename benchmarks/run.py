@@ -95,7 +95,7 @@ def _helper(script: str, *args: str) -> Any:
 def _methods(src: Path, many: Path | None, dst: Path) -> list[Method]:
     py = sys.executable
     cli = Path(py).parent / "neox-export"
-    export = [str(cli)] if cli.exists() else [py, "-m", "exporter.cli"]
+    export = [str(cli)] if cli.exists() else [py, "-m", "exporter"]
     baselines = str(HERE / "baselines.py")
 
     def convert(folder: Path) -> list[str]:
