@@ -195,3 +195,22 @@ def test_gathered_chunks_are_full_whatever_the_segment_size(tmp_path: Path) -> N
     chunks = list(param.chunks("master")(256))
     assert [c.numel() for c in chunks[:-1]] == [64] * (len(chunks) - 1)
     assert torch.equal(torch.cat(chunks).reshape(param.shape), param.read("master"))
+
+
+def test_reading_a_torch_file_restores_the_garbage_collector(tmp_path: Path) -> None:
+    import gc
+
+    torch.save({"w": torch.zeros(3)}, tmp_path / "ok.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert gc.isenabled()
+    load_torch_file(tmp_path / "ok.pt")
+    assert gc.isenabled()
+    with pytest.raises(ExporterError):
+        load_torch_file(tmp_path / "bad.pt")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_torch_file(tmp_path / "ok.pt")
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
