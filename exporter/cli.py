@@ -182,7 +182,11 @@ def verify(path: Path) -> None:
               help="Data-parallel ZeRO partitions per checkpoint.")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64), help="Tensor-parallel ranks.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
-def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) -> None:
+@click.option("--bucket-elements", type=click.IntRange(1), default=None,
+              help="DeeperSpeed's max_elements_per_comm (GPT-NeoX reduce_bucket_size); small values "
+                   "cut the ZeRO groups into many comm intervals. Default: Pythia's 5e8.")
+def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str,
+           bucket_elements: int | None) -> None:
     """Write a sample GPT-NeoX run in the Pythia-era layout (to try the tool, or to benchmark).
 
     The tiny shape runs a few real training steps; 160m/410m write Pythia-shaped checkpoints
@@ -194,6 +198,7 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
         PYTHIA_160M,
         PYTHIA_410M,
         TINY,
+        RunConfig,
         tiny_run_config,
         write_checkpoint,
         write_run,
@@ -204,13 +209,15 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str) 
     except ValueError as exc:
         raise click.BadParameter("a comma-separated list of step numbers", param_hint="--steps") from exc
     torch_dtype = _torch_dtype(dtype)
+    bucket = {} if bucket_elements is None else {"max_elements_per_comm": bucket_elements}
     if shape == "tiny":
         write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=torch_dtype,
-                  config=tiny_run_config(max(step_list) or 1))
+                  config=tiny_run_config(max(step_list) or 1, **bucket))
     else:
         model = PYTHIA_160M if shape == "160m" else PYTHIA_410M
         for step in step_list:
-            write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp, dtype=torch_dtype)
+            write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp, dtype=torch_dtype,
+                             config=RunConfig(**bucket))
     click.echo(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")
 
 

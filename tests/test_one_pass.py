@@ -214,3 +214,15 @@ def test_reading_a_torch_file_restores_the_garbage_collector(tmp_path: Path) -> 
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+def test_the_sample_command_writes_many_comm_intervals_on_request(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    result = CliRunner().invoke(cli, ["sample", str(tmp_path), "--steps", "2", "--dp", "2",
+                                      "--bucket-elements", "64"])
+    assert result.exit_code == 0, result.output
+    optim = load_torch_file(tmp_path / "step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert sum(optim.obj["optimizer_state_dict"]["num_comm_intervals_per_group"]) > 100
