@@ -226,3 +226,19 @@ def test_the_sample_command_writes_many_comm_intervals_on_request(tmp_path: Path
     assert result.exit_code == 0, result.output
     optim = load_torch_file(tmp_path / "step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert sum(optim.obj["optimizer_state_dict"]["num_comm_intervals_per_group"]) > 100
+
+
+def test_an_index_of_old_and_new_steps_reads_as_one_table(tmp_path: Path) -> None:
+    from exporter.archive.index import read_index, tensor_rows, write_tensor_index
+    from exporter.records import TensorStats, WrittenRecord
+
+    job = _jobs("w", [4])[0]
+    record = WrittenRecord(job, "f.safetensors", torch.float32, 0, 16, "ab" * 32,
+                           TensorStats(0.0, 1.0, 0.5, 0.1, 1.0, 1.0, 0, 0, 0))
+    write_tensor_index(tmp_path / "step2.parquet", tensor_rows(2, [record], "steps/step2"))
+    old = tensor_rows(1, [record], "steps/step1")[0]
+    old["sha256"] = old.pop("digest")
+    del old["digest_algorithm"]
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / "step1.parquet")
+    rows = read_index(tmp_path).to_pylist()
+    assert [index_digest(r) for r in rows] == [("sha256", "ab" * 32), ("blake3", "ab" * 32)]

@@ -71,4 +71,6 @@ def read_index(folder: Path) -> pa.Table:
     if not paths:
         schema = TENSOR_SCHEMA if folder.name == "tensors" else CHECKPOINT_SCHEMA
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths])
+    # "default" promotion: steps written before the digest column (a "sha256" column instead)
+    # and after it read as one table, each column null where its shard lacks it.
+    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")

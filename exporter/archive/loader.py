@@ -170,7 +170,9 @@ class Archive:
         if not paths:
             raise ArchiveError(f"{self.label}: no {folder} index")
         paths.sort(key=lambda p: (len(p), p))  # step{N}.parquet in step order
-        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in paths])
+        # Shards from before and after the digest column differ in columns: promote to one.
+        return pa.concat_tables([pq.read_table(self._files.path(p)) for p in paths],
+                                promote_options="default")
 
     @cached_property
     def index(self) -> pa.Table:
