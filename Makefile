@@ -8,7 +8,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 DEMO_OUT ?= demo-out
 
-.PHONY: install test demo bench bench-gpu lint clean
+.PHONY: install test demo bench bench-gpu gpu-wheels lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ bench: $(TEST_STAMP)
 
 bench-gpu: $(TEST_STAMP)
 	$(PY) benchmarks/gpu.py
+
+# Wheels of what the project imports beyond the GPU image's packages, for
+# benchmarks/gpu_check.sh on a machine without network (Python 3.12, x86_64).
+GPU_WHEELS ?= blake3 zstandard pytest-timeout
+gpu-wheels: $(TEST_STAMP)
+	rm -rf benchmarks/wheels
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 -d benchmarks/wheels $(GPU_WHEELS)
+	du -sh benchmarks/wheels
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check exporter tests benchmarks

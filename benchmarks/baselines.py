@@ -5,6 +5,7 @@ Each runs as a command of its own, so its wall time, CPU time and peak RSS are i
     python benchmarks/baselines.py naive SRC DST
     python benchmarks/baselines.py consolidate SRC DST
     python benchmarks/baselines.py copy-fsync SRC DST
+    python benchmarks/baselines.py floor SRC DST
 
 ``naive`` is what one writes first: ``torch.load`` each ``.pt`` file whole (a full unpickle,
 ``weights_only=False`` because the optimizer files pickle DeepSpeed classes; acceptable here only
@@ -20,6 +21,12 @@ and biases in group 1 (``exporter.neox.zero.elastic.is_no_decay``).
 
 ``copy-fsync`` is ``cp -r`` followed by an fsync of every copied file, the durability the
 exporter gives its own output.
+
+``floor`` is the least any exporter that must see every byte once can do: a copy through user
+space that reads each file into one reused buffer (``readinto``), hashes it once with sha256,
+writes it and fsyncs it, the files spread over one thread per core (hashlib and file I/O
+release the GIL). An export also parses pickles, gathers ZeRO fragments, computes statistics
+and a tensor digest, so it costs more; how much more is the figure to watch.
 
 Imports happen inside each command so that ``copy-fsync`` pays for no torch import.
 """
@@ -108,7 +115,35 @@ def copy_fsync(src: Path, dst: Path) -> None:
                 os.close(fd)
 
 
-COMMANDS = {"naive": naive, "consolidate": consolidate, "copy-fsync": copy_fsync}
+FLOOR_BUFFER = 8 << 20
+
+
+def floor(src: Path, dst: Path) -> None:
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    for path in files:
+        (dst / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+
+    def copy(path: Path) -> str:
+        buffer = bytearray(FLOOR_BUFFER)
+        view = memoryview(buffer)
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as fin, \
+                open(dst / path.relative_to(src), "wb", buffering=0) as fout:
+            while n := fin.readinto(buffer):
+                digest.update(view[:n])
+                fout.write(view[:n])
+            os.fsync(fout.fileno())
+        return digest.hexdigest()
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        list(pool.map(copy, files))
+
+
+COMMANDS = {"naive": naive, "consolidate": consolidate, "copy-fsync": copy_fsync,
+            "floor": floor}
 
 
 def main(argv: list[str]) -> None:

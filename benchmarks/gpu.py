@@ -69,6 +69,8 @@ def _probe(device: str) -> str:
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
+    if not folder.is_dir():
+        raise BenchError(f"{folder}: the export wrote no folder")
     digests = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -116,6 +118,11 @@ def end_to_end(workdir: Path, shape: str, device: str, repeats: int) -> list[dic
                 if repeat == repeats - 1:
                     outputs[dev] = dst
         digests = {dev: _tree_digest(path) for dev, path in outputs.items()}
+        for dev, digest in digests.items():
+            # An empty folder on both sides would compare equal: a convert that wrote nothing
+            # (a command that exits 0 without running) must fail the check instead.
+            if not any(name.endswith(".safetensors") for name in digest):
+                raise BenchError(f"convert --device {dev} --dtype {dtype} wrote no safetensors")
         identical = len({json.dumps(d, sort_keys=True) for d in digests.values()}) == 1
         for dev, seconds in timings.items():
             best = min(seconds)

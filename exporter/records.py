@@ -113,7 +113,8 @@ def chunks_of(tensor: torch.Tensor) -> Chunks:
 
 @dataclass
 class TensorStats:
-    """Summary statistics of one tensor (``None`` where undefined, e.g. no finite value)."""
+    """Summary statistics of one tensor (``None`` where undefined, e.g. no finite value, and
+    everywhere when statistics were not computed: :data:`NO_STATS`)."""
 
     min: float | None
     max: float | None
@@ -121,25 +122,31 @@ class TensorStats:
     std: float | None
     l2: float | None
     absmax: float | None
-    nan_count: int
-    inf_count: int
-    zero_count: int
+    nan_count: int | None
+    inf_count: int | None
+    zero_count: int | None
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
 
 
+#: The statistics of a tensor exported without them (``--no-stats``): every column null.
+NO_STATS = TensorStats(None, None, None, None, None, None, None, None, None)
+
+
 @dataclass
 class WrittenRecord:
-    """What was written for one tensor: where, its hash and statistics."""
+    """What was written for one tensor: where, its digest (``digest_algorithm``, see
+    :mod:`exporter.convert.digest`) and statistics."""
 
     job: TensorJob
     file: str
     dtype: torch.dtype
     begin: int
     end: int
-    sha256: str
+    digest: str
     stats: TensorStats
+    digest_algorithm: str = "blake3"
 
 
 @dataclass(frozen=True)

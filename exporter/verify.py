@@ -11,7 +11,8 @@ Checks, each reported with a count and the first failures by name:
   (checked while the partitions are planned);
 - ``coverage``: every tensor of every source file is accounted for, every model weight has
   optimizer state, and no file is left unread;
-- ``hashes`` (exports): every tensor's bytes match the sha256 in the index.
+- ``hashes`` (exports): every tensor's bytes match the digest in the index (BLAKE3, or sha256
+  in archives written before; :mod:`exporter.convert.digest`).
 
 Files that ``build --push-to ... --delete-after-push`` removed after a verified push
 (``.push/step{N}.json``) are not checked here: the report says which live only on the Hub,
@@ -20,7 +21,6 @@ and where, and checks what is local.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ from exporter.archive.push_state import read_push_record
 from exporter.archive.text import terminal_text
 from exporter.archive.trust import read_json, resolve_inside
 from exporter.archive.validate import read_shard, validate_manifest
+from exporter.convert.digest import index_digest, tensor_digest
 from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import read_neox_config
@@ -224,10 +225,12 @@ def verify_export(folder: Path) -> Report:
             hashes.failures.append(f"{row['kind']} {row['name']}: {row['file']} is missing")
             continue
         data = _row_bytes(root, row)
-        if hashlib.sha256(data).hexdigest() == row["sha256"]:
+        algorithm, digest = index_digest(row)
+        if tensor_digest(algorithm, data) == digest:
             hashes.passed += 1
         else:
-            hashes.failures.append(f"{row['kind']} {row['name']}: sha256 does not match the index")
+            hashes.failures.append(
+                f"{row['kind']} {row['name']}: {algorithm} does not match the index")
     if not master_file.exists():
         invariant.skipped = "no optimizer state"
     if not rows:
@@ -277,8 +280,9 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def _row_bytes(root: Path, row: dict) -> bytes:
     """The bytes of an index row, read once the file's header agrees with the row."""
-    path = resolve_inside(root, row["file"], f"{root}/index/tensors/step{row['step']}.parquet")
-    index_label, file_label = f"{root}/index/tensors/step{row['step']}.parquet", str(path)
+    index_label = f"{root}/{tensor_index_file(row['step'])}"
+    path = resolve_inside(root, row["file"], index_label)
+    file_label = str(path)
     if path.name.endswith(".zst"):
         from exporter.convert.compress import read_compressed_header, read_compressed_tensor
 
@@ -296,7 +300,7 @@ def _tp_size(step_folder: Path) -> int:
         return int(rows[0]["tp_size"])
     state = step_folder / STATE_JSON
     if state.exists():
-        data = read_json(resolve_inside(step_folder, "state.json", str(step_folder)), str(state))
+        data = read_json(resolve_inside(step_folder, STATE_JSON, str(step_folder)), str(state))
         engine = data.get("engine", {}) if isinstance(data, dict) else {}
         return max(1, len(engine)) if isinstance(engine, (dict, list)) else 1
     return 1

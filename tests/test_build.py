@@ -77,7 +77,7 @@ def test_written_tables_and_manifest_follow_the_committed_schemas(archive: Path)
 
 
 def test_index_rows_describe_the_written_bytes(archive: Path) -> None:
-    import hashlib
+    import blake3
 
     rows = pq.read_table(archive / "index" / "tensors").to_pylist()
     assert {r["kind"] for r in rows} == {"model", "buffer", "master", "exp_avg", "exp_avg_sq", "state"}
@@ -85,7 +85,8 @@ def test_index_rows_describe_the_written_bytes(archive: Path) -> None:
         with open(archive / r["file"], "rb") as fh:
             fh.seek(r["data_offset_begin"])
             data = fh.read(r["data_offset_end"] - r["data_offset_begin"])
-        assert hashlib.sha256(data).hexdigest() == r["sha256"]
+        assert r["digest_algorithm"] == "blake3"
+        assert blake3.blake3(data).hexdigest() == r["digest"]
     ck = pq.read_table(archive / "index" / "checkpoints").to_pylist()
     assert [r["step"] for r in sorted(ck, key=lambda r: r["step"])] == list(STEPS)
     assert all(r["format"] == "deeperspeed-elastic-stage1" and r["dp_size"] == 2 for r in ck)

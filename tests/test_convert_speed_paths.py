@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -165,7 +166,7 @@ def _file_tensors() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
-def test_threaded_hashes_and_casts_equal_hashlib_and_tensor_to(
+def test_digests_and_casts_equal_blake3_hashlib_and_tensor_to(
     tmp_path: Path, dtype: torch.dtype | None
 ) -> None:
     tensors = _file_tensors()
@@ -181,7 +182,8 @@ def test_threaded_hashes_and_casts_equal_hashlib_and_tensor_to(
             assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got,
                                want.reshape(-1).view(torch.uint8) if want.numel() else want)
             raw = want.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            assert record.sha256 == hashlib.sha256(raw).hexdigest()
+            assert record.digest_algorithm == "blake3"
+            assert record.digest == blake3.blake3(raw).hexdigest()
             assert path.read_bytes()[record.begin : record.end] == raw
             _assert_stats_match(record.stats, want)
     (written,) = converter.written_files
@@ -264,7 +266,7 @@ def test_device_engine_feeds_write_file(tmp_path: Path, monkeypatch: pytest.Monk
     path, records = _written(tmp_path / "routed", routed, tensors)
     assert path.read_bytes() == plain_path.read_bytes()
     for a, b in zip(records, plain_records, strict=True):
-        assert a.sha256 == b.sha256
+        assert a.digest == b.digest
         _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype))
 
 
@@ -281,7 +283,7 @@ def test_cuda_path_writes_the_cpu_paths_bytes(tmp_path: Path, dtype: torch.dtype
     gpu_path, gpu_records = _written(tmp_path / "gpu", gpu, tensors)
     assert gpu_path.read_bytes() == cpu_path.read_bytes()
     for a, b in zip(gpu_records, cpu_records, strict=True):
-        assert a.sha256 == b.sha256
+        assert a.digest == b.digest
         _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype))
 
 

@@ -4,9 +4,9 @@ their tensors from the dataset and commit the `.push/` record names."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+import blake3
 import torch
 from click.testing import CliRunner
 from hubserver import HubServer
@@ -45,7 +45,7 @@ def test_verify_and_loader_know_files_removed_after_push(hub_server: HubServer, 
     row = [r for r in archive.index.to_table().to_pylist()
            if r["step"] == 1 and r["name"] == DENSE and r["kind"] == "model"][0]
     data = weight.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    assert blake3.blake3(data).hexdigest() == row["digest"]
     masters = archive.state_dict(1, kind="master")
     assert masters[DENSE].shape == weight.shape
     assert (archive.model_path(1) / "model.safetensors").is_file()

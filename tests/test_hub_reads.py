@@ -80,7 +80,7 @@ def test_one_tensor_of_every_step_costs_its_bytes_plus_the_index(
     push_archive(pushed, "neox/pushed", steps_per_commit=2, retry=NO_WAIT)
     hub.clear_requests()
     rows = rows_of(archive, DENSE, "exp_avg")
-    distinct = {r["sha256"]: r for r in rows}.values()  # equal bytes are read once, by digest
+    distinct = {r["digest"]: r for r in rows}.values()  # equal bytes are read once, by digest
     tensor_bytes = sum(int(r["data_offset_end"]) - int(r["data_offset_begin"]) for r in distinct)
     local = open_archive(archive)
 
@@ -189,7 +189,7 @@ def test_a_corrupted_byte_on_the_server_is_an_error_naming_the_tensor(
     cache = TensorCache(tmp_path / "cache")
     remote = open_hub(tmp_path / "cache")
 
-    with pytest.raises(IntegrityError, match=rf"model tensor '{DENSE}' of step 8 .*sha256"):
+    with pytest.raises(IntegrityError, match=rf"model tensor '{DENSE}' of step 8 .*(blake3|sha256)"):
         remote.tensor(8, DENSE)
     with pytest.raises(IntegrityError, match=DENSE):
         remote.state_dict(8)  # coalesced with its neighbours, still caught and named
@@ -233,7 +233,7 @@ def test_a_short_range_or_another_revision_is_an_error_never_a_tensor(
         remote.tensor(8, DENSE)
 
     assert short.fired == other.fired == 1
-    assert list((tmp_path / "cache").glob("sha256/*/*")) == []
+    assert [p for a in ("blake3", "sha256") for p in (tmp_path / "cache").glob(f"{a}/*/*")] == []
     assert torch.equal(remote.tensor(8, DENSE), open_archive(archive).tensor(8, DENSE))
 
 
@@ -315,10 +315,10 @@ def test_the_index_is_a_dataset_that_filters_by_step_kind_and_name(
     remote = open_hub(tmp_path / "cache")
 
     rows = remote.index.to_table(filter=(ds.field("step") == 2) & (ds.field("kind") == "master")
-                                 & (ds.field("name") == DENSE), columns=["sha256"]).to_pylist()
+                                 & (ds.field("name") == DENSE), columns=["digest"]).to_pylist()
 
     assert isinstance(remote.index, ds.Dataset)
-    assert rows == [{"sha256": r["sha256"]} for r in rows_of(archive, DENSE, "master")
+    assert rows == [{"digest": r["digest"]} for r in rows_of(archive, DENSE, "master")
                     if r["step"] == 2]
     assert remote.index.to_table().equals(open_archive(archive).index.to_table())
 

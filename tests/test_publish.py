@@ -128,9 +128,9 @@ def test_index_configs_load_with_datasets(hub_server: HubServer, archive: Path) 
     tensors = datasets.load_dataset("neox/tiny", "tensors", split="train")
     checkpoints = datasets.load_dataset("neox/tiny", "checkpoints", split="train")
     index = read_index(archive / "index" / "tensors")
-    assert sorted(zip(tensors["step"], tensors["kind"], tensors["name"], tensors["sha256"],
+    assert sorted(zip(tensors["step"], tensors["kind"], tensors["name"], tensors["digest"],
                       strict=True)) == sorted(zip(*(index[c].to_pylist() for c in
-                                                  ("step", "kind", "name", "sha256")), strict=True))
+                                                  ("step", "kind", "name", "digest")), strict=True))
     assert sorted(checkpoints["step"]) == list(STEPS)
 
 

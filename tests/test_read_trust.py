@@ -193,7 +193,7 @@ def test_open_archive_through_the_hub_refuses_the_corpus(
             # index (the text cases record a wrong digest on purpose) are refused. So either
             # the read is refused, or it returns the archive's own bytes (never a marker).
             assert not [b for b in out if MARKER in b], case.name
-            assert all(re.search(r"sha256 of the bytes|does not match|lie outside the file|" + (case.refused or "$^"), str(e))
+            assert all(re.search(r"(sha256|blake3) of the bytes|does not match|lie outside the file|" + (case.refused or "$^"), str(e))
                        for e in errors), (case.name, [str(e) for e in errors])
             continue
         check_outcome(case, out, errors)
@@ -298,7 +298,7 @@ def test_verify_names_a_hostile_tensor_without_its_escapes(
 
     text, errors = verify_text(root)
 
-    assert not errors and "sha256 does not match the index" in text
+    assert not errors and "blake3 does not match the index" in text
     assert "\\x1b[2J" in text and "\x1b" not in text and "\u202e" not in text
 
 

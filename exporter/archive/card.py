@@ -165,7 +165,7 @@ def _steps_table(rows: list[dict[str, Any]]) -> list[str]:
 INDEX_FILES = [
     (MANIFEST, "format version, source, options, completed steps"),
     (tensor_index_file("{N}"), "one row per tensor: names, dtype, shape, file, offsets,"),
-    ("", "sha256, min/max/mean/std/l2/absmax, nan/inf/zero counts"),
+    ("", "digest (BLAKE3), min/max/mean/std/l2/absmax, nan/inf/zero counts"),
     (checkpoint_index_file("{N}"), "one row per step: iteration, lr, loss scale,"),
     ("", "parallelism, source and output files with sha256"),
 ]
@@ -210,8 +210,8 @@ def card_text(root: str | Path, repo_id: str, *, license: str = "unknown",
         model_repo: ``ORG/NAME`` of the run's model repository (one branch per step), if any.
     """
     root = Path(root)
-    label = f"{root}/manifest.json"
-    manifest = validate_manifest(read_json(resolve_inside(root, "manifest.json", str(root)), label),
+    label = f"{root}/{MANIFEST}"
+    manifest = validate_manifest(read_json(resolve_inside(root, MANIFEST, str(root)), label),
                                  label)
     steps = sorted(int(s) for s in manifest.get("steps", {}))
     if not steps:

@@ -1,21 +1,19 @@
 """Tensor digests: the one place that checks bytes against the index, and names cache entries.
 
-The tensor index records each tensor's ``sha256`` (of its bytes as stored in the archive,
-computed while it was written: ``exporter/convert/stream.py``). A faster digest column may
-join it later; readers call only :func:`digest_key`, :func:`check_tensor_bytes` and
-:func:`digest_matches`, so that change stays here.
+The tensor index records each tensor's digest (of its bytes as stored in the archive, computed
+while it was written: ``exporter/convert/stream.py``) and its algorithm (``digest``,
+``digest_algorithm``: BLAKE3 now; archives written before hold a ``sha256`` column, read as
+``digest_algorithm="sha256"``: :mod:`exporter.convert.digest`). Readers call only
+:func:`digest_key`, :func:`check_tensor_bytes` and :func:`digest_matches`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from exporter.convert.digest import index_digest, tensor_digest
 from exporter.errors import IntegrityError
-
-#: the digest column of the tensor index this module checks against
-DIGEST_COLUMN = "sha256"
 
 
 def digest_key(row: Mapping[str, Any]) -> str:
@@ -25,7 +23,8 @@ def digest_key(row: Mapping[str, Any]) -> str:
         >>> digest_key({"sha256": "ab" * 32})[:12]
         'sha256/ababa'
     """
-    return f"{DIGEST_COLUMN}/{row[DIGEST_COLUMN]}"
+    algorithm, digest = index_digest(row)
+    return f"{algorithm}/{digest}"
 
 
 def describe(row: Mapping[str, Any]) -> str:
@@ -68,7 +67,8 @@ def check_tensor_bytes(data: bytes | bytearray | memoryview, row: Mapping[str, A
     if len(data) != expected_length:
         raise IntegrityError(f"{describe(row)}: read {len(data)} bytes, the index records "
                              f"{expected_length}")
-    got = hashlib.sha256(data).hexdigest()
-    if got != row[DIGEST_COLUMN]:
-        raise IntegrityError(f"{describe(row)}: {DIGEST_COLUMN} of the bytes read is {got[:12]}..., "
-                             f"the index records {str(row[DIGEST_COLUMN])[:12]}...")
+    algorithm, expected = index_digest(row)
+    got = tensor_digest(algorithm, data)
+    if got != expected:
+        raise IntegrityError(f"{describe(row)}: {algorithm} of the bytes read is {got[:12]}..., "
+                             f"the index records {expected[:12]}...")

@@ -40,7 +40,8 @@ def tensor_rows(step: int, records: Sequence[WrittenRecord], prefix: str) -> lis
                 "file": f"{prefix}/{r.file}",
                 "data_offset_begin": r.begin,
                 "data_offset_end": r.end,
-                "sha256": r.sha256,
+                "digest": r.digest,
+                "digest_algorithm": r.digest_algorithm,
                 **stats,
             }
         )

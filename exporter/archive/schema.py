@@ -16,6 +16,11 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 
+#: Nullable columns added to the index after archives of this format version were first
+#: written: a shard without one reads it as nulls (``digest``/``digest_algorithm`` replace an
+#: older ``sha256`` column: exporter.archive.validate reads that one as the digest).
+ADDED_COLUMNS = frozenset({"learning_rate_source"})
+
 TENSOR_SCHEMA = pa.schema(
     [
         pa.field("step", pa.int64(), nullable=False),
@@ -30,16 +35,18 @@ TENSOR_SCHEMA = pa.schema(
         pa.field("file", pa.string(), nullable=False),
         pa.field("data_offset_begin", pa.int64(), nullable=False),
         pa.field("data_offset_end", pa.int64(), nullable=False),
-        pa.field("sha256", pa.string(), nullable=False),
+        # Digest of the tensor's bytes; archives written before this column hold "sha256".
+        pa.field("digest", pa.string(), nullable=False),
+        pa.field("digest_algorithm", pa.string(), nullable=False),
         pa.field("min", pa.float64()),
         pa.field("max", pa.float64()),
         pa.field("mean", pa.float64()),
         pa.field("std", pa.float64()),
         pa.field("l2", pa.float64()),
         pa.field("absmax", pa.float64()),
-        pa.field("nan_count", pa.int64(), nullable=False),
-        pa.field("inf_count", pa.int64(), nullable=False),
-        pa.field("zero_count", pa.int64(), nullable=False),
+        pa.field("nan_count", pa.int64()),  # null: exported with --no-stats
+        pa.field("inf_count", pa.int64()),
+        pa.field("zero_count", pa.int64()),
     ],
     metadata={"neox_exporter.table": "tensors", "neox_exporter.format_version": str(FORMAT_VERSION)},
 )

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from exporter.archive.layout import CONFIG
 from exporter.errors import ArchiveError
 
 #: longest relative path accepted (Linux PATH_MAX)
@@ -177,7 +178,7 @@ def check_model_folder(root: str | os.PathLike[str], folder: str, label: str) ->
     if not real.is_dir():
         return real
     for entry in sorted(real.iterdir()):
-        if entry.name == "config.json" or entry.name.startswith("model"):
+        if entry.name == CONFIG or entry.name.startswith("model"):
             resolve_inside(root, f"{folder}/{entry.name}", label)
     index = real / "model.safetensors.index.json"
     if index.exists():

@@ -22,8 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from exporter.archive.header import INDEX_DTYPES, ITEMSIZE, shape_of
-from exporter.archive.schema import CHECKPOINT_SCHEMA, MANIFEST_SCHEMA, TENSOR_SCHEMA
+from exporter.archive.schema import (
+    ADDED_COLUMNS,
+    CHECKPOINT_SCHEMA,
+    MANIFEST_SCHEMA,
+    TENSOR_SCHEMA,
+)
 from exporter.archive.trust import check_relative
+from exporter.convert.digest import ALGORITHMS
 from exporter.errors import ArchiveError
 from exporter.records import KINDS
 
@@ -38,11 +44,11 @@ _MAX_NUMEL = 2**60
 
 def _conform(table: pa.Table, schema: pa.Schema, label: str) -> pa.Table:
     """The table's columns in schema order, refused if one is missing, mistyped or null where
-    the schema forbids it. A nullable column the shard lacks reads as nulls: columns added to
-    the format after an archive was built are nullable, so older archives stay readable."""
+    the schema forbids it. A column added to the format later (:data:`ADDED_COLUMNS`, all
+    nullable) that the shard lacks reads as nulls, so older archives stay readable."""
     columns = []
     for field in schema:
-        if field.name not in table.column_names and field.nullable:
+        if field.name not in table.column_names and field.name in ADDED_COLUMNS:
             columns.append(pa.nulls(table.num_rows, field.type))
             continue
         if field.name not in table.column_names:
@@ -84,6 +90,10 @@ def validate_tensor_shard(table: pa.Table, label: str, step: int | None = None) 
     Raises:
         ArchiveError: naming ``label`` and the row.
     """
+    if "digest" not in table.column_names and "sha256" in table.column_names:
+        # Written before the digest column: its sha256s are the digests.
+        table = table.append_column("digest", table["sha256"]).append_column(
+            "digest_algorithm", pa.array(["sha256"] * table.num_rows, pa.string()))
     table = _conform(table, TENSOR_SCHEMA, label)
     _check_step(table, step, label)
     _refuse_where(pc.invert(pc.is_in(table["kind"], pa.array(KINDS))), label, "unknown kind",
@@ -101,8 +111,10 @@ def validate_tensor_shard(table: pa.Table, label: str, step: int | None = None) 
     _refuse_where(pc.not_equal(pc.subtract(end, begin), pc.multiply(numel, itemsize)), label,
                   "data offsets do not span numel x itemsize bytes",
                   table.select(["name", "dtype", "numel", "data_offset_begin", "data_offset_end"]))
-    _refuse_where(pc.invert(pc.match_substring_regex(table["sha256"], _SHA256.pattern)), label,
-                  "sha256 is not 64 hex digits", table.select(["name", "sha256"]))
+    _refuse_where(pc.invert(pc.match_substring_regex(table["digest"], _SHA256.pattern)), label,
+                  "digest is not 64 hex digits", table.select(["name", "digest"]))
+    _refuse_where(pc.invert(pc.is_in(table["digest_algorithm"], pa.array(list(ALGORITHMS)))),
+                  label, "unknown digest algorithm", table.select(["name", "digest_algorithm"]))
     for row, (name, shape, count) in enumerate(zip(table["name"].to_pylist(),
                                                    table["shape"].to_pylist(),
                                                    numel.to_pylist(), strict=True)):

@@ -35,7 +35,7 @@ from exporter.archive.loader import Archive, open_archive
 from exporter.archive.schema import CHECKPOINT_SCHEMA, FORMAT_VERSION, TENSOR_SCHEMA
 from exporter.catalog.layout import check_run_name
 from exporter.catalog.schema import schema_differences
-from exporter.errors import CatalogError, ExporterError
+from exporter.errors import ArchiveError, CatalogError, ExporterError
 from exporter.hub.calls import RetryPolicy, hub_call
 
 HUB_PREFIX = "hf://datasets/"
@@ -169,6 +169,8 @@ def read_member(archive: Archive, label: str) -> MemberTables:
             table = read()
         except pa.ArrowInvalid as exc:  # shards of different schemas do not concatenate
             raise CatalogError(f"{label}: refused: its {what} shards disagree: {exc}") from exc
+        except ArchiveError as exc:  # a shard that fails the committed schema
+            raise CatalogError(f"{label}: refused: {exc}") from exc
         differences = schema_differences(table.schema, expected)
         if differences:
             raise CatalogError(f"{label}: refused: its {what} differs from the catalog's schema: "

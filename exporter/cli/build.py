@@ -14,6 +14,7 @@ from exporter.cli.hub import LICENSE_HELP, license_option
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import (
     DTYPES,
+    NO_STATS_HELP,
     check_out_folder,
     check_token,
     export_options,
@@ -42,6 +43,7 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 @click.option("--compress", default=None, metavar="zstd[:LEVEL]",
               help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
                    "the loader without mmap. Default: plain safetensors.")
+@click.option("--no-stats", is_flag=True, help=NO_STATS_HELP)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Steps converted in parallel.")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
@@ -70,7 +72,8 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 @verbosity_options
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
-          dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
+          dtype: str, device: str, max_shard_size: str, compress: str | None, no_stats: bool,
+          workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
           push_to: str | None, delete_after_push: bool, license_id: str | None,
@@ -94,7 +97,8 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
     from exporter.sources import open_source
 
     check_out_folder(out_dir)
-    options = export_options(include, dtype, device, max_shard_size, compress)
+    options = export_options(include, dtype, device, max_shard_size, compress,
+                             statistics=not no_stats)
     disk = parse_size_option(max_disk, "--max-disk")
     hub: dict[str, Any] = {}
     if source.startswith("hf://"):

@@ -10,6 +10,7 @@ import click
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import (
     DTYPES,
+    NO_STATS_HELP,
     check_checkpoint_folder,
     check_new_folder,
     check_out_folder,
@@ -75,9 +76,10 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--compress", default=None, metavar="zstd[:LEVEL]",
               help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
                    "the loader without mmap. Default: plain safetensors.")
+@click.option("--no-stats", is_flag=True, help=NO_STATS_HELP)
 @verbosity_options
 def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: str, device: str,
-            max_shard_size: str, compress: str | None) -> None:
+            max_shard_size: str, compress: str | None, no_stats: bool) -> None:
     """Convert one checkpoint folder to safetensors + JSON.
 
     Writes model.safetensors under Hugging Face GPTNeoX names with config.json (loadable by
@@ -93,7 +95,8 @@ def convert(checkpoint: Path, out_dir: Path, include: tuple[str, ...], dtype: st
 
     check_checkpoint_folder(checkpoint, out_dir)
     check_out_folder(out_dir)
-    options = export_options(include, dtype, device, max_shard_size, compress)
+    options = export_options(include, dtype, device, max_shard_size, compress,
+                             statistics=not no_stats)
     with byte_bar(f"convert {checkpoint.name}", disable=is_quiet()) as advance:
         result = export_checkpoint(checkpoint, out_dir, options, progress=advance)
     kinds: dict[str, int] = {}
@@ -141,8 +144,12 @@ def verify(path: Path) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
               help="Training seed (GPT-NeoX `seed`: weight init and data order); runs that differ "
                    "only in it, as the PolyPythias seeds do, have different weights.")
+@click.option("--bucket-elements", type=click.IntRange(1), default=None,
+              help="DeeperSpeed's max_elements_per_comm (GPT-NeoX reduce_bucket_size); small values "
+                   "cut the ZeRO groups into many comm intervals. Default: Pythia's 5e8.")
 @verbosity_options
-def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str, seed: int) -> None:
+def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str, seed: int,
+           bucket_elements: int | None) -> None:
     """Write a sample GPT-NeoX run in the Pythia-era layout (to try the tool, or to benchmark).
 
     The tiny shape runs a few real training steps; 160m/410m write Pythia-shaped checkpoints
@@ -156,6 +163,7 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str, 
         PYTHIA_160M,
         PYTHIA_410M,
         TINY,
+        RunConfig,
         tiny_run_config,
         write_checkpoint,
         write_run,
@@ -167,12 +175,13 @@ def sample(out_dir: Path, shape: str, steps: str, dp: int, tp: int, dtype: str, 
         raise click.BadParameter("a comma-separated list of step numbers", param_hint="--steps") from exc
     check_new_folder(out_dir, "OUT_DIR")
     sample_dtype = torch_dtype(dtype)
+    bucket = {} if bucket_elements is None else {"max_elements_per_comm": bucket_elements}
     if shape == "tiny":
         write_run(out_dir, TINY, steps=step_list, dp=dp, tp=tp, dtype=sample_dtype, seed=seed,
-                  config=tiny_run_config(max(step_list) or 1))
+                  config=tiny_run_config(max(step_list) or 1, **bucket))
     else:
         model = PYTHIA_160M if shape == "160m" else PYTHIA_410M
         for step in step_list:
             write_checkpoint(out_dir / f"step{step}", model, step=step, dp=dp, tp=tp,
-                             dtype=sample_dtype, seed=seed)
+                             dtype=sample_dtype, seed=seed, config=RunConfig(**bucket))
     say(f"wrote {len(step_list)} checkpoint(s) to {out_dir}")

@@ -39,7 +39,7 @@ def device_option(value: str) -> str:
 
 
 def export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_size: str,
-                    compress: str | None = None) -> Any:
+                    compress: str | None = None, statistics: bool = True) -> Any:
     from exporter.convert.compress import parse_compression
     from exporter.convert.sharding import parse_size
     from exporter.pipeline.export import ExportOptions
@@ -53,7 +53,10 @@ def export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_
     except ExporterError as exc:
         raise click.BadParameter(str(exc), param_hint="--compress") from exc
     return ExportOptions(include=include, dtype=torch_dtype(dtype), device=device_option(device),
-                         max_shard_size=shard, compress_level=level)
+                         max_shard_size=shard, compress_level=level, statistics=statistics)
+
+
+NO_STATS_HELP = "Skip per-tensor statistics (their index columns are null): files only, faster."
 
 
 def check_out_folder(out_dir: Path, option: str = "--out") -> None:

@@ -1,8 +1,7 @@
 """Cast engines: turn a tensor's source chunks into output chunks of the output dtype.
 
-:class:`CpuCastEngine` casts on the CPU into a few reused buffers;
-:class:`exporter.convert.device.DeviceCastEngine` casts (and computes statistics) on a GPU.
-:class:`exporter.convert.stream.Converter` picks one per tensor.
+The CPU engine lives here; the GPU one, which also computes statistics, in
+:mod:`exporter.convert.device`. :class:`exporter.convert.stream.Converter` picks one per tensor.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import torch
 
 from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator
 
-CAST_BUFFERS = 3  # reusable CPU output buffers: one being filled, the rest downstream
-BUFFER_WAIT_S = 1.0  # longest wait for a free buffer before a new one is made
+BUFFER_WAIT_S = 1.0  # the longest wait for a free cast buffer before a new one is made
+CAST_BUFFERS = 2  # reusable output buffers: one being filled, one still held by the consumer
 
 Release = Callable[[], None]
 
@@ -38,7 +37,7 @@ class CastEngine(Protocol):
 
 class CpuCastEngine:
     """Casts on the CPU into a few reused buffers (fresh pages per chunk cost more than the
-    cast); statistics are left to the pipeline's statistics thread."""
+    cast); statistics are left to the caller. One engine per thread: it is not shared."""
 
     computes_stats = False
 
@@ -55,8 +54,8 @@ class CpuCastEngine:
                 yield chunk, None
                 continue
             try:
-                # Bounded: a buffer whose piece was dropped (an aborted file) never comes
-                # back; the pipeline's bounded queues, not this pool, bound the memory in use.
+                # Bounded: a buffer whose chunk was dropped (an aborted file) never comes back,
+                # and a Ctrl-C must not wait on it; the file threads bound the memory in use.
                 buf = self._free.get(timeout=BUFFER_WAIT_S)
             except queue.Empty:
                 buf = torch.empty(0, dtype=torch.uint8)
@@ -65,7 +64,8 @@ class CpuCastEngine:
                 buf = torch.empty(nbytes, dtype=torch.uint8)
             out = buf[:nbytes].view(dtype)
             # copy_ is what Tensor.to runs: torch's round-to-nearest-even conversion, here in
-            # pieces that torch runs serially (see stats.TORCH_SERIAL_ELEMENTS).
+            # pieces that torch runs serially (see stats.TORCH_SERIAL_ELEMENTS): each file's
+            # thread casts its own chunks, and OpenMP teams started from each would fight.
             for start in range(0, out.numel(), TORCH_SERIAL_ELEMENTS):
                 stop = start + TORCH_SERIAL_ELEMENTS
                 out[start:stop].copy_(chunk[start:stop])

@@ -1,23 +1,26 @@
-"""Stream tensors into safetensors files: read chunk -> cast -> statistics + sha256 -> write.
+"""Stream tensors into safetensors files: read chunk -> cast -> write, digests, statistics.
 
 Each output tensor is a :class:`TensorJob` that knows its shape and dtype up front and
 yields its elements as 1-D chunks in row-major order. Memory is bounded by a few chunks,
 whether a tensor is read straight from a file, from ZeRO partition slices, or merged from
 tensor-parallel shards (:func:`exporter.neox.model.merged_chunks`).
 
-:meth:`Converter.write_file` runs the stages of one file as a pipeline of threads, so reading,
-casting, statistics and hashing overlap (``os.pread``, torch casts, numpy reductions, hashlib
-and file writes all release the GIL on large buffers)::
+One pass over each byte, in one thread per file: a chunk is read (into a new buffer, one copy
+out of the page cache), cast (CPU, or GPU via :mod:`exporter.convert.device`), written, and
+while it is still in the CPU's cache hashed for its file (sha256, the Hub's LFS id, kept in
+:attr:`Converter.written_files` so nothing reads the output back), hashed for its tensor
+(BLAKE3, :mod:`exporter.convert.digest`) and summarised (:mod:`exporter.convert.stats`, or
+skipped with ``statistics=False``). Chunks are 1 MiB so that the passes after the read can
+find them in cache (on the 2-core machine 1 and 8 MiB measured alike, within noise).
 
-    reader thread ──chunks──> caller thread: cast (CPU, or GPU via exporter.convert.device)
-                                  │ one output piece, shared by
-           ┌──────────────┬───────┴───────┬─────────────────┐
-      statistics     tensor sha256    file sha256     writer (page-cache writeback hints)
-
-Bounded queues between the stages keep at most a few chunks in flight; every wait on them is
-bounded, so Ctrl-C ends a write within seconds (:mod:`exporter.convert.stages`). The sha256 of every
-written file is computed as it is written (:attr:`Converter.written_files`), so nothing needs
-to read the output back.
+Threads and why (:meth:`Converter.write_files`): the large files of a step (model, master,
+exp_avg, exp_avg_sq) are independent, so each is written by a thread of its own, ``workers``
+at a time (file I/O, hashlib, blake3, numpy reductions and torch casts release the GIL).
+Measured on the 2-core machine, side by side, writing the 2.2 GB checkpoint of
+``benchmarks/RESULTS.md`` after planning: 4.4 s with two file threads against 6.9-8.6 s with
+one, for the same CPU time. The design before ran each stage of a file in a thread of its own
+with queues between them: 46,727 futex calls per export and 9.0-9.3 CPU s on a quiet machine
+(issue 14); this design took 6.1-9.3 CPU s on a loaded one.
 """
 
 from __future__ import annotations
@@ -26,21 +29,31 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from exporter.convert.engines import CastEngine, CpuCastEngine, Release
+from exporter.convert.digest import TENSOR_DIGEST, Hasher, new_hasher
+from exporter.convert.engines import CastEngine, CpuCastEngine
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
-from exporter.convert.stages import BEGIN, END, Aborted, Reader, Stage
 from exporter.convert.stats import StatsAccumulator
 from exporter.errors import ExporterError
-from exporter.records import TensorJob, TensorStats, WrittenFile, WrittenRecord
+from exporter.records import NO_STATS, TensorJob, TensorStats, WrittenFile, WrittenRecord
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 1 << 20  # read size on the CPU: small enough for the passes to find it in cache
+DEVICE_CHUNK_BYTES = 8 << 20  # read size when a GPU casts: larger transfers
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One safetensors file to write: where, which tensors, and its header metadata."""
+
+    path: Path
+    jobs: Sequence[TensorJob]
+    metadata: dict[str, str] | None = None
 
 
 @dataclass
@@ -51,17 +64,24 @@ class Converter:
         dtype: output dtype for floating tensors of kind ``model`` (None keeps the source's).
         device: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (CUDA when available): where
             casts and statistics run.
-        chunk_bytes: read size.
-        progress: called with the number of source bytes processed, as they are.
+        chunk_bytes: read size (default: 1 MiB on the CPU, 8 MiB with a GPU).
+        statistics: compute each tensor's statistics (False leaves them null in the index).
+        workers: files written at once by :meth:`write_files` (default: one per core, at
+            least two).
+        progress: called with the number of source bytes processed, as they are (from the
+            writing threads, one call at a time).
         written_files: every file written so far, with its size and sha256.
     """
 
     dtype: torch.dtype | None = None
     device: str = "cpu"
-    chunk_bytes: int = CHUNK_BYTES
+    chunk_bytes: int | None = None
+    statistics: bool = True
+    workers: int | None = None
     progress: Callable[[int], None] | None = field(default=None, repr=False)
     written_files: list[WrittenFile] = field(default_factory=list, repr=False)
-    _engines: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -70,8 +90,14 @@ class Converter:
             raise ExporterError(f"unknown device {self.device!r} (cpu, cuda, cuda:N or auto)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ExporterError(f"device {self.device!r} requested but no CUDA device is available")
+        if self.chunk_bytes is None:
+            self.chunk_bytes = CHUNK_BYTES if self.device == "cpu" else DEVICE_CHUNK_BYTES
         if self.chunk_bytes < 1:
             raise ValueError(f"Converter.chunk_bytes must be positive, got {self.chunk_bytes}")
+        if self.workers is None:
+            self.workers = max(2, os.cpu_count() or 1)
+        if self.workers < 1:
+            raise ValueError(f"Converter.workers must be positive, got {self.workers}")
 
     def output_dtype(self, job: TensorJob) -> torch.dtype:
         if self.dtype is not None and job.kind == "model" and job.dtype.is_floating_point:
@@ -79,19 +105,21 @@ class Converter:
         return job.dtype
 
     def engine_for(self, job: TensorJob) -> CastEngine:
-        """The engine that casts ``job``: the GPU for floating tensors of 1 MiB or more (or one
-        chunk, if smaller) when a CUDA device is selected, since small ones are not worth the
-        transfers; else the CPU."""
+        """The engine that casts ``job`` (one per writing thread): the GPU for floating tensors
+        of 1 MiB or more (or one chunk, if smaller) when a CUDA device is selected, since small
+        ones are not worth the transfers; else the CPU."""
+        engines: dict[str, CastEngine] = self._local.__dict__.setdefault("engines", {})
+        assert self.chunk_bytes is not None
         if self.device != "cpu" and job.dtype.is_floating_point:
             if job.numel * job.dtype.itemsize >= min(self.chunk_bytes, 1 << 20):
-                if "device" not in self._engines:
+                if "device" not in engines:
                     from exporter.convert.device import DeviceCastEngine
 
-                    self._engines["device"] = DeviceCastEngine(self.device, self.chunk_bytes)
-                return self._engines["device"]
-        if "cpu" not in self._engines:
-            self._engines["cpu"] = CpuCastEngine()
-        return self._engines["cpu"]
+                    engines["device"] = DeviceCastEngine(self.device, self.chunk_bytes)
+                return engines["device"]
+        if "cpu" not in engines:
+            engines["cpu"] = CpuCastEngine()
+        return engines["cpu"]
 
     def write_file(
         self,
@@ -102,21 +130,105 @@ class Converter:
     ) -> list[WrittenRecord]:
         """Write ``jobs`` into the safetensors file ``path``; ``root`` makes the recorded path
         relative. The file's size and sha256 are appended to :attr:`written_files`."""
-        specs = [TensorSpec(j.name, self.output_dtype(j), j.shape) for j in jobs]
-        rel = str(Path(path).relative_to(root)) if root else str(path)
-        with _Writer(Path(path), specs, metadata or {"format": "pt"}) as writer:
-            pipeline = _Pipeline(self, jobs, specs, writer)
-            digests, stats = pipeline.run()
-        placed = {p.name: p for p in writer.placed}
-        records = [
-            WrittenRecord(
-                job, rel, spec.dtype, placed[job.name].begin, placed[job.name].end,
-                digests[i], stats[i],
-            )
-            for i, (job, spec) in enumerate(zip(jobs, specs, strict=True))
-        ]
-        self.written_files.append(WrittenFile(rel, writer.total_bytes, pipeline.file_sha256))
+        return self.write_files([FileTask(Path(path), jobs, metadata)], root)
+
+    def write_files(self, tasks: Sequence[FileTask], root: Path) -> list[WrittenRecord]:
+        """Write several files at once, up to :attr:`workers` in parallel, largest first.
+
+        Returns the records of every file in ``tasks`` order, and appends the files to
+        :attr:`written_files` in that order. The first error stops the other files (their
+        partial outputs are removed) and is raised.
+        """
+        cancel = threading.Event()
+        results: list[tuple[list[WrittenRecord], WrittenFile] | None] = [None] * len(tasks)
+
+        def run(index: int) -> None:
+            try:
+                results[index] = self._write_one(tasks[index], root, cancel)
+            except BaseException:
+                cancel.set()
+                raise
+
+        order = sorted(range(len(tasks)), key=lambda i: -_task_bytes(self, tasks[i]))
+        assert self.workers is not None
+        workers = min(self.workers, len(tasks))
+        if workers <= 1:
+            for index in order:
+                run(index)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="convert-file") as pool:
+                futures = [pool.submit(run, index) for index in order]
+            errors = [f.exception() for f in futures]
+            real = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
+            if real:
+                raise real[0]
+        records: list[WrittenRecord] = []
+        for result in results:
+            assert result is not None
+            records += result[0]
+            self.written_files.append(result[1])
         return records
+
+    def _write_one(
+        self, task: FileTask, root: Path, cancel: threading.Event
+    ) -> tuple[list[WrittenRecord], WrittenFile]:
+        jobs = task.jobs
+        specs = [TensorSpec(j.name, self.output_dtype(j), j.shape) for j in jobs]
+        rel = str(task.path.relative_to(root)) if root else str(task.path)
+        records: list[WrittenRecord] = []
+        with _Writer(task.path, specs, task.metadata or {"format": "pt"}) as writer:
+            file_digest = hashlib.sha256(writer.header)
+            for job, spec in zip(jobs, specs, strict=True):
+                digest, stats = self._write_tensor(job, spec, writer, file_digest, cancel)
+                begin, end = writer.placed[len(records)].begin, writer.placed[len(records)].end
+                records.append(WrittenRecord(job, rel, spec.dtype, begin, end, digest, stats,
+                                             TENSOR_DIGEST))
+        return records, WrittenFile(rel, writer.total_bytes, file_digest.hexdigest())
+
+    def _write_tensor(
+        self,
+        job: TensorJob,
+        spec: TensorSpec,
+        writer: _Writer,
+        file_digest: Hasher,
+        cancel: threading.Event,
+    ) -> tuple[str, TensorStats]:
+        engine = self.engine_for(job)
+        assert self.chunk_bytes is not None
+        stats = StatsAccumulator()
+        summarise = self.statistics and not engine.computes_stats
+        digest = new_hasher(TENSOR_DIGEST)
+        source = _Counted(job.chunks(self.chunk_bytes), self._report if self.progress else None)
+        for values, release in engine.cast(source, spec.dtype, stats):
+            if cancel.is_set():
+                raise _Cancelled
+            data = _bytes_of(values)
+            writer.write(job.name, data)
+            file_digest.update(data)
+            digest.update(data)
+            if summarise:
+                stats.update(values)
+            if release is not None:
+                release()
+        if source.elements != job.numel:
+            raise ExporterError(
+                f"{job.name}: source yielded {source.elements} elements, shape {job.shape} "
+                f"needs {job.numel}"
+            )
+        return digest.hexdigest(), stats.result() if self.statistics else NO_STATS
+
+    def _report(self, nbytes: int) -> None:
+        assert self.progress is not None
+        with self._lock:
+            self.progress(nbytes)
+
+
+class _Cancelled(Exception):
+    """Another file of the same :meth:`Converter.write_files` call failed."""
+
+
+def _task_bytes(converter: Converter, task: FileTask) -> int:
+    return sum(job.numel * converter.output_dtype(job).itemsize for job in task.jobs)
 
 
 class _Writer(SafetensorsWriter):
@@ -149,129 +261,6 @@ class _Writer(SafetensorsWriter):
                 os.posix_fadvise(fh.fileno(), self._advised, end - self._advised,
                                  os.POSIX_FADV_DONTNEED)
                 self._advised = end
-
-
-class _Piece:
-    """One output chunk shared by several stages; its buffer is released when all are done."""
-
-    __slots__ = ("values", "data", "_release", "_pending", "_lock")
-
-    def __init__(self, values: torch.Tensor, release: Release | None, users: int) -> None:
-        self.values = values
-        self.data = _bytes_of(values)
-        self._release = release
-        self._pending = users
-        self._lock = threading.Lock()
-
-    def done(self) -> None:
-        with self._lock:
-            self._pending -= 1
-            last = self._pending == 0
-        if last and self._release is not None:
-            self._release()
-
-
-class _Pipeline:
-    """The threads of one :meth:`Converter.write_file` call."""
-
-    def __init__(self, converter: Converter, jobs: Sequence[TensorJob],
-                 specs: Sequence[TensorSpec], writer: _Writer) -> None:
-        self.converter = converter
-        self.jobs = jobs
-        self.specs = specs
-        self.writer = writer
-        self.digests: list[str] = [""] * len(jobs)
-        self.stats: list[TensorStats | None] = [None] * len(jobs)
-        self._tensor_digest = hashlib.sha256()
-        self._file_digest = hashlib.sha256(writer.header)
-        self._stats = StatsAccumulator()
-
-    @property
-    def file_sha256(self) -> str:
-        return self._file_digest.hexdigest()
-
-    def _hash(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if kind == BEGIN:
-            self._tensor_digest = hashlib.sha256()
-        elif kind == END:
-            self.digests[index] = self._tensor_digest.hexdigest()
-        else:
-            assert piece is not None
-            self._tensor_digest.update(piece.data)
-
-    def _write(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if piece is not None:
-            self.writer.write(self.jobs[index].name, piece.data)
-
-    def _hash_file(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if piece is not None:
-            self._file_digest.update(piece.data)
-
-    def _summarise(self, kind: str, index: int, piece: _Piece | None) -> None:
-        if kind == BEGIN:
-            self._stats = StatsAccumulator()
-        elif kind == END:
-            self.stats[index] = self._stats.result()
-        else:
-            assert piece is not None
-            self._stats.update(piece.values)
-
-    def run(self) -> tuple[list[str], list[TensorStats]]:
-        failed = threading.Event()
-        stopped = threading.Event()
-        writers = [
-            Stage("convert-write", self._write, failed, stopped),
-            Stage("convert-file-sha256", self._hash_file, failed, stopped),
-            Stage("convert-sha256", self._hash, failed, stopped),
-        ]
-        summariser = Stage("convert-stats", self._summarise, failed, stopped)
-        reader = Reader(self.jobs, self.converter.chunk_bytes, failed, stopped)
-        try:
-            self._feed(reader, writers, summariser)
-        except Aborted:
-            pass
-        except BaseException:
-            # KeyboardInterrupt (or an error) in this thread: the file is abandoned, so the
-            # threads drop their work, and no queue is touched again (see the module docstring).
-            stopped.set()
-            raise
-        finally:
-            try:
-                reader.stop()
-                for stage in (*writers, summariser):
-                    stage.stop()
-            except BaseException:
-                stopped.set()  # interrupted while waiting for the threads: stop waiting
-                raise
-        for stage in (*writers, summariser):
-            if stage.error is not None:
-                raise stage.error
-        stats = [s for s in self.stats if s is not None]
-        if len(stats) != len(self.jobs):
-            raise ExporterError("conversion pipeline finished without every tensor's statistics")
-        return self.digests, stats
-
-    def _feed(self, reader: Reader, writers: list[Stage], summariser: Stage) -> None:
-        for index, (job, spec) in enumerate(zip(self.jobs, self.specs, strict=True)):
-            engine = self.converter.engine_for(job)
-            stats = StatsAccumulator()
-            users = writers if engine.computes_stats else [*writers, summariser]
-            for stage in users:
-                stage.put((BEGIN, index, None))
-            source = _Counted(reader.chunks(), self.converter.progress)
-            for values, release in engine.cast(source, spec.dtype, stats):
-                piece = _Piece(values, release, len(users))
-                for stage in users:
-                    stage.put(("piece", index, piece))
-            if source.elements != job.numel:
-                raise ExporterError(
-                    f"{job.name}: source yielded {source.elements} elements, shape {job.shape} "
-                    f"needs {job.numel}"
-                )
-            if engine.computes_stats:
-                self.stats[index] = stats.result()
-            for stage in users:
-                stage.put((END, index, None))
 
 
 class _Counted:

@@ -43,7 +43,7 @@ from exporter.archive.layout import (
     model_shard_files,
 )
 from exporter.convert.sharding import plan_shards
-from exporter.convert.stream import Converter
+from exporter.convert.stream import Converter, FileTask
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import partial_dir, write_json_atomic
 from exporter.neox.arch import model_config, model_notes
@@ -74,6 +74,7 @@ class ExportOptions:
             safetensors.
         device: where casts and statistics run (``cpu``, ``cuda``, ``cuda:N``).
         max_shard_size: model shards are split above this many bytes.
+        statistics: compute per-tensor statistics (False: the index columns are null).
 
     Raises:
         OptionsError: a value the export cannot use, named.
@@ -84,6 +85,7 @@ class ExportOptions:
     device: str = "cpu"
     max_shard_size: int = DEFAULT_SHARD_SIZE
     compress_level: int | None = None
+    statistics: bool = True
 
     def __post_init__(self) -> None:
         self.include = tuple(self.include)
@@ -104,10 +106,14 @@ class ExportOptions:
 
     def manifest_entry(self) -> dict[str, Any]:
         """The options as the manifest records them (a rebuild must use the same)."""
-        return {"include": list(self.include),
-                "dtype": dtype_name(self.dtype) if self.dtype else None,
-                "compress": (f"zstd:{self.compress_level}"
-                             if self.compress_level is not None else None)}
+        entry: dict[str, Any] = {
+            "include": list(self.include),
+            "dtype": dtype_name(self.dtype) if self.dtype else None,
+            "compress": (f"zstd:{self.compress_level}"
+                         if self.compress_level is not None else None)}
+        if not self.statistics:  # recorded only when off: older manifests stay equal
+            entry["statistics"] = False
+        return entry
 
 
 @dataclass
@@ -168,7 +174,8 @@ def export_checkpoint(
     optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
     if "optimizer" in options.include and optimizer is None:
         log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
-    converter = Converter(dtype=options.dtype, device=options.device, progress=progress)
+    converter = Converter(dtype=options.dtype, device=options.device, progress=progress,
+                          statistics=options.statistics)
 
     tmp = partial_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -210,7 +217,7 @@ def _write_all(
     options: ExportOptions,
     converter: Converter,
 ) -> list[WrittenRecord]:
-    records: list[WrittenRecord] = []
+    tasks: list[FileTask] = []
     if "model" in options.include:
         out_dtype = options.dtype or model.dtype
         config = model_config(model, cfg, str(out_dtype).removeprefix("torch."))
@@ -221,23 +228,23 @@ def _write_all(
             # Cast on the way out: verify needs the training dtype to check master -> model
             # (without a cast the files are as before, and the written dtype is the source's).
             metadata[SOURCE_DTYPE_KEY] = dtype_name(model.dtype)
-        records += _write_sharded(tmp, weights, converter, options.max_shard_size, metadata)
+        tasks += _sharded(tmp, weights, converter, options.max_shard_size, metadata)
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
-            records += converter.write_file(tmp / BUFFERS, buffers, tmp)
+            tasks.append(FileTask(tmp / BUFFERS, buffers))
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
-            records += converter.write_file(tmp / KIND_FILES[kind], jobs, tmp)
+            tasks.append(FileTask(tmp / KIND_FILES[kind], jobs))
     if "state" in options.include:
         state = {"engine": engine.json, "model": model_notes(model)}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json
         if engine.tensor_jobs or model.state_jobs:
-            records += converter.write_file(tmp / STATE_TENSORS,
-                                            engine.tensor_jobs + model.state_jobs, tmp)
+            tasks.append(FileTask(tmp / STATE_TENSORS, engine.tensor_jobs + model.state_jobs))
         write_json_atomic(tmp / STATE_JSON, state)
     _copy_config(files, cfg, tmp / NEOX_CONFIG)
-    return records
+    # The files are independent: written in parallel (Converter.write_files), records in order.
+    return converter.write_files(tasks, tmp)
 
 
 def _compress(
@@ -259,23 +266,21 @@ def _compress(
     return {k: v for k, v in hashes.items() if k not in renamed}
 
 
-def _write_sharded(
+def _sharded(
     tmp: Path, jobs: Sequence[TensorJob], converter: Converter, max_shard_size: int,
     metadata: dict[str, str],
-) -> list[WrittenRecord]:
+) -> list[FileTask]:
     sizes = [math.prod(j.shape) * element_size(converter.output_dtype(j)) for j in jobs]
     groups = plan_shards(jobs, sizes, max_shard_size)
     shards = list(zip(model_shard_files(len(groups)), groups, strict=True))
-    records: list[WrittenRecord] = []
-    for name, group in shards:
-        records += converter.write_file(tmp / name, group, tmp, metadata)
+    tasks = [FileTask(tmp / name, group, metadata) for name, group in shards]
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes)},
             "weight_map": {job.name: name for name, group in shards for job in group},
         }
         write_json_atomic(tmp / MODEL_SHARD_INDEX, index)
-    return records
+    return tasks
 
 
 def _copy_config(files: CheckpointFiles, cfg: dict[str, Any], dest: Path) -> None:

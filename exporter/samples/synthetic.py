@@ -36,6 +36,7 @@ class SyntheticSource:
         self.seed = seed
         self.dtype = dtype
         self.step0 = step0
+        self._last: dict[str, tuple[tuple[int, str, int], torch.Tensor]] = {}
 
     def fill(self, kind: str, tp_rank: int, spec: ParamSpec, start: int, out: torch.Tensor) -> None:
         if kind != "master" and self.step0:
@@ -52,9 +53,21 @@ class SyntheticSource:
             if (lo, hi) == (chunk_start, chunk_stop):
                 self._draw(kind, owner, spec, index, out[lo - start : hi - start])
             else:
-                chunk = torch.empty(chunk_stop - chunk_start)
-                self._draw(kind, owner, spec, index, chunk)
+                chunk = self._partial_chunk(kind, owner, spec, index, chunk_stop - chunk_start)
                 out[lo - start : hi - start] = chunk[lo - chunk_start : hi - chunk_start]
+
+    def _partial_chunk(self, kind: str, owner: int, spec: ParamSpec, index: int,
+                       numel: int) -> torch.Tensor:
+        # Small ZeRO comm intervals ask for many small slices of one chunk in a row: the last
+        # chunk drawn per kind is kept, so each is drawn about once, not once per slice.
+        key = (owner, spec.name, index)
+        cached = self._last.get(kind)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        chunk = torch.empty(numel)
+        self._draw(kind, owner, spec, index, chunk)
+        self._last[kind] = (key, chunk)
+        return chunk
 
     def _draw(self, kind: str, owner: int, spec: ParamSpec, index: int, out: torch.Tensor) -> None:
         """Chunk ``index`` of one tensor, written into ``out`` (one pass over memory)."""

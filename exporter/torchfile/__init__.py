@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,22 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     if byteorder != "little":
         raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
     data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
+    # The cyclic garbage collector is paused while the pickle is read: unpickling builds only
+    # new, referenced objects (a ZeRO file of many comm intervals: hundreds of thousands), and
+    # each collection it would trigger walks every object alive, those of the files read
+    # before included. Measured on a 36,000-tensor optimizer file: 2.4-3.0 s with the
+    # collector running, 1.6 s without.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        result = safe_unpickle(data, zip_)
+        with zip_.open():
+            result = safe_unpickle(data, zip_)
         obj = resolve_numpy(result.obj)
     except (CheckpointFormatError, UnsafePickleError) as exc:
         if str(zip_.path) in str(exc):
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc
+    finally:
+        if collecting:
+            gc.enable()
     return TorchFile(zip_.path, obj, result.globals)

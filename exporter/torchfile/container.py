@@ -19,6 +19,8 @@ import os
 import re
 import struct
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +70,12 @@ class TorchZip:
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
                 struct.error) as exc:
             raise CheckpointFormatError(f"{self.path}: damaged zip container: {exc}") from exc
-        self._infos = {info.filename: info for info in infos}
+        # Only what member() needs, as a tuple: a ZipInfo weighs about 500 bytes, and a ZeRO
+        # file of many small comm intervals has a member per tensor (36,000 and more).
+        self._infos: dict[str, tuple[int, int, int]] = {
+            info.filename: (info.compress_type, info.header_offset, info.file_size)
+            for info in infos
+        }
         if len(self._infos) != len(infos):
             # Two members of one name: zip readers disagree on which one counts.
             raise CheckpointFormatError(f"{self.path}: zip container holds a member name twice")
@@ -79,6 +86,27 @@ class TorchZip:
                 )
         self.prefix = self._find_prefix()
         self._members: dict[str, Member] = {}
+        self._fd: int | None = None
+
+    @contextmanager
+    def open(self) -> Iterator[TorchZip]:
+        """Keep the file open for the member look-ups inside the block: unpickling a ZeRO file
+        of many small comm intervals looks up tens of thousands of storage members."""
+        if self._fd is not None:
+            yield self
+            return
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            yield self
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, size, offset)
+        with open(self.path, "rb") as fh:
+            return os.pread(fh.fileno(), size, offset)
 
     def _find_prefix(self) -> str:
         prefixes = [
@@ -97,31 +125,32 @@ class TorchZip:
         """The stored member ``<prefix><name>``, with its data offset checked against the file."""
         if name in self._members:
             return self._members[name]
-        info = self._infos.get(self.prefix + name)
+        filename = self.prefix + name
+        info = self._infos.get(filename)
         if info is None:
-            raise CheckpointFormatError(f"{self.path}: missing member '{self.prefix}{name}'")
-        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointFormatError(f"{self.path}: missing member '{filename}'")
+        compress_type, header_offset, file_size = info
+        if compress_type != zipfile.ZIP_STORED:
             raise CheckpointFormatError(
-                f"{self.path}: member '{info.filename}' is compressed; torch writes stored members"
+                f"{self.path}: member '{filename}' is compressed; torch writes stored members"
             )
-        if not 0 <= info.header_offset < self.file_size:
+        if not 0 <= header_offset < self.file_size:
             # zipfile shifts offsets by any bytes it finds before the first member.
-            raise CheckpointFormatError(f"{self.path}: bad zip header of '{info.filename}'")
-        with open(self.path, "rb") as fh:
-            header = os.pread(fh.fileno(), _LOCAL_HEADER.size, info.header_offset)
+            raise CheckpointFormatError(f"{self.path}: bad zip header of '{filename}'")
+        header = self._pread(_LOCAL_HEADER.size, header_offset)
         if len(header) != _LOCAL_HEADER.size:
-            raise CheckpointFormatError(f"{self.path}: truncated zip header of '{info.filename}'")
+            raise CheckpointFormatError(f"{self.path}: truncated zip header of '{filename}'")
         fields = _LOCAL_HEADER.unpack(header)
         if fields[0] != _LOCAL_HEADER_SIGNATURE:
-            raise CheckpointFormatError(f"{self.path}: bad zip header of '{info.filename}'")
+            raise CheckpointFormatError(f"{self.path}: bad zip header of '{filename}'")
         name_len, extra_len = fields[9], fields[10]
-        data_offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        if data_offset + info.file_size > self.file_size:
+        data_offset = header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if data_offset + file_size > self.file_size:
             raise CheckpointFormatError(
-                f"{self.path}: member '{info.filename}' runs past the end of the file "
+                f"{self.path}: member '{filename}' runs past the end of the file "
                 f"(file truncated?)"
             )
-        member = Member(info.filename, data_offset, info.file_size)
+        member = Member(filename, data_offset, file_size)
         self._members[name] = member
         return member
 
@@ -145,8 +174,7 @@ class TorchZip:
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the file."""
-        with open(self.path, "rb") as fh:
-            data = os.pread(fh.fileno(), size, offset)
+        data = self._pread(size, offset)
         if len(data) != size:
             raise CheckpointFormatError(f"{self.path}: short read at {offset} (file truncated?)")
         return data

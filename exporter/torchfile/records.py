@@ -64,8 +64,39 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_ELEMENT_SIZES: dict[torch.dtype, int] = {}
+
+
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    # Cached: asked once per tensor and per ZeRO fragment, and building a tensor to ask costs µs.
+    size = _ELEMENT_SIZES.get(dtype)
+    if size is None:
+        size = _ELEMENT_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size
+
+
+def read_exact(fd: int, view: memoryview, offset: int, path: os.PathLike[str] | str) -> None:
+    """Fill ``view`` with the bytes at ``offset`` of open file ``fd``.
+
+    ``os.preadv`` reads straight into the caller's buffer: one copy out of the page cache, where
+    ``os.pread`` returns a new ``bytes`` that must be copied again into a writable tensor.
+    """
+    done, size = 0, view.nbytes
+    while done < size:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointFormatError(f"{path}: short read at {offset + done} (file truncated?)")
+        done += n
+
+
+def read_tensor(path: os.PathLike[str] | str, offset: int, nbytes: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``nbytes`` bytes at ``offset`` of ``path`` as a new 1-D tensor of ``dtype``."""
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        with open(path, "rb", buffering=0) as fh:
+            read_exact(fh.fileno(), memoryview(out.numpy()), offset, path)
+    return out.view(dtype)
 
 
 class StorageRef:
@@ -188,11 +219,10 @@ class TensorRef:
         if self.numel == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         if self.is_contiguous:
-            raw = self.storage.zip.read(self.file_offset, self.nbytes)
-            return _from_bytes(raw, self.dtype).reshape(self.shape)
+            return read_tensor(self.path, self.file_offset, self.nbytes, self.dtype).reshape(self.shape)
         span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
-        raw = self.storage.zip.read(self.storage.file_offset, (span + 1) * self.element_size)
-        flat = _from_bytes(raw, self.dtype)
+        flat = read_tensor(self.path, self.storage.file_offset, (span + 1) * self.element_size,
+                           self.dtype)
         return flat.as_strided(self.shape, self.stride, self.offset).contiguous()
 
     def read_range(self, start: int, count: int) -> torch.Tensor:
@@ -202,31 +232,25 @@ class TensorRef:
         if not self.is_contiguous:
             return self.read().reshape(-1)[start : start + count].clone()
         size = self.element_size
-        return _from_bytes(self.storage.zip.read(self.file_offset + start * size, count * size),
-                           self.dtype)
+        return read_tensor(self.path, self.file_offset + start * size, count * size, self.dtype)
 
     def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
         """The elements in row-major order as 1-D tensors of at most ``max_bytes`` each.
 
         Contiguous tensors are read piece by piece, so memory stays at one chunk whatever the
-        tensor's size; others are read whole first.
+        tensor's size; others are read whole first. Each chunk is a new tensor the bytes were
+        read into (:func:`read_exact`), so callers may keep it.
         """
         if not self.is_contiguous:
             yield self.read().reshape(-1)
             return
         step = max(1, max_bytes // self.element_size) * self.element_size
         start, end = self.file_offset, self.file_offset + self.nbytes
-        with open(self.path, "rb") as fh:
+        with open(self.path, "rb", buffering=0) as fh:
             for pos in range(start, end, step):
-                size = min(step, end - pos)
-                raw = os.pread(fh.fileno(), size, pos)
-                if len(raw) != size:
-                    raise CheckpointFormatError(f"{self.path}: short read (file truncated?)")
-                yield _from_bytes(raw, self.dtype)
-
-
-def _from_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)
+                out = torch.empty(min(step, end - pos), dtype=torch.uint8)
+                read_exact(fh.fileno(), memoryview(out.numpy()), pos, self.path)
+                yield out.view(self.dtype)
 
 
 def _int_tuple(value: Any, where: str, what: str) -> tuple[int, ...]:

@@ -32,9 +32,9 @@ from security.hostile_archives import (
 # -- index shards, manifest and JSON against the schemas ---------------------------------------
 
 
-@case("schema", r"tensors/step8\.parquet: no column 'sha256'")
+@case("schema", r"tensors/step8\.parquet: no column 'digest'")
 def index_lacks_a_column(root: Path, outside: Path) -> None:
-    edit_table(root, STEP, lambda t: t.drop_columns(["sha256"]))
+    edit_table(root, STEP, lambda t: t.drop_columns(["digest"]))
 
 
 @case("schema", "column 'shape' is string, the schema says list<item: int64>")
@@ -71,9 +71,9 @@ def index_shape_disagrees_with_numel(root: Path, outside: Path) -> None:
     edit_row(root, STEP, DENSE, shape=[2, 2])
 
 
-@case("schema", "sha256 is not 64 hex digits")
+@case("schema", "digest is not 64 hex digits")
 def index_sha256_is_markup(root: Path, outside: Path) -> None:
-    edit_row(root, STEP, DENSE, sha256="<script>alert(1)</script>")
+    edit_row(root, STEP, DENSE, digest="<script>alert(1)</script>")
 
 
 @case("schema", "unreadable Parquet")
@@ -136,7 +136,7 @@ def tensor_name_is_markup_and_escapes(root: Path, outside: Path) -> None:
                 begin, end = header[name]["data_offsets"]
                 row.update(name=name, data_offset_begin=start + begin, data_offset_end=start + end)
             if row["name"] == HOSTILE_NAME:
-                row.update(layer=None, sha256="0" * 64)
+                row.update(layer=None, digest="0" * 64)
     edit_rows(root, STEP, edit)
 
 

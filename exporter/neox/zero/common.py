@@ -4,11 +4,21 @@ A ZeRO partition file holds, per param group, one flat fp32 tensor (the rank's s
 group's flattened parameters) and the Adam moments of the same slice. A parameter is thus a
 list of :class:`Segment` s — contiguous element ranges of partition tensors, possibly on
 several ranks — and is read segment by segment, never by concatenating whole partitions.
+
+A partition can hold thousands of small segments (DeeperSpeed stage 1 with a small
+``reduce_bucket_size`` cuts each group into one comm interval per bucket, and a parameter's
+consecutive sub-partitions alternate between the rank files), so :meth:`ParamSlices.chunks`
+gathers segments straight into chunk-sized buffers: one ``preadv`` per segment into its place
+in the chunk, one open file per rank file for the whole tensor, no tensor or other object
+per segment, and chunks of the requested size however small the segments are.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +28,10 @@ import torch
 
 from exporter.errors import CheckpointFormatError, LayoutError
 from exporter.torchfile import TensorRef
+from exporter.torchfile.records import read_exact, read_tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     """Elements ``[start, start + count)`` of a 1-D partition tensor."""
 
@@ -37,8 +48,8 @@ class Segment:
 
     def read(self) -> torch.Tensor:
         size = self.ref.element_size
-        raw = self.ref.storage.zip.read(self.ref.file_offset + self.start * size, self.count * size)
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.ref.dtype)
+        return read_tensor(self.ref.path, self.ref.file_offset + self.start * size,
+                           self.count * size, self.ref.dtype)
 
 
 @dataclass
@@ -60,21 +71,47 @@ class ParamSlices:
 
     def read_range(self, kind: str, start: int, count: int) -> torch.Tensor:
         """Flat elements ``[start, start + count)`` of one kind, reading only those bytes."""
-        spans = [(seg.ref, seg.start, seg.count) for seg in self.segments[kind]]
-        parts = [seg.read() for seg in covering(spans, start, count, self.name)]
+        layout = FlatLayout([(seg.ref, seg.start, seg.count) for seg in self.segments[kind]])
+        parts = [seg.read() for seg in layout.covering(start, count, self.name)]
         if not parts:
             return torch.empty(0, dtype=torch.float32)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
+        """Chunks of about ``max_bytes`` of one kind, each gathered from as many segments as
+        it spans (see the module docstring)."""
         segments = self.segments[kind]
 
         def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-            for seg in segments:
-                step = max(1, max_bytes // seg.ref.element_size)
-                for start in range(seg.start, seg.start + seg.count, step):
-                    count = min(step, seg.start + seg.count - start)
-                    yield Segment(seg.ref, start, count).read()
+            if not segments:
+                return
+            dtype, size = segments[0].ref.dtype, segments[0].ref.element_size
+            if any(seg.ref.dtype != dtype for seg in segments):
+                raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
+            total = sum(seg.count for seg in segments) * size
+            step = max(1, max_bytes // size) * size
+            files: dict[os.PathLike[str], int] = {}
+            try:
+                out, view, filled = None, memoryview(b""), 0
+                for seg in segments:
+                    fd = files.get(seg.ref.path)
+                    if fd is None:
+                        fd = files[seg.ref.path] = os.open(seg.ref.path, os.O_RDONLY)
+                    pos, left = seg.ref.file_offset + seg.start * size, seg.count * size
+                    while left:
+                        if out is None:
+                            out = torch.empty(min(step, total), dtype=torch.uint8)
+                            view, filled = memoryview(out.numpy()), 0
+                        take = min(left, out.numel() - filled)
+                        read_exact(fd, view[filled : filled + take], pos, seg.ref.path)
+                        filled, pos, left = filled + take, pos + take, left - take
+                        if filled == out.numel():
+                            total -= filled
+                            yield out.view(dtype)
+                            out = None
+            finally:
+                for fd in files.values():
+                    os.close(fd)
 
         return gen
 
@@ -88,30 +125,40 @@ def flat_partition(ref: Any, where: str) -> TensorRef:
     return ref
 
 
-def covering(spans: list[tuple[TensorRef, int, int]], begin: int, count: int,
-             what: str) -> list[Segment]:
-    """The segments holding elements ``[begin, begin + count)`` of a flat sequence laid out as
-    ``spans``, each ``(ref, start, size)``: ``size`` elements of ``ref`` from ``start`` on.
+class FlatLayout:
+    """A flat sequence laid out as ``spans``, each ``(ref, start, size)``: ``size`` elements of
+    partition tensor ``ref`` from element ``start`` on, back to back.
 
-    The one slicing routine of the ZeRO readers: a parameter within a group's partitions
-    (current DeepSpeed: each rank spans the padded partition size, the last rank's tensor may be
-    trimmed; DeeperSpeed elastic: sub-partitions back to back), and a range within a
-    parameter's own segments.
+    The one slicing routine of the ZeRO readers, for every layout they meet: a group's padded
+    partitions (current DeepSpeed: each rank spans the partition size, the last rank's tensor
+    may be trimmed), sub-partitions back to back (DeeperSpeed elastic: thousands of comm
+    intervals with a small bucket), and a parameter's own segments. The start of each span is
+    computed once, and a binary search finds the first span of a range: a scan from the first
+    span for every parameter made planning quadratic in the number of comm intervals.
     """
-    segments = []
-    pos, end, base = begin, begin + count, 0
-    for ref, start, size in spans:
-        if pos >= end:
-            break
-        if pos < base + size:
-            take = min(end, base + size) - pos
-            segments.append(Segment(ref, start + pos - base, take))
-            pos += take
-        base += size
-    if pos < end:
-        raise LayoutError(f"{what}: elements [{begin}, {end}) run past the last partition "
-                          f"({base} elements; partition count mismatch?)")
-    return segments
+
+    def __init__(self, spans: list[tuple[TensorRef, int, int]]) -> None:
+        self.spans = spans
+        self.starts = list(itertools.accumulate((size for _, _, size in spans[:-1]), initial=0))
+        self.total = self.starts[-1] + spans[-1][2] if spans else 0
+
+    def covering(self, begin: int, count: int, what: str) -> list[Segment]:
+        """The segments holding elements ``[begin, begin + count)``."""
+        segments = []
+        index = max(0, bisect.bisect_right(self.starts, begin) - 1)
+        pos, end = begin, begin + count
+        while pos < end and index < len(self.spans):
+            ref, start, size = self.spans[index]
+            local = pos - self.starts[index]
+            take = min(end - pos, size - local)
+            if take > 0:
+                segments.append(Segment(ref, start + local, take))
+                pos += take
+            index += 1
+        if pos < end:
+            raise LayoutError(f"{what}: elements [{begin}, {end}) run past the last partition "
+                              f"({self.total} elements; partition count mismatch?)")
+        return segments
 
 
 def partition_state_dicts(files: list[Any]) -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ from typing import Any
 
 from exporter.errors import LayoutError
 from exporter.neox.zero.common import (
+    FlatLayout,
     ParamSlices,
-    covering,
     flat_partition,
     partition_state_dicts,
     scalar,
@@ -99,13 +99,14 @@ def read_current(
                     )
         align = states[0].get("param_alignment_paddings")
         param_pads = list(align[g]) if isinstance(align, list) and len(align) > g else []
+        layouts = {kind: FlatLayout([(ref, 0, padded) for ref in refs])
+                   for kind, refs in {"master": masters, **moments}.items()}
         offset = 0
         for k, (name, shape) in enumerate(shapes.items()):
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
-            for kind, refs in {"master": masters, **moments}.items():
-                spans = [(ref, 0, padded) for ref in refs]
-                param.segments[kind] = covering(spans, offset, n, f"{files[0].path}: {name}")
+            for kind, layout in layouts.items():
+                param.segments[kind] = layout.covering(offset, n, f"{files[0].path}: {name}")
             params.append(param)
             offset += n + (param_pads[k] if k < len(param_pads) else 0)
         total = padded * dp

@@ -28,7 +28,12 @@ import math
 from typing import Any
 
 from exporter.errors import LayoutError
-from exporter.neox.zero.common import ParamSlices, covering, flat_partition, partition_state_dicts
+from exporter.neox.zero.common import (
+    FlatLayout,
+    ParamSlices,
+    flat_partition,
+    partition_state_dicts,
+)
 from exporter.torchfile import TensorRef, TorchFile
 
 ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
@@ -112,12 +117,13 @@ def read_elastic(
             )
         _check_padding(osds, files, g, comms, lengths)
         offset = 0
+        layouts = {kind: FlatLayout([(ref, 0, ref.numel) for ref in refs])
+                   for kind, refs in pieces.items()}
         for name, shape in shapes[g].items():
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
-            for kind, refs in pieces.items():
-                spans = [(ref, 0, ref.numel) for ref in refs]
-                param.segments[kind] = covering(spans, offset, n, f"{files[0].path}: {name}")
+            for kind, layout in layouts.items():
+                param.segments[kind] = layout.covering(offset, n, f"{files[0].path}: {name}")
             params.append(param)
             offset += n
         summary["groups"].append(
