@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from exporter.cli.main import main
+from exporter.samples import TINY, write_checkpoint
 
 
 @dataclass
@@ -41,3 +43,11 @@ def assert_one_error_line(ran: Ran, code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in line, (needle, line)
     return line
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, steps: tuple[int, ...] = (0,)) -> Path:
+    """A run folder of tiny checkpoints (``step{N}/``: model weights and two ZeRO partitions)."""
+    folder = tmp_path_factory.mktemp("run")
+    for step in steps:
+        write_checkpoint(folder / f"step{step}", TINY, step=step, dp=2)
+    return folder

@@ -9,20 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import Ran, assert_one_error_line, run_cli
+from cli_helpers import Ran, assert_one_error_line, run_cli, tiny_run
 
 from exporter import open_archive
 from exporter.errors import ArchiveError
 from exporter.records import KINDS
-from exporter.samples import TINY, write_checkpoint
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of one tiny checkpoint (step0/), model weights and ZeRO partitions."""
-    folder = tmp_path_factory.mktemp("run")
-    write_checkpoint(folder / "step0", TINY, dp=2)
-    return folder
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import yaml
-from cli_helpers import assert_one_error_line, run_cli
+from cli_helpers import assert_one_error_line, run_cli, tiny_run
 from hubserver import HubServer
 
 from exporter import BuildOptions, build, open_archive, open_source
 from exporter.archive.card import card_text
 from exporter.errors import ArchiveError
-from exporter.samples import TINY, write_checkpoint
 
 DATASET = "me/tiny-checkpoints"
 DENSE = "gpt_neox.layers.0.attention.dense.weight"
@@ -29,10 +28,7 @@ DENSE = "gpt_neox.layers.0.attention.dense.weight"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("run")
-    for step in (0, 8):
-        write_checkpoint(folder / f"step{step}", TINY, step=step, dp=2)
-    return folder
+    return tiny_run(tmp_path_factory, (0, 8))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +148,7 @@ def test_open_archive_pins_an_at_revision(hub_server: HubServer, built: Path) ->
     assert archive.tensor(8, DENSE).shape == (32, 32)
     with pytest.raises(ArchiveError):
         open_archive(f"hf://datasets/{DATASET}").steps  # noqa: B018 - main holds no archive
-    with pytest.raises(ArchiveError, match="give one of them"):
+    with pytest.raises(ArchiveError, match="in the URI, .main. asked for"):
         open_archive(f"hf://datasets/{DATASET}@dev", revision="main")
 
 
@@ -162,19 +158,18 @@ def test_a_cached_archive_reads_offline(
     hub_server.seed_repo(DATASET, built, repo_type="dataset")
     online = open_archive(f"hf://datasets/{DATASET}")
     expected = online.tensor(8, DENSE).clone()
-    rows = online.index.num_rows
+    rows = online.index.count_rows()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_server.clear_requests()
     offline = open_archive(f"hf://datasets/{DATASET}")
-    assert offline.index.num_rows == rows
+    assert offline.index.count_rows() == rows
     assert bool((offline.tensor(8, DENSE) == expected).all())
     ran = run_cli(capsys, "plot", f"hf://datasets/{DATASET}", "--out", tmp_path / "p.png")
     assert ran.code == 0, ran.err
     assert hub_server.requests == []
-    missing = open_archive(f"hf://datasets/{DATASET}@other")
-    with pytest.raises(ArchiveError, match="HF_HUB_OFFLINE"):
-        missing.steps  # noqa: B018
+    with pytest.raises(ArchiveError, match="HF_HUB_OFFLINE"):  # never read online here
+        open_archive(f"hf://datasets/{DATASET}@other").steps  # noqa: B018
 
 
 def test_build_of_an_at_branch_source_builds_that_step(

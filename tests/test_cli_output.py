@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
-
-from exporter.samples import TINY, write_checkpoint
+from cli_helpers import run_cli, tiny_run
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
@@ -23,9 +21,7 @@ def _cli(*args: object) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("run")
-    write_checkpoint(folder / "step0", TINY, dp=2)
-    return folder
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
