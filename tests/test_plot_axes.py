@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, tiny_run
 from matplotlib.figure import Figure
 
 from exporter.archive.plot import plot_statistic
@@ -66,24 +66,17 @@ def test_logx_forces_the_axis_either_way(drawn: list[Figure], tmp_path: Path) ->
 
 
 def test_plot_command_takes_logx(drawn: list[Figure], tmp_path: Path,
+                                 tmp_path_factory: pytest.TempPathFactory,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import json
-
-    import pyarrow.parquet as pq
-
-    from exporter.archive.layout import manifest_path, tensor_index_path
+    from exporter import BuildOptions, ExportOptions, build, open_source
 
     root = tmp_path / "archive"
-    index = _index(LAYER0, [0, 1, 2, 4])
-    for step in (0, 1, 2, 4):
-        path = tensor_index_path(root, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(index.filter(pa.compute.equal(index["step"], step)), path)
-    manifest_path(root).write_text(json.dumps({"steps": {str(s): {} for s in (0, 1, 2, 4)}}))
-    ran = run_cli(capsys, "plot", root, "--match", "layers.0.*", "--logx", "--out", tmp_path / "p.png")
+    build(open_source(str(tiny_run(tmp_path_factory, (0, 1, 2, 4)))), root,
+          BuildOptions(export=ExportOptions(include=("model",)), quiet=True))
+    ran = run_cli(capsys, "plot", root, "--match", "layers.0.attention.*", "--logx", "--out", tmp_path / "p.png")
     assert ran.code == 0, ran.err
     assert drawn[-1].axes[0].get_xscale() == "symlog"
     assert len(set(_legend(drawn[-1]))) == 4
-    ran = run_cli(capsys, "plot", root, "--match", "layers.0.*", "--no-logx", "--out", tmp_path / "p.png")
+    ran = run_cli(capsys, "plot", root, "--match", "layers.0.attention.*", "--no-logx", "--out", tmp_path / "p.png")
     assert ran.code == 0, ran.err
     assert drawn[-1].axes[0].get_xscale() == "linear"

@@ -29,7 +29,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +156,17 @@ class Converter:
             for index in order:
                 run(index)
         else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="convert-file") as pool:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="convert-file")
+            try:
                 futures = [pool.submit(run, index) for index in order]
+                wait(futures)
+            except BaseException:
+                # Ctrl-C (or any error) in this thread: the file threads stop at their next
+                # chunk and remove their partial files before the caller removes the folder.
+                cancel.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
             errors = [f.exception() for f in futures]
             real = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
             if real:

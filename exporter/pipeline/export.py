@@ -235,16 +235,19 @@ def _write_all(
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
             tasks.append(FileTask(tmp / KIND_FILES[kind], jobs))
+    if "state" in options.include and (engine.tensor_jobs or model.state_jobs):
+        tasks.append(FileTask(tmp / STATE_TENSORS, engine.tensor_jobs + model.state_jobs))
+    _copy_config(files, cfg, tmp / NEOX_CONFIG)
+    # The files are independent: written in parallel (Converter.write_files), records in order.
+    records = converter.write_files(tasks, tmp)
     if "state" in options.include:
+        # After the tensors: what the optimizer plan learns while its tensors stream (ranks
+        # whose copies disagree) belongs in state.json.
         state = {"engine": engine.json, "model": model_notes(model)}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_json
-        if engine.tensor_jobs or model.state_jobs:
-            tasks.append(FileTask(tmp / STATE_TENSORS, engine.tensor_jobs + model.state_jobs))
         write_json_atomic(tmp / STATE_JSON, state)
-    _copy_config(files, cfg, tmp / NEOX_CONFIG)
-    # The files are independent: written in parallel (Converter.write_files), records in order.
-    return converter.write_files(tasks, tmp)
+    return records
 
 
 def _compress(
