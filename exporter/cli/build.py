@@ -38,18 +38,26 @@ from exporter.cli.options import DTYPES, export_options, parse_include
               help="Skip complete steps by file size only, without re-hashing them.")
 @click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Hub sources: where a step's files are downloaded (default ARCHIVE/.downloads).")
-@click.option("--max-disk", default=None, help="Hub sources: bound on downloaded bytes held at once (e.g. 20GB).")
+@click.option("--max-disk", default=None,
+              help="Bound on the bytes the build holds at once (e.g. 20GB): downloads, the step "
+                   "converting, converted steps waiting for upload. It waits rather than exceed it.")
 @click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
 @click.option("--push-to", default=None, metavar="ORG/NAME",
               help="Publish each finished step to this Hub dataset as the build goes.")
 @click.option("--delete-after-push", is_flag=True,
-              help="With --push-to: remove a step's safetensors once the Hub holds them.")
+              help="With --push-to: remove a step's tensor files once uploaded (before their commit).")
+@click.option("--steps-per-commit", default=10, show_default=True, type=click.IntRange(1, 10_000),
+              help="With --push-to: whole steps per commit (the Hub allows about 128 commits per hour).")
+@click.option("--scratch-dir", default=None,
+              help="With --executor ray --push-to: each node's working folder (default "
+                   "$NEOX_EXPORTER_SCRATCH or its temporary folder; about one step per task).")
 @click.pass_context
 def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: tuple[str, ...],
           dtype: str, device: str, max_shard_size: str, compress: str | None, workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
-          push_to: str | None, delete_after_push: bool) -> None:
+          push_to: str | None, delete_after_push: bool, steps_per_commit: int,
+          scratch_dir: str | None) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -62,34 +70,31 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
       neox-export build hf://EleutherAI/neox-ckpt-pythia-410m-seed8 --out archive \\
           --steps 1000:143000:1000 --include model,optimizer --max-disk 20GB
     """
+    from exporter.convert.sharding import parse_size
     from exporter.pipeline.run import BuildOptions
     from exporter.pipeline.run import build as run_build
     from exporter.sources import open_source
 
     options = export_options(include, dtype, device, max_shard_size, compress)
+    disk = parse_size(max_disk) if max_disk else None
     hub: dict[str, Any] = {}
     if source.startswith("hf://"):
-        from exporter.convert.sharding import parse_size
-
         hub["download_dir"] = download_dir or downloads_dir(out_dir)
-        hub["max_disk"] = parse_size(max_disk) if max_disk else None
+        hub["max_disk"] = disk
     if delete_after_push and not push_to:
         raise click.BadParameter("needs --push-to", param_hint="--delete-after-push")
     src = open_source(source, **hub)
     quiet = ctx.obj["quiet"] or log_json
-    hook = None
-    if push_to:
-        from exporter.cli.hub import echo_push_event
-        from exporter.hub.publish import make_push_hook
+    from exporter.cli.hub import echo_push_event
 
-        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push,
-                              progress=None if quiet else echo_push_event)
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
-        quiet=quiet, on_step_done=hook))
-    if hook is not None:
-        click.echo(f"pushed: {hook.flush().url}")
+        quiet=quiet, push_to=push_to, steps_per_commit=steps_per_commit,
+        delete_after_push=delete_after_push, on_push_event=None if quiet else echo_push_event,
+        max_disk=disk, scratch_dir=scratch_dir))
+    if summary.push is not None:
+        click.echo(f"pushed: {summary.push.url}")
     if log_json:
         click.echo(json.dumps({"event": "summary", "steps_done": summary.count("done"),
                                "steps_skipped": summary.count("skipped"),

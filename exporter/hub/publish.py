@@ -29,12 +29,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from exporter.archive.layout import MANIFEST, manifest_path
-from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
+from exporter.archive.push_state import (
+    PushRecord,
+    deleted_after_push,
+    read_push_record,
+    write_push_record,
+)
 from exporter.errors import OptionsError, PublishError
 from exporter.hub.calls import RetryPolicy, check_repo_id, hub_call
 from exporter.hub.files import LocalFile, RemoteFile, step_files
@@ -47,10 +52,10 @@ PATHS_PER_REQUEST = 256
 
 T = TypeVar("T")
 
-#: plan: steps to push; skip: already on the remote; commit: steps committed; retry: a
-#: transient Hub error is retried; delete: local files removed after a verified push; card:
-#: the dataset card and manifest committed.
-PushAction = Literal["plan", "skip", "commit", "retry", "delete", "card"]
+#: plan: steps to push; skip: already on the remote; upload: a step's files uploaded ahead of
+#: its commit; commit: steps committed; retry: a transient Hub error is retried; delete: local
+#: files removed after a verified upload or push; card: the dataset card and manifest committed.
+PushAction = Literal["plan", "skip", "upload", "commit", "retry", "delete", "card"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class Publisher:
                                  f"{self.api.endpoint}/datasets/{repo_id}/tree/{self.revision}")
         self._remote: dict[str, RemoteFile] | None = None
         self._on_remote: set[int] = set()
+        self._uploaded: dict[str, str] = {}
 
     # -- Hub calls ------------------------------------------------------------------------
 
@@ -192,8 +198,8 @@ class Publisher:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
         return LocalFile.of_bytes(MANIFEST, text.encode("utf-8"))
 
-    def push_steps(self, steps: Iterable[int]) -> None:
-        """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
+    def prepare(self) -> dict[str, RemoteFile]:
+        """Create the repository and branch if missing and list the remote files (once)."""
         if self._remote is None:
             self._call("create the repository", lambda: self.api.create_repo(
                 self.repo_id, repo_type=REPO_TYPE, private=self.private, exist_ok=True))
@@ -202,9 +208,36 @@ class Publisher:
                     self.repo_id, repo_type=REPO_TYPE, branch=self.revision, exist_ok=True))
             self._remote = self._call("list the remote files",
                                       lambda: self._remote_files(None, self.revision))
+        return self._remote
+
+    def on_remote(self, step: int) -> bool:
+        """Whether every file of ``step`` is on the remote with the archive's sha256."""
+        remote = self.prepare()
+        return all(f.matches(remote.get(f.path)) for f in step_files(self.root, step))
+
+    def mark_uploaded(self, files: Iterable[LocalFile]) -> None:
+        """Content uploaded ahead of its commit: commits will reference it, not read it again."""
+        self._uploaded.update({f.path: f.sha256 for f in files if f.uploaded})
+
+    def step_files(self, step: int) -> list[LocalFile]:
+        """The step's files; those in this repository's storage already are marked ``uploaded``:
+        uploaded ahead here (:meth:`mark_uploaded`), or missing here and recorded in
+        ``.push/step{N}.json`` as uploaded to this repository (by a worker, or before a restart).
+        """
+        record = read_push_record(self.root, step)
+        stored = record.deleted if record is not None and record.repo_id == self.repo_id else {}
+        return [replace(f, uploaded=True)
+                if self._uploaded.get(f.path) == f.sha256
+                or (stored.get(f.path) == f.sha256 and not f.exists()) else f
+                for f in step_files(self.root, step)]
+
+    def push_steps(self, steps: Iterable[int]) -> None:
+        """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
+        self.prepare()
+        assert self._remote is not None
         pending: list[tuple[int, list[LocalFile]]] = []
         for step in sorted(set(steps) - self._on_remote):
-            files = step_files(self.root, step)
+            files = self.step_files(step)
             if all(f.matches(self._remote.get(f.path)) for f in files):
                 self._on_remote.add(step)
                 self.result.skipped_steps.append(step)
@@ -242,6 +275,10 @@ class Publisher:
         """With ``delete_after_push``: record, then remove, the step's safetensors files."""
         doomed = {f.path: f.sha256 for f in files if f.path.endswith(".safetensors") and f.exists()}
         if not self.delete_after_push or not doomed:
+            record = read_push_record(self.root, step)
+            if record is not None and record.commit is None and commit is not None:
+                # Uploaded ahead and removed before the commit: now it names the commit too.
+                write_push_record(self.root, step, replace(record, commit=commit))
             return
         deleted = {**deleted_after_push(self.root, step), **doomed}
         # Recorded before anything is removed: a crash in between leaves files that a build

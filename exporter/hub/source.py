@@ -128,6 +128,13 @@ class HubSource(Source):
     def __repr__(self) -> str:
         return f"HubSource({self.uri!r}, download_dir={str(self.download_dir)!r})"
 
+    def with_download_dir(self, download_dir: str | Path) -> HubSource:
+        """The same source downloading into ``download_dir`` (a Ray worker's own scratch)."""
+        copy = HubSource.__new__(HubSource)
+        copy.__dict__.update(self.__getstate__())
+        copy.download_dir = Path(download_dir)
+        return copy
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_api"] = None  # a client (and its connection pool) is made per process

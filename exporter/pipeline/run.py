@@ -1,8 +1,12 @@
-"""``build``: steps x (fetch -> convert -> index), resumable, on local processes or Ray.
+"""``build``: steps x (fetch -> convert -> index -> upload), resumable, locally or on Ray.
 
 Each step runs :func:`exporter.pipeline.step.convert_step`; complete steps are skipped, so a build
 killed at any point converges to the same archive. Only the coordinating process writes
-``manifest.json``.
+``manifest.json``, the index shards of steps built elsewhere, and commits.
+
+A local build with one worker is a pipeline (:mod:`exporter.pipeline.pipelined`: fetch ahead,
+upload behind, within ``max_disk``); with ``push_to`` and the Ray executor, tasks convert and
+upload on their own nodes (:mod:`exporter.pipeline.remote`) and no storage is shared.
 """
 
 from __future__ import annotations
@@ -16,15 +20,23 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
+from exporter.hub.calls import check_repo_id
+from exporter.hub.uploader import StepUploader
+from exporter.pipeline.disk import DiskBudget
 from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.pipelined import run_pipelined
 from exporter.pipeline.step import remove_temporaries, safe_convert, step_complete
 from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
-from exporter.records import StepOutcome
+from exporter.records import StepOutcome, UploadTarget
 from exporter.sources import Source
+
+if TYPE_CHECKING:
+    from exporter.hub.publish import PushEvent
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +59,16 @@ class BuildOptions:
             (publishing hooks in here).
         log_json: one JSON line per step on stderr instead of log lines.
         quiet: no progress bars.
+        push_to: publish to this Hub dataset (``ORG/NAME``) as the build goes: every step's
+            files are uploaded when converted, whole steps committed in batches.
+        push_revision: the dataset branch (``main`` when None).
+        steps_per_commit: steps per commit (the Hub allows about 128 commits per hour).
+        delete_after_push: remove a step's tensor files once uploaded (before its commit).
+        on_push_event: called with each :class:`exporter.hub.publish.PushEvent`.
+        max_disk: bytes the build may hold at once: downloads, steps converting and converted
+            steps waiting for upload (:mod:`exporter.pipeline.disk`); None for no bound.
+        scratch_dir: Ray tasks' working folder on each node (default ``NEOX_EXPORTER_SCRATCH``
+            or the node's temporary folder).
 
     Raises:
         OptionsError: a value the build cannot use, named (checked when made).
@@ -62,6 +84,13 @@ class BuildOptions:
     on_step_done: Callable[[int], None] | None = None
     log_json: bool = False
     quiet: bool = False
+    push_to: str | None = None
+    push_revision: str | None = None
+    steps_per_commit: int = 10
+    delete_after_push: bool = False
+    on_push_event: Callable[[PushEvent], None] | None = None
+    max_disk: int | None = None
+    scratch_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -71,6 +100,14 @@ class BuildOptions:
         if self.ray_address is not None and self.executor != "ray":
             raise OptionsError("ray_address: only used with the ray executor")
         check_step_spec(self.steps)
+        if self.push_to is not None:
+            check_repo_id(self.push_to)
+        elif self.delete_after_push:
+            raise OptionsError("delete_after_push: needs push_to")
+        if not isinstance(self.steps_per_commit, int) or self.steps_per_commit < 1:
+            raise OptionsError(f"steps_per_commit: must be at least 1, got {self.steps_per_commit!r}")
+        if self.max_disk is not None and (not isinstance(self.max_disk, int) or self.max_disk <= 0):
+            raise OptionsError(f"max_disk: must be a positive number of bytes, got {self.max_disk!r}")
 
 
 def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | None = None) -> BuildSummary:
@@ -119,8 +156,11 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
 
     bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc="steps", unit="step",
                disable=True if options.quiet else None, dynamic_ncols=True)
+    uploader = _uploader(root, options)
+    budget = DiskBudget(options.max_disk)
+    pushed = None
     try:
-        for outcome in _run(source, root, todo, options):
+        for outcome in _run(source, root, todo, options, uploader, budget):
             outcomes.append(outcome)
             manifest.record(outcome)
             bar.update(1)
@@ -129,10 +169,28 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
                 raise ExporterError(f"step {outcome.step}: {outcome.error}")
             if outcome.status == "done" and options.on_step_done is not None:
                 options.on_step_done(outcome.step)
+        if uploader is not None:
+            pushed = uploader.finish()
+    except BaseException:
+        if uploader is not None:
+            uploader.abort()
+        raise
     finally:
         bar.close()
     outcomes.sort(key=lambda o: o.step)
-    return BuildSummary(outcomes, time.perf_counter() - start)
+    return BuildSummary(outcomes, time.perf_counter() - start, pushed, budget.peak)
+
+
+def _uploader(root: Path, options: BuildOptions) -> StepUploader | None:
+    """The upload stage of a build that pushes (the dataset is created before any step runs)."""
+    if options.push_to is None:
+        return None
+    from exporter.hub.publish import Publisher
+
+    return StepUploader(Publisher(
+        root, options.push_to, revision=options.push_revision,
+        steps_per_commit=options.steps_per_commit, delete_after_push=options.delete_after_push,
+        progress=options.on_push_event)).start()
 
 
 def _report(options: BuildOptions, outcome: StepOutcome) -> None:
@@ -145,22 +203,19 @@ def _report(options: BuildOptions, outcome: StepOutcome) -> None:
                  outcome.tensors, outcome.seconds)
 
 
-def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) -> Iterable[StepOutcome]:
+def _run(source: Source, root: Path, steps: list[int], options: BuildOptions,
+         uploader: StepUploader | None, budget: DiskBudget) -> Iterable[StepOutcome]:
     if not steps:
         return
     if options.executor == "ray":
-        from exporter.pipeline.ray_executor import run_on_ray
-
-        yield from run_on_ray(source, root, steps, options.export, options.ray_address,
-                              safe_convert, max_in_flight=max(1, options.workers))
+        yield from _run_ray(source, root, steps, options, uploader)
         return
     if options.workers <= 1:
         from exporter.pipeline.progress import byte_bar
 
-        for step in steps:
-            with byte_bar(f"step {step}", total=source.step_bytes(step), disable=options.quiet) as bar:
-                outcome = safe_convert(source, step, root, options.export, bar)
-            yield outcome
+        yield from run_pipelined(
+            source, root, steps, options.export, budget, uploader,
+            lambda step, total: byte_bar(f"step {step}", total=total, disable=options.quiet))
         return
     with ProcessPoolExecutor(max_workers=options.workers) as pool:
         pending: dict[Future[StepOutcome], int] = {}
@@ -173,6 +228,37 @@ def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) ->
             for fut in done:
                 step = pending.pop(fut)
                 try:
-                    yield fut.result()
+                    outcome = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a crashed worker fails its step only
-                    yield StepOutcome(step, "failed", error=f"worker crashed: {exc}")
+                    outcome = StepOutcome(step, "failed", error=f"worker crashed: {exc}")
+                yield outcome
+                if outcome.status == "done" and uploader is not None:
+                    uploader.submit(step)
+
+
+def _run_ray(source: Source, root: Path, steps: list[int], options: BuildOptions,
+             uploader: StepUploader | None) -> Iterable[StepOutcome]:
+    """Ray tasks: with an uploader each converts and uploads on its own node (no shared
+    storage); without, each writes into the archive folder (shared storage)."""
+    from exporter.pipeline.ray_executor import run_on_ray
+
+    gpu = options.export.device.startswith("cuda")
+    in_flight = max(1, options.workers)
+    if uploader is None:
+        for _, outcome in run_on_ray(steps, safe_convert,
+                                     lambda step: (source, step, root, options.export),
+                                     options.ray_address, gpu, in_flight):
+            yield outcome
+        return
+    from exporter.pipeline.remote import adopt_step, build_and_upload
+
+    publisher = uploader.publisher
+    target = UploadTarget(publisher.repo_id, publisher.revision)
+    for _, result in run_on_ray(
+            steps, build_and_upload,
+            lambda step: (source, step, options.export, target, options.scratch_dir),
+            options.ray_address, gpu, in_flight):
+        outcome = result if isinstance(result, StepOutcome) else adopt_step(root, result, target)
+        yield outcome
+        if outcome.status == "done":
+            uploader.submit(outcome.step)
