@@ -19,6 +19,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+#: Seconds of transfer a pipe may catch up after falling behind (a late-waking sender), as a
+#: link's buffers let it: without it every oversleep would be lost and the rate undershot.
+BURST = 0.05
+
 
 class Pipe:
     """One direction of the link: ``rate`` bytes per second (None: unlimited)."""
@@ -36,7 +40,7 @@ class Pipe:
             if not self.rate:
                 return
             now = time.monotonic()
-            start = max(now, self._free_at)
+            start = max(now - BURST, self._free_at)
             self._free_at = start + nbytes / self.rate
             wait = self._free_at - now
         if wait > 0:
