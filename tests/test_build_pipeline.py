@@ -233,3 +233,27 @@ def _no_leftover_threads() -> Iterator[None]:
     left = [t for t in threading.enumerate() if t not in before and t.name in
             ("step-fetcher", "step-uploader") and t.is_alive()]
     assert left == []
+
+
+def test_a_coordinator_on_an_empty_folder_resumes_from_the_hub_without_redoing_steps(
+    hub_server: HubServer, repo: None, tmp_path: Path,
+) -> None:
+    options = {"quiet": True, "push_to": "neox/fresh", "steps_per_commit": 2,
+               "delete_after_push": True}
+    build(source(tmp_path), tmp_path / "first", BuildOptions(steps="0,1", **options))
+    commits = hub_server.commit_count("neox/fresh", repo_type="dataset")
+    committed = hub_server.list_files("neox/fresh", repo_type="dataset")
+
+    summary = build(source(tmp_path), tmp_path / "second", BuildOptions(steps="0,1,2", **options))
+
+    assert {o.step: o.status for o in summary.outcomes} == {0: "skipped", 1: "skipped", 2: "done"}
+    # Step 2 and the card: nothing committed again for 0 and 1.
+    assert hub_server.commit_count("neox/fresh", repo_type="dataset") == commits + 2
+    after = hub_server.list_files("neox/fresh", repo_type="dataset")
+    assert {p: f.sha256 for p, f in committed.items() if p.startswith("steps/step0")} == \
+        {p: f.sha256 for p, f in after.items() if p.startswith("steps/step0")}
+    # The new folder holds steps 0 and 1 as a pushed build leaves them: index, small files.
+    for step in (0, 1):
+        assert (tmp_path / "second" / "index" / "tensors" / f"step{step}.parquet").is_file()
+        assert (tmp_path / "second" / "steps" / f"step{step}" / "config.json").is_file()
+        assert not list((tmp_path / "second" / "steps" / f"step{step}").rglob("*.safetensors"))

@@ -144,6 +144,16 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
         raise ExporterError(f"no steps selected from {source.uri} (selection {options.steps!r})")
     outcomes: list[StepOutcome] = []
     todo = []
+    uploader = _uploader(root, options)
+    if uploader is not None:
+        from exporter.hub.restore import restore_committed_steps
+
+        try:
+            restore_committed_steps(uploader.publisher, [
+                s for s in selected if not step_complete(root, s, verify=False)])
+        except BaseException:
+            uploader.abort()
+            raise
     for step in selected:
         if step_complete(root, step, verify=options.verify_existing):
             outcome = StepOutcome(step, "skipped", revision=None)
@@ -156,7 +166,6 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
 
     bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc="steps", unit="step",
                disable=True if options.quiet else None, dynamic_ncols=True)
-    uploader = _uploader(root, options)
     budget = DiskBudget(options.max_disk)
     pushed = None
     try:
