@@ -257,3 +257,14 @@ def test_a_coordinator_on_an_empty_folder_resumes_from_the_hub_without_redoing_s
         assert (tmp_path / "second" / "index" / "tensors" / f"step{step}.parquet").is_file()
         assert (tmp_path / "second" / "steps" / f"step{step}" / "config.json").is_file()
         assert not list((tmp_path / "second" / "steps" / f"step{step}").rglob("*.safetensors"))
+
+
+def test_a_build_stopped_by_a_failing_step_leaves_no_download_and_no_thread(
+    hub_server: HubServer, repo: None, tmp_path: Path,
+) -> None:
+    hub_server.seed_repo(REPO, {"README.md": b"not a checkpoint\n"}, branch="step3")
+    with pytest.raises(ExporterError, match="step 3"):
+        build(source(tmp_path), tmp_path / "archive", BuildOptions(quiet=True, steps="0,2,3,4,8"))
+    # Step 4 may have been fetched ahead; it was deleted when the build stopped.
+    assert not (tmp_path / "downloads").exists() or \
+        list((tmp_path / "downloads").iterdir()) == []

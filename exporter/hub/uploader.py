@@ -73,6 +73,8 @@ class StepUploader:
             self._queue.put(None)
             self._thread.join()
         self._check()
+        if not self.publisher.manifest()["steps"]:
+            return self.publisher.result  # every step failed: nothing to publish
         return self.publisher.push_all()
 
     def abort(self) -> None:

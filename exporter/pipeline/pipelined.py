@@ -91,6 +91,7 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
 
     fetcher = threading.Thread(target=fetch_all, name="step-fetcher", daemon=True)
     fetcher.start()
+    drained = False
     try:
         while (item := ahead.get()) is not None:
             if item.error is not None or item.checkpoint is None:
@@ -106,12 +107,14 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
                 item.context.__exit__(None, None, None)
                 budget.release(item.need.download)
             yield from _hand_on(outcome, item, budget, uploader)
+        drained = True
     finally:
         stop.set()
         budget.close()
-        while fetcher.is_alive():
-            leftover = ahead.get()
-            if leftover is not None and leftover.context is not None:
+        # Stopped early: take what the fetcher still hands over (it ends with None) and delete
+        # those downloads.
+        while not drained and (leftover := ahead.get()) is not None:
+            if leftover.context is not None:
                 leftover.context.__exit__(None, None, None)
         fetcher.join()
 
