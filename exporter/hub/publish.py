@@ -210,11 +210,6 @@ class Publisher:
                                       lambda: self._remote_files(None, self.revision))
         return self._remote
 
-    def on_remote(self, step: int) -> bool:
-        """Whether every file of ``step`` is on the remote with the archive's sha256."""
-        remote = self.prepare()
-        return all(f.matches(remote.get(f.path)) for f in step_files(self.root, step))
-
     def mark_uploaded(self, files: Iterable[LocalFile]) -> None:
         """Content uploaded ahead of its commit: commits will reference it, not read it again."""
         self._uploaded.update({f.path: f.sha256 for f in files if f.uploaded})
@@ -290,11 +285,13 @@ class Publisher:
             self.result.deleted_files.append(path)
         self.progress(PushEvent("delete", (step,), commit, f"{len(doomed)} file(s) removed"))
 
-    def push_card(self) -> None:
-        """Regenerate the dataset card and commit it with the full manifest (if changed)."""
+    def push_card(self, written: Sequence[str] | None = None) -> None:
+        """Commit the dataset card (regenerated, unless ``written`` lists its files written
+        already) with the full manifest (if changed)."""
         from exporter.archive.card import write_card
 
-        written = write_card(self.root, self.repo_id, license=self.license)
+        if written is None:
+            written = write_card(self.root, self.repo_id, license=self.license)
         files = [LocalFile.of_bytes(path, (self.root / path).read_bytes())
                  for path in [*written, MANIFEST]]
         commit = self._commit(files, "Update dataset card and manifest")
@@ -303,14 +300,14 @@ class Publisher:
         self.progress(PushEvent("card", commit=commit,
                                 detail="updated" if commit else "already up to date"))
 
-    def push_all(self) -> PushResult:
-        """Every completed step of the archive, then the card."""
+    def push_all(self, card: Sequence[str] | None = None) -> PushResult:
+        """Every completed step of the archive, then the card (``card``: see push_card)."""
         steps = sorted(int(s) for s in self.manifest()["steps"])
         if not steps:
             raise PublishError(f"{self.root}: the archive has no completed steps to push")
         self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
         self.push_steps(steps)
-        self.push_card()
+        self.push_card(card)
         return self.result
 
 

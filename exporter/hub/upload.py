@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -66,11 +67,23 @@ def upload_step_files(api: Any, repo_id: str, revision: str, files: Sequence[Loc
     """
     check_repo_id(repo_id)
     policy = retry or RetryPolicy()
-    operations = [f.operation() for f in files if not f.uploaded]
-    # Retried as a whole: operations already uploaded are marked and skipped by the client
-    # (`hf_api.preupload_lfs_files` filters on `_is_uploaded`).
-    _retried("upload step files", repo_id, policy, lambda: api.preupload_lfs_files(
-        repo_id, additions=operations, repo_type=REPO_TYPE, revision=revision))
+    todo = [f for f in files if not f.uploaded]
+    operations: list[Any] = []
+    # Files are hashed in a thread, one after the other, and whatever is hashed goes up in one
+    # call (the client uploads a call's files on several threads, hiding per-request latency)
+    # while the next files hash: the link stays busy. Each call is retried as a whole; an
+    # operation already uploaded is marked and skipped (`preupload_lfs_files` filters on
+    # `_is_uploaded`).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-hash") as hasher:
+        waiting = [hasher.submit(f.operation) for f in todo]
+        while waiting:
+            group = [waiting.pop(0).result()]
+            while waiting and waiting[0].done():
+                group.append(waiting.pop(0).result())
+            operations.extend(group)
+            _retried("upload step files", repo_id, policy, lambda group=group: (
+                api.preupload_lfs_files(repo_id, additions=group, repo_type=REPO_TYPE,
+                                        revision=revision)))
     mode = {op.path_in_repo: op for op in operations}
     uploaded: list[LocalFile] = []
     regular: list[LocalFile] = []

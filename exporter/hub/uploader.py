@@ -69,13 +69,20 @@ class StepUploader:
     def finish(self) -> PushResult:
         """Wait for queued uploads, commit what is left (and any completed step the remote
         lacks), then the card; returns everything this push did."""
+        from exporter.archive.card import write_card
+
+        publisher = self.publisher
+        if not publisher.manifest()["steps"]:
+            self.abort()
+            self._check()
+            return publisher.result  # every step failed: nothing to publish
+        # The card (plots included) is drawn while the last uploads run.
+        card = write_card(publisher.root, publisher.repo_id, license=publisher.license)
         if self._started:
             self._queue.put(None)
             self._thread.join()
         self._check()
-        if not self.publisher.manifest()["steps"]:
-            return self.publisher.result  # every step failed: nothing to publish
-        return self.publisher.push_all()
+        return publisher.push_all(card)
 
     def abort(self) -> None:
         """Stop after the current upload, leaving queued steps for a later run."""
