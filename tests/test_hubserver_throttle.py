@@ -12,7 +12,7 @@ from hubserver import HubServer
 from hubserver.throttle import BURST, Pipe
 from huggingface_hub import HfApi, hf_hub_download
 
-SIZE = 2_000_000
+SIZE = 4_000_000
 RATE = 8_000_000.0
 
 
@@ -49,12 +49,12 @@ def test_an_upload_takes_as_long_as_the_upload_rate_allows(
 def test_parallel_senders_share_one_pipe() -> None:
     pipe = Pipe(10_000_000)
     start = time.perf_counter()
-    senders = [threading.Thread(target=lambda: [pipe.pass_bytes(100_000) for _ in range(5)])
+    senders = [threading.Thread(target=lambda: [pipe.pass_bytes(100_000) for _ in range(15)])
                for _ in range(4)]
     for sender in senders:
         sender.start()
     for sender in senders:
         sender.join()
-    # 2 MB at 10 MB/s: 0.2 s whoever sends, not 0.05 s per sender.
-    assert time.perf_counter() - start >= 0.2 - BURST
-    assert pipe.bytes == 2_000_000
+    # 6 MB at 10 MB/s: 0.6 s whoever sends, not 0.15 s per sender.
+    assert time.perf_counter() - start >= 0.6 - BURST
+    assert pipe.bytes == 6_000_000

@@ -148,12 +148,8 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     if uploader is not None:
         from exporter.hub.restore import restore_committed_steps
 
-        try:
-            restore_committed_steps(uploader.publisher, [
-                s for s in selected if not step_complete(root, s, verify=False)])
-        except BaseException:
-            uploader.abort()
-            raise
+        restore_committed_steps(uploader.publisher, [
+            s for s in selected if not step_complete(root, s, verify=False)])
     for step in selected:
         if step_complete(root, step, verify=options.verify_existing):
             outcome = StepOutcome(step, "skipped", revision=None)
@@ -169,6 +165,8 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     budget = DiskBudget(options.max_disk)
     pushed = None
     try:
+        if uploader is not None:
+            uploader.start()
         for outcome in _run(source, root, todo, options, uploader, budget):
             outcomes.append(outcome)
             manifest.record(outcome)
@@ -191,7 +189,7 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
 
 
 def _uploader(root: Path, options: BuildOptions) -> StepUploader | None:
-    """The upload stage of a build that pushes (the dataset is created before any step runs)."""
+    """The upload stage of a build that pushes (not started yet)."""
     if options.push_to is None:
         return None
     from exporter.hub.publish import Publisher
@@ -199,7 +197,7 @@ def _uploader(root: Path, options: BuildOptions) -> StepUploader | None:
     return StepUploader(Publisher(
         root, options.push_to, revision=options.push_revision,
         steps_per_commit=options.steps_per_commit, delete_after_push=options.delete_after_push,
-        progress=options.on_push_event)).start()
+        progress=options.on_push_event))
 
 
 def _report(options: BuildOptions, outcome: StepOutcome) -> None:

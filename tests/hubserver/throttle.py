@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 
 #: Seconds of transfer a pipe may catch up after falling behind (a late-waking sender), as a
-#: link's buffers let it: without it every oversleep would be lost and the rate undershot.
-BURST = 0.05
+#: link's buffers let it (a token bucket's burst, as in Linux ``tc tbf``): without it every
+#: oversleep of a busy machine would be lost and the rate undershot.
+BURST = 0.25
 
 
 class Pipe:
