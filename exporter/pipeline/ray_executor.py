@@ -43,7 +43,7 @@ def run_on_ray(
     """
     try:
         import ray
-        from ray.exceptions import RayError
+        from ray.exceptions import RayError, RayTaskError
     except ImportError as exc:
         raise ExporterError("the ray executor needs Ray: pip install 'neox-exporter[ray]'") from exc
     started = False
@@ -67,8 +67,12 @@ def run_on_ray(
                     yield step, ray.get(ref)
                 except RayError as exc:
                     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    # A task that raised was not retried (retry_exceptions=False); any other
+                    # RayError means its worker or node died on every attempt.
+                    what = ("task raised" if isinstance(exc, RayTaskError)
+                            else f"task lost after {retries} retries")
                     yield step, StepOutcome(step, "failed", error=(
-                        f"task lost after {retries} retries ({type(exc).__name__}: {cause})"))
+                        f"{what} ({type(exc).__name__}: {cause})"))
     finally:
         if started:
             ray.shutdown()
