@@ -50,7 +50,10 @@ def cluster(hub_server: HubServer, tmp_path: Path) -> Iterator[tuple[Cluster, li
     for folder in scratches:
         folder.mkdir()
     nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "env_vars": {SCRATCH_ENV: str(scratches[0])}})
+        "num_cpus": 1, "env_vars": {SCRATCH_ENV: str(scratches[0])},
+        # A node killed outright is declared dead within seconds, not the default ~30 s.
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                           "health_check_initial_delay_ms": 500}})
     for folder in scratches[1:]:
         nodes.add_node(num_cpus=1, env_vars={SCRATCH_ENV: str(folder)})
     nodes.wait_for_nodes()
@@ -74,10 +77,15 @@ def output_files(archive: Path, step: int) -> dict[str, str]:
 
 
 class WorkerKiller:
-    """Kills, once, the process downloading a ``.pt`` file from the server (not this one)."""
+    """Kills, once, the process downloading a ``.pt`` file from the server (not this one).
 
-    def __init__(self, server: HubServer) -> None:
+    With ``raylets``, the pids of the raylets of nodes that may die, it kills the whole node
+    of such a process instead: its raylet and every process below it, with SIGKILL.
+    """
+
+    def __init__(self, server: HubServer, raylets: list[int] | None = None) -> None:
         self.server = server
+        self.raylets = raylets
         self.killed: tuple[int, str] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -95,10 +103,20 @@ class WorkerKiller:
             for transfer in self.server.link.transfers():
                 if transfer.method == "GET" and transfer.path.endswith(".pt"):
                     pid = self._owner(transfer.port)
-                    if pid is not None and pid != os.getpid():
+                    if pid is None or pid == os.getpid():
+                        continue
+                    if self.raylets is None:
                         os.kill(pid, signal.SIGKILL)
-                        self.killed = (pid, transfer.path)
-                        return
+                    else:
+                        parents = {p.pid for p in psutil.Process(pid).parents()}
+                        raylet = next((r for r in self.raylets if r in parents), None)
+                        if raylet is None:
+                            continue  # on the head node, which must stay
+                        node = psutil.Process(raylet)
+                        for victim in [node, *node.children(recursive=True)]:
+                            victim.kill()
+                    self.killed = (pid, transfer.path)
+                    return
             self._stop.wait(0.01)
 
     def _owner(self, port: int) -> int | None:
@@ -153,3 +171,27 @@ def test_a_three_node_ray_build_uploads_from_workers_and_survives_a_killed_worke
     # Two batches of two steps, then the card: no duplicate commit despite the retry.
     assert hub_server.commit_count(TARGET, repo_type="dataset") == 1 + 2 + 1
     assert summary.push is not None and sorted(summary.push.pushed_steps) == list(STEPS)
+
+
+def test_a_ray_node_killed_outright_loses_only_its_step_which_is_retried_elsewhere(
+    hub_server: HubServer, run: Path, cluster: tuple[Cluster, list[Path]], tmp_path: Path,
+) -> None:
+    nodes, _ = cluster
+    for step in STEPS:
+        hub_server.seed_repo(REPO, run / f"step{step}", branch=f"step{step}")
+    export = ExportOptions(include=("model", "state"))
+    build(LocalSource(run), tmp_path / "local", BuildOptions(export=export, quiet=True))
+    hub_server.link.limit(download=300_000)
+    raylets = [node.all_processes["raylet"][0].process.pid for node in nodes.worker_nodes]
+
+    source = HubSource(f"hf://{REPO}", tmp_path / "downloads",
+                       retry=RetryPolicy(attempts=5, base_delay=0.05))
+    with WorkerKiller(hub_server, raylets) as killer:
+        summary = build(source, tmp_path / "archive", BuildOptions(
+            export=export, executor="ray", ray_address=nodes.address, workers=3,
+            push_to=TARGET, quiet=True))
+
+    assert killer.killed is not None, "no worker node was caught mid-download"
+    assert {o.step: o.status for o in summary.outcomes} == dict.fromkeys(STEPS, "done")
+    for step in STEPS:
+        assert index_sha256s(tmp_path / "archive", step) == index_sha256s(tmp_path / "local", step)
