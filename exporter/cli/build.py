@@ -29,7 +29,8 @@ from exporter.cli.options import DTYPES, export_options, parse_include
               help="Cold storage: byte-shuffled zstd tensor files (.safetensors.zst), read back by "
                    "the loader without mmap. Default: plain safetensors.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Steps converted in parallel.")
+              help="Steps converted in parallel: local processes, or Ray tasks in flight "
+                   "(set it to the cluster's task slots).")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local processes, or one Ray task per step (pip install 'neox-exporter[ray]').")
 @click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
@@ -43,7 +44,9 @@ from exporter.cli.options import DTYPES, export_options, parse_include
                    "converting, converted steps waiting for upload. It waits rather than exceed it.")
 @click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
 @click.option("--push-to", default=None, metavar="ORG/NAME",
-              help="Publish each finished step to this Hub dataset as the build goes.")
+              help="Publish to this Hub dataset as the build goes: each step's files are "
+                   "uploaded once converted, whole steps committed --steps-per-commit at a time. "
+                   "With --executor ray, workers upload and no storage is shared.")
 @click.option("--delete-after-push", is_flag=True,
               help="With --push-to: remove a step's tensor files once uploaded (before their commit).")
 @click.option("--steps-per-commit", default=10, show_default=True, type=click.IntRange(1, 10_000),
