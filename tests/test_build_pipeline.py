@@ -89,8 +89,9 @@ def step_sizes(run: Path) -> list[int]:
     return [folder_bytes(run / f"step{step}") for step in STEPS]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_max_disk_bounds_downloads_and_steps_waiting_for_upload(
-    hub_server: HubServer, repo: None, run: Path, tmp_path: Path,
+    hub_server: HubServer, repo: None, run: Path, tmp_path: Path, workers: int,
 ) -> None:
     largest = max(step_sizes(run))
     # One step (download + output + margin) fits, two do not: the build must wait.
@@ -99,7 +100,7 @@ def test_max_disk_bounds_downloads_and_steps_waiting_for_upload(
     with DiskSampler(tmp_path / "downloads", archive / "steps") as sampler:
         summary = build(source(tmp_path), archive, BuildOptions(
             quiet=True, push_to="neox/bounded", steps_per_commit=len(STEPS) + 1,
-            delete_after_push=True, max_disk=max_disk))
+            delete_after_push=True, max_disk=max_disk, workers=workers))
 
     assert [o.status for o in summary.outcomes] == ["done"] * len(STEPS)
     written = sum(o.bytes_out for o in summary.outcomes)

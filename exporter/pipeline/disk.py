@@ -93,6 +93,15 @@ class DiskBudget:
             self.peak = max(self.peak, self.used)
             return True
 
+    def try_reserve(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` if they fit now (or nothing is held); never waits."""
+        with self._lock:
+            if self.limit is not None and self.used > 0 and self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            return True
+
     def release(self, nbytes: int) -> None:
         with self._lock:
             self.used = max(0, self.used - nbytes)

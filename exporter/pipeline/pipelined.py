@@ -58,9 +58,6 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
         uploader: the upload stage (None: nothing to upload).
         progress: ``progress(step, total_bytes)`` gives a per-step byte counter.
     """
-    from exporter.hub.source import HubSource
-
-    downloads = isinstance(source, HubSource)
     ahead: queue.Queue[_Fetched | None] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -70,9 +67,7 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
                 if stop.is_set():
                     return
                 try:
-                    size = source.step_bytes(step) or 0
-                    need = budget.need(step, size if downloads else 0, size,
-                                       upcasts(options.dtype))
+                    need, size = plan_step(source, step, options, budget)
                 except Exception as exc:  # noqa: BLE001 - the step fails, named, the rest go on
                     ahead.put(_Fetched(step, StepNeed(0, 0), 0, error=exc))
                     continue
@@ -106,7 +101,7 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
                 assert item.context is not None
                 item.context.__exit__(None, None, None)
                 budget.release(item.need.download)
-            yield from _hand_on(outcome, item, budget, uploader)
+            yield from hand_on(outcome, item.need, item.source_bytes, budget, uploader)
         drained = True
     finally:
         stop.set()
@@ -119,15 +114,26 @@ def run_pipelined(source: Source, root: Path, steps: list[int], options: ExportO
         fetcher.join()
 
 
-def _hand_on(outcome: StepOutcome, item: _Fetched, budget: DiskBudget,
-             uploader: StepUploader | None) -> Iterator[StepOutcome]:
-    """Yield the outcome; a converted step's output stays reserved until it is uploaded."""
-    output = item.need.output
+def plan_step(source: Source, step: int, options: ExportOptions,
+              budget: DiskBudget) -> tuple[StepNeed, int]:
+    """What ``step`` will hold on disk, and its source's size; raises if it cannot fit."""
+    from exporter.hub.source import HubSource
+
+    size = source.step_bytes(step) or 0
+    download = size if isinstance(source, HubSource) else 0
+    return budget.need(step, download, size, upcasts(options.dtype)), size
+
+
+def hand_on(outcome: StepOutcome, need: StepNeed, source_bytes: int, budget: DiskBudget,
+            uploader: StepUploader | None) -> Iterator[StepOutcome]:
+    """Yield a converted step's outcome (its download already released); its output stays
+    reserved until the upload has taken it off the disk."""
+    output = need.output
     if outcome.status != "done":
         budget.release(output)
         yield outcome
         return
-    budget.observe(item.source_bytes, outcome.bytes_out, output)
+    budget.observe(source_bytes, outcome.bytes_out, output)
     if outcome.bytes_out < output:
         budget.release(output - outcome.bytes_out)
         output = outcome.bytes_out

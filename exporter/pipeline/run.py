@@ -26,10 +26,10 @@ from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
 from exporter.hub.calls import check_repo_id
 from exporter.hub.uploader import StepUploader
-from exporter.pipeline.disk import DiskBudget
+from exporter.pipeline.disk import DiskBudget, StepNeed
 from exporter.pipeline.export import ExportOptions
-from exporter.pipeline.pipelined import run_pipelined
-from exporter.pipeline.step import remove_temporaries, safe_convert, step_complete
+from exporter.pipeline.pipelined import hand_on, plan_step, run_pipelined
+from exporter.pipeline.step import failed_step, remove_temporaries, safe_convert, step_complete
 from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
 from exporter.records import StepOutcome, UploadTarget
@@ -224,13 +224,36 @@ def _run(source: Source, root: Path, steps: list[int], options: BuildOptions,
             source, root, steps, options.export, budget, uploader,
             lambda step, total: byte_bar(f"step {step}", total=total, disable=options.quiet))
         return
+    yield from _run_pool(source, root, steps, options, uploader, budget)
+
+
+def _run_pool(source: Source, root: Path, steps: list[int], options: BuildOptions,
+              uploader: StepUploader | None, budget: DiskBudget) -> Iterable[StepOutcome]:
+    """Steps in worker processes, as many at once as ``workers`` and ``max_disk`` allow."""
+    needs: dict[int, tuple[StepNeed, int]] = {}
     with ProcessPoolExecutor(max_workers=options.workers) as pool:
         pending: dict[Future[StepOutcome], int] = {}
         queue = list(steps)
         while queue or pending:
             while queue and len(pending) < options.workers:
-                step = queue.pop(0)
+                step = queue[0]
+                if step not in needs:
+                    try:
+                        needs[step] = plan_step(source, step, options.export, budget)
+                    except Exception as exc:  # noqa: BLE001 - the step fails, named
+                        queue.pop(0)
+                        yield failed_step(root, step, exc)
+                        continue
+                # With steps running, wait for one to end rather than block on the budget;
+                # with none, wait for the uploads to give disk back.
+                if pending and not budget.try_reserve(needs[step][0].total):
+                    break
+                if not pending:
+                    budget.reserve(needs[step][0].total)
+                queue.pop(0)
                 pending[pool.submit(safe_convert, source, step, root, options.export)] = step
+            if not pending:
+                continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 step = pending.pop(fut)
@@ -238,9 +261,9 @@ def _run(source: Source, root: Path, steps: list[int], options: BuildOptions,
                     outcome = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a crashed worker fails its step only
                     outcome = StepOutcome(step, "failed", error=f"worker crashed: {exc}")
-                yield outcome
-                if outcome.status == "done" and uploader is not None:
-                    uploader.submit(step)
+                need, size = needs.pop(step)
+                budget.release(need.download)
+                yield from hand_on(outcome, need, size, budget, uploader)
 
 
 def _run_ray(source: Source, root: Path, steps: list[int], options: BuildOptions,
