@@ -47,7 +47,8 @@ class StepNeed:
 class DiskBudget:
     """Reservations against a byte limit (no limit when ``limit`` is None).
 
-    Thread-safe: the fetch thread reserves, the convert and upload stages release.
+    Thread-safe: the fetch thread (or the worker-pool loop) reserves, the convert and upload
+    stages release.
     ``peak`` is the most ever reserved at once.
     """
 
