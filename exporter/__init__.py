@@ -39,7 +39,7 @@ _LAZY = {
     "export_checkpoint": "exporter.pipeline.export",
     "ExportOptions": "exporter.pipeline.export",
     "open_source": "exporter.sources",
-    "push_archive": "exporter.hub.publish",
+    "push_archive": "exporter.hub.push",
     "verify_path": "exporter.verify",
 }
 

@@ -176,3 +176,41 @@ class StepOutcome:
     revision: str | None = None
     files: int = 0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Where workers upload step files ahead of the coordinator's commits (a Hub dataset).
+
+    Attributes:
+        repo_id: ``ORG/NAME`` of the dataset (the coordinator creates it before any task runs).
+        revision: the branch the commits go to.
+    """
+
+    repo_id: str
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A step file in the dataset's storage, not yet committed: a commit needs only this."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class StepUpload:
+    """What a worker hands the coordinator for one step, the tensors staying on the Hub.
+
+    Attributes:
+        outcome: the step's outcome (``failed`` with the reason, or ``done``).
+        uploaded: the step's files uploaded to the dataset's storage (tensor files).
+        small_files: archive path -> content of the files the commit carries inline (JSON,
+            YAML) and of the step's two index shards, which the coordinator writes.
+    """
+
+    outcome: StepOutcome
+    uploaded: tuple[UploadedFile, ...] = ()
+    small_files: dict[str, bytes] | None = None

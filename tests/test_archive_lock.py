@@ -16,7 +16,7 @@ from exporter import open_archive
 from exporter.archive.lock import archive_lock
 from exporter.cli import main
 from exporter.errors import ArchiveLockedError
-from exporter.hub.publish import push_archive
+from exporter.hub.push import push_archive
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource

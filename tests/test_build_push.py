@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from exporter.cli import cli
+from exporter.errors import ExporterError
 from exporter.samples import TINY, tiny_run_config, write_run
 
 
@@ -39,3 +40,19 @@ def test_delete_after_push_needs_push_to(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["build", str(tmp_path), "--out", str(tmp_path / "a"),
                                       "--delete-after-push"])
     assert result.exit_code == 2 and "--push-to" in result.output
+
+
+def test_build_push_commits_steps_per_commit_and_refuses_a_max_disk_below_one_step(
+        hub_server, tmp_path: Path) -> None:
+    write_run(tmp_path / "run", TINY, steps=(0, 1, 2), dp=2, config=tiny_run_config(2))
+    base = ["-q", "build", str(tmp_path / "run"), "--push-to", "neox/batched"]
+    small = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "b"), "--max-disk", "1KB"])
+    # An ExporterError: `neox-export` prints it as one line and exits 1.
+    assert isinstance(small.exception, ExporterError)
+    assert "raise --max-disk to at least" in str(small.exception)
+
+    result = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "a"),
+                                      "--steps-per-commit", "2", "--delete-after-push"])
+    assert result.exit_code == 0, result.output
+    # Steps 0 and 1, then step 2, then the card.
+    assert hub_server.commit_count("neox/batched", repo_type="dataset") == 1 + 2 + 1

@@ -16,7 +16,7 @@ from exporter import open_archive, open_catalog
 from exporter.catalog import build_catalog
 from exporter.cli.main import cli
 from exporter.hub.calls import RetryPolicy
-from exporter.hub.publish import push_archive
+from exporter.hub.push import push_archive
 
 NO_WAIT = RetryPolicy(attempts=3, base_delay=0)
 

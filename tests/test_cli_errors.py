@@ -63,10 +63,12 @@ def test_a_bad_max_disk_is_a_usage_error_for_any_source(
     assert not (tmp_path / "a").exists()
 
 
-def test_max_disk_with_a_local_source_says_it_only_applies_to_the_hub(
+def test_max_disk_with_a_local_source_is_checked_and_bounds_the_build(
         run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ran = run_cli(capsys, "build", run, "--out", tmp_path / "a", "--max-disk", "20GB")
-    assert_one_error_line(ran, 2, "--max-disk", "hf://")
+    ran = run_cli(capsys, "build", run, "--out", tmp_path / "a", "--max-disk", "20GBs")
+    assert_one_error_line(ran, 2, "--max-disk", "20GBs")
+    ran = run_cli(capsys, "-q", "build", run, "--out", tmp_path / "b", "--max-disk", "20GB")
+    assert ran.code == 0, ran.err
 
 
 def test_convert_out_a_file_names_the_file(

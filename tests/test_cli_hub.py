@@ -202,7 +202,7 @@ def test_no_hub_progress_bars_when_stderr_is_not_a_terminal(
 def test_push_archive_defaults_to_the_source_license_not_apache(
         hub_server: HubServer, archive: Path) -> None:
     from exporter.errors import OptionsError
-    from exporter.hub.publish import push_archive
+    from exporter.hub.push import push_archive
 
     with pytest.raises(OptionsError, match="'Apache 2'"):
         push_archive(archive, DATASET, license="Apache 2")

@@ -24,7 +24,8 @@ from exporter.archive.digest import digest_key
 from exporter.archive.loader import Archive
 from exporter.archive.remote import HubLocation, HubReader
 from exporter.errors import ArchiveError, IntegrityError
-from exporter.hub.publish import RetryPolicy, push_archive
+from exporter.hub.calls import RetryPolicy
+from exporter.hub.push import push_archive
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run

@@ -27,6 +27,7 @@ from exporter.errors import ExporterError, SourceError
 from exporter.files import file_sha256
 from exporter.hub.calls import RetryPolicy, retry
 from exporter.hub.source import HubSource
+from exporter.pipeline.disk import MARGIN
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, write_run
@@ -311,6 +312,10 @@ def test_a_hub_build_keeps_at_most_one_step_on_disk(
         return export(folder, *args, **kwargs)
 
     monkeypatch.setattr(exporter.pipeline.step, "export_checkpoint", observed_export)
+    # A bound that holds one step (download + output + margin) but not two: the pipelined
+    # build then fetches no step ahead of the one converting.
+    largest = max(sum(files_below(run / f"step{step}").values()) for step in STEPS)
+    max_disk = 2 * largest + MARGIN + largest // 2
     peak = 0
     stop = threading.Event()
 
@@ -326,7 +331,7 @@ def test_a_hub_build_keeps_at_most_one_step_on_disk(
         build(
             hub_source(tmp_path),
             tmp_path / "archive",
-            BuildOptions(export=ExportOptions(include=INCLUDE), quiet=True),
+            BuildOptions(export=ExportOptions(include=INCLUDE), quiet=True, max_disk=max_disk),
         )
     finally:
         stop.set()
@@ -338,7 +343,6 @@ def test_a_hub_build_keeps_at_most_one_step_on_disk(
         for step in STEPS
     ]
     # In between, at most one step's files plus the client's small metadata files.
-    largest = max(sum(files_below(run / f"step{step}").values()) for step in STEPS)
     metadata_allowance = 1024 * len(files_below(run / "step0"))
     assert peak <= largest + metadata_allowance
     assert files_below(downloads) == {}

@@ -32,8 +32,8 @@ from exporter.errors import ArchiveError, PublishError
 from exporter.hub import publish
 from exporter.hub.calls import RetryPolicy
 from exporter.hub.files import step_files
-from exporter.hub.hook import make_push_hook
-from exporter.hub.publish import PushEvent, push_archive
+from exporter.hub.publish import PushEvent
+from exporter.hub.push import make_push_hook, push_archive
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run

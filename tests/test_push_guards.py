@@ -13,7 +13,7 @@ from hubserver import HubServer
 
 from exporter.cli import cli, main
 from exporter.errors import PublishError
-from exporter.hub.publish import push_archive
+from exporter.hub.push import push_archive
 from exporter.pipeline.run import BuildOptions, build
 from exporter.samples import TINY, tiny_run_config, write_run
 from exporter.sources import LocalSource

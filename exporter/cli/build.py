@@ -45,7 +45,8 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
                    "the loader without mmap. Default: plain safetensors.")
 @click.option("--no-stats", is_flag=True, help=NO_STATS_HELP)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
-              help="Steps converted in parallel.")
+              help="Steps converted in parallel: local processes, or Ray tasks in flight "
+                   "(set it to the cluster's task slots).")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local processes, or one Ray task per step (pip install 'neox-exporter[ray]').")
 @click.option("--ray-address", default=None, help="Ray cluster to join (default: start a local one).")
@@ -54,12 +55,21 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
               help="Skip complete steps by file size only, without re-hashing them.")
 @click.option("--download-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Hub sources: where a step's files are downloaded (default ARCHIVE/.downloads).")
-@click.option("--max-disk", default=None, help="Hub sources: bound on downloaded bytes held at once (e.g. 20GB).")
+@click.option("--max-disk", default=None,
+              help="Bound on the bytes the build holds at once (e.g. 20GB): downloads, the step "
+                   "converting, converted steps waiting for upload. It waits rather than exceed it.")
 @click.option("--log-json", is_flag=True, help="One JSON line per step on stderr, for batch jobs.")
 @click.option("--push-to", default=None, metavar="ORG/NAME",
-              help="Publish each finished step to this Hub dataset as the build goes.")
+              help="Publish to this Hub dataset as the build goes: each step's files are "
+                   "uploaded once converted, whole steps committed --steps-per-commit at a time. "
+                   "With --executor ray, workers upload and no storage is shared.")
 @click.option("--delete-after-push", is_flag=True,
-              help="With --push-to: remove a step's safetensors once the Hub holds them.")
+              help="With --push-to: remove a step's tensor files once uploaded (before their commit).")
+@click.option("--steps-per-commit", default=10, show_default=True, type=click.IntRange(1, 10_000),
+              help="With --push-to: whole steps per commit (the Hub allows about 128 commits per hour).")
+@click.option("--scratch-dir", default=None,
+              help="With --executor ray --push-to: each node's working folder (default "
+                   "$NEOX_EXPORTER_SCRATCH or its temporary folder; about one step per task).")
 @click.option("--license", "license_id", default=None, callback=license_option,
               help=f"With --push-to: {LICENSE_HELP}")
 @click.option("--token", default=None, callback=check_token,
@@ -76,9 +86,9 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
           workers: int, executor: str,
           ray_address: str | None, keep_going: bool, no_verify_existing: bool,
           download_dir: Path | None, max_disk: str | None, log_json: bool,
-          push_to: str | None, delete_after_push: bool, license_id: str | None,
-          token: str | None, push_model_to: str | None, tokenizer: str | None,
-          wait: bool) -> None:
+          push_to: str | None, delete_after_push: bool, steps_per_commit: int,
+          scratch_dir: str | None, license_id: str | None, token: str | None,
+          push_model_to: str | None, tokenizer: str | None, wait: bool) -> None:
     """Convert a whole training run into an archive: every step, indexed in Parquet.
 
     SOURCE is a local folder (global_stepN/ or stepN/ folders, or one checkpoint) or a Hub
@@ -105,7 +115,7 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         hub["download_dir"] = download_dir or downloads_dir(out_dir)
         hub["max_disk"] = disk
     else:
-        for given, name in ((max_disk, "--max-disk"), (download_dir, "--download-dir")):
+        for given, name in ((download_dir, "--download-dir"),):
             if given is not None:
                 raise click.BadParameter(f"only applies to Hub sources (hf://ORG/NAME), and "
                                          f"{source} is a local folder", param_hint=name)
@@ -120,24 +130,21 @@ def build(ctx: click.Context, source: str, out_dir: Path, steps: str, include: t
         raise click.BadParameter("needs --push-model-to", param_hint="--tokenizer")
     src = open_source(source, **hub)
     quiet = is_quiet() or log_json
-    hook = None
     if push_to:
-        from exporter.cli.hub import echo_push_event
         from exporter.hub.calls import require_token
-        from exporter.hub.hook import make_push_hook
 
         token = require_token(token)
-        hook = make_push_hook(out_dir, push_to, delete_after_push=delete_after_push, token=token,
-                              license=license_id, model_repo=push_model_to, wait=wait,
-                              progress=None if quiet else echo_push_event)
+    from exporter.cli.hub import echo_push_event
+
     summary = run_build(src, out_dir, BuildOptions(
         export=options, steps=steps, workers=workers, executor=executor, ray_address=ray_address,
         keep_going=keep_going, verify_existing=not no_verify_existing, log_json=log_json,
-        quiet=quiet, on_step_done=hook, wait=wait))
-    if hook is not None:
-        url = hook.flush().url
-        if not quiet:
-            click.echo(f"pushed: {url}")
+        quiet=quiet, wait=wait, push_to=push_to, steps_per_commit=steps_per_commit,
+        delete_after_push=delete_after_push, on_push_event=None if quiet else echo_push_event,
+        max_disk=disk, scratch_dir=scratch_dir, push_token=token, push_license=license_id,
+        push_model_repo=push_model_to))
+    if summary.push is not None and not quiet:
+        click.echo(f"pushed: {summary.push.url}")
     if push_model_to and not summary.count("failed"):
         from exporter.cli.hub import push_model_to as publish_model
 

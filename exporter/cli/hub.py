@@ -72,7 +72,7 @@ def push(archive: Path, repo_id: str, revision: str | None, private: bool,
     Example: neox-export push archive my-org/pythia-410m-seed8-checkpoints
     """
     from exporter.hub.calls import require_token
-    from exporter.hub.publish import push_archive
+    from exporter.hub.push import push_archive
 
     if tokenizer and not model_repo:
         raise click.BadParameter("needs --model-repo", param_hint="--tokenizer")

@@ -48,6 +48,9 @@ class LocalFile:
     """A file to publish: a file of the archive, or ``data`` held in memory.
 
     ``sha256`` is the digest the archive records (checkpoint index ``output_files``).
+    ``uploaded``: the content already sits in the dataset's LFS storage (uploaded without a
+    commit, :mod:`exporter.hub.upload`), so a commit references it by sha256 and size and the
+    local file is neither needed nor read again.
     """
 
     path: str
@@ -55,6 +58,7 @@ class LocalFile:
     sha256: str
     size: int
     data: bytes | None = None
+    uploaded: bool = False
 
     @classmethod
     def of_bytes(cls, path: str, data: bytes) -> LocalFile:
@@ -82,6 +86,8 @@ class LocalFile:
         """The huggingface_hub ``CommitOperationAdd`` of this file, checked against ``sha256``."""
         from huggingface_hub import CommitOperationAdd
 
+        if self.uploaded:
+            return uploaded_operation(self.path, self.sha256, self.size)
         if self.data is not None:
             return CommitOperationAdd(path_in_repo=self.path, path_or_fileobj=self.data)
         if not self.exists():
@@ -92,6 +98,26 @@ class LocalFile:
             raise PublishError(f"{self.local}: content differs from the sha256 in the index "
                                f"(changed since the build?)")
         return operation
+
+
+def uploaded_operation(path: str, sha256: str, size: int) -> Any:
+    """A ``CommitOperationAdd`` for LFS content already uploaded: the commit names it only.
+
+    ``huggingface_hub.HfApi.create_commit`` sends an LFS file as ``{"path", "algo": "sha256",
+    "oid", "size"}`` and uploads nothing for an operation marked ``_is_uploaded``
+    (``_commit_api._prepare_commit_payload``, ``hf_api.preupload_lfs_files``); this is how
+    ``upload_large_folder`` commits what its workers uploaded. The content is not needed, so
+    the operation carries empty bytes and the recorded digest. The Hub refuses the commit if
+    the object is not in the repository's storage.
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    operation = CommitOperationAdd(path_in_repo=path, path_or_fileobj=b"")
+    operation.upload_info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
+    operation._upload_mode = "lfs"
+    operation._is_uploaded = True
+    return operation
 
 
 def step_files(root: Path, step: int) -> list[LocalFile]:

@@ -33,13 +33,18 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from exporter.archive.layout import MANIFEST, manifest_path
 from exporter.archive.lock import archive_lock
-from exporter.archive.push_state import PushRecord, deleted_after_push, write_push_record
+from exporter.archive.push_state import (
+    PushRecord,
+    deleted_after_push,
+    read_push_record,
+    write_push_record,
+)
 from exporter.archive.trust import read_json, resolve_inside
 from exporter.archive.validate import validate_manifest
 from exporter.errors import OptionsError, PublishError
@@ -55,10 +60,10 @@ PATHS_PER_REQUEST = 256
 
 T = TypeVar("T")
 
-#: plan: steps to push; skip: already on the remote; commit: steps committed; retry: a
-#: transient Hub error is retried; delete: local files removed after a verified push; card:
-#: the dataset card and manifest committed.
-PushAction = Literal["plan", "skip", "commit", "retry", "delete", "card"]
+#: plan: steps to push; skip: already on the remote; upload: a step's files uploaded ahead of
+#: its commit; commit: steps committed; retry: a transient Hub error is retried; delete: local
+#: files removed after a verified upload or push; card: the dataset card and manifest committed.
+PushAction = Literal["plan", "skip", "upload", "commit", "retry", "delete", "card"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ class Publisher:
         self.repo_type = repo_type
         self.model_repo = model_repo  # linked from the dataset card
         self.force = force
+        #: the manifest of the run being pushed, when a build pushes before writing its own
+        self.run: dict[str, Any] | None = None
         self.wait = wait
         self.retry = retry or RetryPolicy()
         self.progress = progress or (lambda event: None)
@@ -130,6 +137,7 @@ class Publisher:
                                  f"{self.api.endpoint}/datasets/{repo_id}/tree/{self.revision}")
         self._remote: dict[str, RemoteFile] | None = None
         self._on_remote: set[int] = set()
+        self._uploaded: dict[str, str] = {}
 
     # -- Hub calls ------------------------------------------------------------------------
 
@@ -235,7 +243,7 @@ class Publisher:
         except ValueError as exc:
             raise PublishError(f"{self.repo_id}: unreadable remote {MANIFEST}: {exc}; "
                                f"use --force to replace it") from exc
-        local = self.manifest()
+        local = self.run if self.run is not None else self.manifest()
         for key, what in (("source", "built from"), ("options", "built with options")):
             if remote.get(key) is not None and remote.get(key) != local.get(key):
                 raise PublishError(
@@ -243,16 +251,39 @@ class Publisher:
                     f"but {self.root} was {what} {local.get(key)!r}; push to another dataset "
                     f"or branch, or use --force to replace its manifest")
 
-    def push_steps(self, steps: Iterable[int]) -> None:
-        """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
+    def prepare(self) -> dict[str, RemoteFile]:
+        """Create the repository and branch if missing and list the remote files (once);
+        a remote archive of another run is refused (:meth:`_check_same_run`)."""
         if self._remote is None:
             self._ensure_repo()
             self._remote = self._call("list the remote files",
                                       lambda: self._remote_files(None, self.revision))
             self._check_same_run()
+        return self._remote
+
+    def mark_uploaded(self, files: Iterable[LocalFile]) -> None:
+        """Content uploaded ahead of its commit: commits will reference it, not read it again."""
+        self._uploaded.update({f.path: f.sha256 for f in files if f.uploaded})
+
+    def step_files(self, step: int) -> list[LocalFile]:
+        """The step's files; those in this repository's storage already are marked ``uploaded``:
+        uploaded ahead here (:meth:`mark_uploaded`), or missing here and recorded in
+        ``.push/step{N}.json`` as uploaded to this repository (by a worker, or before a restart).
+        """
+        record = read_push_record(self.root, step)
+        stored = record.deleted if record is not None and record.repo_id == self.repo_id else {}
+        return [replace(f, uploaded=True)
+                if self._uploaded.get(f.path) == f.sha256
+                or (stored.get(f.path) == f.sha256 and not f.exists()) else f
+                for f in step_files(self.root, step)]
+
+    def push_steps(self, steps: Iterable[int]) -> None:
+        """Push ``steps`` (skipping those already on the remote), whole steps per commit."""
+        self.prepare()
+        assert self._remote is not None
         pending: list[tuple[int, list[LocalFile]]] = []
         for step in sorted(set(steps) - self._on_remote):
-            files = step_files(self.root, step)
+            files = self.step_files(step)
             if all(f.matches(self._remote.get(f.path)) for f in files):
                 self._on_remote.add(step)
                 self.result.skipped_steps.append(step)
@@ -290,6 +321,10 @@ class Publisher:
         """With ``delete_after_push``: record, then remove, the step's safetensors files."""
         doomed = {f.path: f.sha256 for f in files if f.path.endswith(".safetensors") and f.exists()}
         if not self.delete_after_push or not doomed:
+            record = read_push_record(self.root, step)
+            if record is not None and record.commit is None and commit is not None:
+                # Uploaded ahead and removed before the commit: now it names the commit too.
+                write_push_record(self.root, step, replace(record, commit=commit))
             return
         deleted = {**deleted_after_push(self.root, step), **doomed}
         # Recorded before anything is removed: a crash in between leaves files that a build
@@ -302,10 +337,9 @@ class Publisher:
             self.result.deleted_files.append(path)
         self.progress(PushEvent("delete", (step,), commit, f"{len(doomed)} file(s) removed"))
 
-    def push_card(self) -> None:
-        """Regenerate the dataset card and commit it with the full manifest (if changed)."""
-        from exporter.archive.card import write_card
-
+    def card_license(self) -> str:
+        """The card's license: the one given, else the source model's, else ``unknown``
+        (:mod:`exporter.hub.licenses`), resolved once."""
         if self.license is None:
             chosen, origin = default_license(str(self.manifest().get("source", "")),
                                              self.api.token)
@@ -314,8 +348,16 @@ class Publisher:
             else:
                 log.info("dataset card license: %s (from %s)", chosen, origin)
             self.license = chosen
-        written = write_card(self.root, self.repo_id, license=self.license,
-                             model_repo=self.model_repo)
+        return self.license
+
+    def push_card(self, written: Sequence[str] | None = None) -> None:
+        """Commit the dataset card (regenerated, unless ``written`` lists its files written
+        already) with the full manifest (if changed)."""
+        from exporter.archive.card import write_card
+
+        if written is None:
+            written = write_card(self.root, self.repo_id, license=self.card_license(),
+                                 model_repo=self.model_repo)
         files = [LocalFile.of_bytes(path, resolve_inside(self.root, path, str(self.root)).read_bytes())
                  for path in [*written, MANIFEST]]
         commit = self._commit(files, "Update dataset card and manifest")
@@ -340,60 +382,15 @@ class Publisher:
             self.result.commits.append(commit)
         return commit
 
-    def push_all(self) -> PushResult:
-        """Every completed step of the archive, then the card, under the archive's lock
-        (pushing writes the card and may delete files: :mod:`exporter.archive.lock`)."""
+    def push_all(self, card: Sequence[str] | None = None) -> PushResult:
+        """Every completed step of the archive, then the card (``card``: see push_card),
+        under the archive's lock (pushing writes the card and may delete files:
+        :mod:`exporter.archive.lock`; re-entrant for a build that holds it)."""
         with archive_lock(self.root, wait=self.wait, command=f"push to {self.repo_id}"):
             steps = sorted(int(s) for s in self.manifest()["steps"])
             if not steps:
                 raise PublishError(f"{self.root}: the archive has no completed steps to push")
             self.progress(PushEvent("plan", tuple(steps), detail=f"{len(steps)} step(s) to check"))
             self.push_steps(steps)
-            self.push_card()
+            self.push_card(card)
         return self.result
-
-
-def push_archive(root: str | Path, repo_id: str, *, private: bool = False,
-                 revision: str | None = None, steps_per_commit: int = DEFAULT_STEPS_PER_COMMIT,
-                 token: str | None = None, license: str | None = None, force: bool = False,
-                 wait: bool | float = False, retry: RetryPolicy | None = None,
-                 progress: Callable[[PushEvent], None] | None = None,
-                 model_repo: str | None = None) -> PushResult:
-    """Publish an archive folder as the Hub dataset ``repo_id`` (created if missing).
-
-    Args:
-        root: the archive folder (``neox-export build --out``).
-        repo_id: ``ORG/NAME`` of the dataset repository.
-        private: create the repository private (an existing one is left as it is).
-        revision: branch to push to (created from ``main`` if missing); ``main`` when None.
-        steps_per_commit: whole steps per commit; keep ``ceil(steps / K)`` under the Hub's
-            ~128 commits per hour.
-        token: Hub token (``HF_TOKEN`` or the saved login when None).
-        license: the card's license, one of the Hub's identifiers; None takes the source
-            model's (``exporter.hub.licenses``), else ``unknown``.
-        force: push even into a dataset built from another source or with other options
-            (its manifest is replaced).
-        wait: another process writing the archive makes the push wait for it (True, or at
-            most that many seconds) instead of failing at once.
-        retry: backoff for transient errors.
-        progress: called with each :class:`PushEvent`.
-        model_repo: the run's model repository (:mod:`exporter.hub.modelrepo`), linked from the card.
-
-    Returns:
-        The commits made, and the steps pushed or found on the remote already.
-
-    Raises:
-        PublishError: a non-transient Hub error, transient ones past the retry budget, a
-            local file that differs from its recorded sha256, or (without ``force``) a
-            dataset built from another source or with other options.
-        ArchiveLockedError: another process is writing the archive (see ``wait``).
-
-    Example:
-        >>> result = push_archive("archive", "me/pythia-tiny-checkpoints")   # doctest: +SKIP
-        >>> len(result.commits), result.pushed_steps                          # doctest: +SKIP
-        (2, [0, 1, 2, 4, 8])
-    """
-    return Publisher(root, repo_id, private=private, revision=revision, token=token,
-                     steps_per_commit=steps_per_commit, license=license, force=force,
-                     wait=wait, retry=retry, progress=progress,
-                     model_repo=model_repo).push_all()

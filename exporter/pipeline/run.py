@@ -1,8 +1,12 @@
-"""``build``: steps x (fetch -> convert -> index), resumable, on local processes or Ray.
+"""``build``: steps x (fetch -> convert -> index -> upload), resumable, locally or on Ray.
 
 Each step runs :func:`exporter.pipeline.step.convert_step`; complete steps are skipped, so a build
 killed at any point converges to the same archive. Only the coordinating process writes
-``manifest.json``.
+``manifest.json``, the index shards of steps built elsewhere, and commits.
+
+A local build with one worker is a pipeline (:mod:`exporter.pipeline.pipelined`: fetch ahead,
+upload behind, within ``max_disk``); with ``push_to`` and the Ray executor, tasks convert and
+upload on their own nodes (:mod:`exporter.pipeline.remote`) and no storage is shared.
 """
 
 from __future__ import annotations
@@ -16,23 +20,32 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from exporter.archive.layout import foreign_entries, lock_path
 from exporter.archive.lock import archive_lock
 from exporter.archive.manifest import Manifest
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import is_temporary
+from exporter.hub.calls import check_repo_id
+from exporter.hub.uploader import StepUploader
+from exporter.pipeline.disk import DiskBudget, StepNeed
 from exporter.pipeline.export import ExportOptions
+from exporter.pipeline.pipelined import hand_on, plan_step, run_pipelined
 from exporter.pipeline.step import (
     completed_outcome,
+    failed_step,
     remove_temporaries,
     safe_convert,
     step_complete,
 )
 from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
-from exporter.records import StepOutcome
+from exporter.records import StepOutcome, UploadTarget
 from exporter.sources import Source
+
+if TYPE_CHECKING:
+    from exporter.hub.publish import PushEvent
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,20 @@ class BuildOptions:
         quiet: no progress bars.
         wait: another process writing the archive (holding its lock) makes the build wait
             for it (True, or at most that many seconds) instead of failing at once.
+        push_to: publish to this Hub dataset (``ORG/NAME``) as the build goes: every step's
+            files are uploaded when converted, whole steps committed in batches.
+        push_revision: the dataset branch (``main`` when None).
+        steps_per_commit: steps per commit (the Hub allows about 128 commits per hour).
+        delete_after_push: remove a step's tensor files once uploaded (before its commit).
+        on_push_event: called with each :class:`exporter.hub.publish.PushEvent`.
+        max_disk: bytes the build may hold at once: downloads, steps converting and converted
+            steps waiting for upload (:mod:`exporter.pipeline.disk`); None for no bound.
+        scratch_dir: Ray tasks' working folder on each node (default ``NEOX_EXPORTER_SCRATCH``
+            or the node's temporary folder).
+        push_token: Hub token for the push (``HF_TOKEN`` or the saved login when None).
+        push_license: the dataset card's license (None: the source model's, else unknown).
+        push_force: push even into a dataset built from another source or options.
+        push_model_repo: the run's model repository, linked from the dataset card.
 
     Raises:
         OptionsError: a value the build cannot use, named (checked when made).
@@ -73,6 +100,17 @@ class BuildOptions:
     log_json: bool = False
     quiet: bool = False
     wait: bool | float = False
+    push_to: str | None = None
+    push_revision: str | None = None
+    steps_per_commit: int = 10
+    delete_after_push: bool = False
+    on_push_event: Callable[[PushEvent], None] | None = None
+    max_disk: int | None = None
+    scratch_dir: str | None = None
+    push_token: str | None = None
+    push_license: str | None = None
+    push_force: bool = False
+    push_model_repo: str | None = None
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -84,6 +122,14 @@ class BuildOptions:
         check_step_spec(self.steps)
         if not isinstance(self.wait, (bool, int, float)) or self.wait < 0:
             raise OptionsError(f"wait: True, False or seconds, got {self.wait!r}")
+        if self.push_to is not None:
+            check_repo_id(self.push_to)
+        elif self.delete_after_push:
+            raise OptionsError("delete_after_push: needs push_to")
+        if not isinstance(self.steps_per_commit, int) or self.steps_per_commit < 1:
+            raise OptionsError(f"steps_per_commit: must be at least 1, got {self.steps_per_commit!r}")
+        if self.max_disk is not None and (not isinstance(self.max_disk, int) or self.max_disk <= 0):
+            raise OptionsError(f"max_disk: must be a positive number of bytes, got {self.max_disk!r}")
 
 
 def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | None = None) -> BuildSummary:
@@ -162,6 +208,12 @@ def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
     log.debug("%s: %d step(s) selected: %s", source.uri, len(selected), selected)
     outcomes: list[StepOutcome] = []
     todo = []
+    uploader = _uploader(root, options, manifest.data)
+    if uploader is not None:
+        from exporter.hub.restore import restore_committed_steps
+
+        restore_committed_steps(uploader.publisher, [
+            s for s in selected if not step_complete(root, s, verify=False)])
     for step in selected:
         if step_complete(root, step, verify=options.verify_existing):
             log.debug("step %d: complete in %s (%s), skipped", step, root,
@@ -176,8 +228,12 @@ def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
 
     bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc="steps", unit="step",
                disable=True if options.quiet else None, dynamic_ncols=True)
+    budget = DiskBudget(options.max_disk)
+    pushed = None
     try:
-        for outcome in _run(source, root, todo, options):
+        if uploader is not None:
+            uploader.start()
+        for outcome in _run(source, root, todo, options, uploader, budget):
             outcomes.append(outcome)
             manifest.record(outcome)
             bar.update(1)
@@ -186,10 +242,32 @@ def _build(source: Source, root: Path, options: BuildOptions) -> BuildSummary:
                 raise ExporterError(f"step {outcome.step}: {outcome.error}")
             if outcome.status == "done" and options.on_step_done is not None:
                 options.on_step_done(outcome.step)
+        if uploader is not None:
+            pushed = uploader.finish()
+    except BaseException:
+        if uploader is not None:
+            uploader.abort()
+        raise
     finally:
         bar.close()
     outcomes.sort(key=lambda o: o.step)
-    return BuildSummary(outcomes, time.perf_counter() - start)
+    return BuildSummary(outcomes, time.perf_counter() - start, pushed, budget.peak)
+
+
+def _uploader(root: Path, options: BuildOptions, run: dict[str, Any]) -> StepUploader | None:
+    """The upload stage of a build that pushes (not started yet); ``run`` is the manifest
+    being built, which a remote archive of another run must not be mixed with."""
+    if options.push_to is None:
+        return None
+    from exporter.hub.publish import Publisher
+
+    publisher = Publisher(
+        root, options.push_to, revision=options.push_revision, token=options.push_token,
+        steps_per_commit=options.steps_per_commit, delete_after_push=options.delete_after_push,
+        license=options.push_license, force=options.push_force,
+        model_repo=options.push_model_repo, progress=options.on_push_event)
+    publisher.run = run
+    return StepUploader(publisher)
 
 
 def _report(options: BuildOptions, outcome: StepOutcome) -> None:
@@ -203,36 +281,85 @@ def _report(options: BuildOptions, outcome: StepOutcome) -> None:
                  outcome.tensors, outcome.seconds)
 
 
-def _run(source: Source, root: Path, steps: list[int], options: BuildOptions) -> Iterable[StepOutcome]:
+def _run(source: Source, root: Path, steps: list[int], options: BuildOptions,
+         uploader: StepUploader | None, budget: DiskBudget) -> Iterable[StepOutcome]:
     if not steps:
         return
     if options.executor == "ray":
-        from exporter.pipeline.ray_executor import run_on_ray
-
-        yield from run_on_ray(source, root, steps, options.export, options.ray_address,
-                              safe_convert, max_in_flight=max(1, options.workers))
+        yield from _run_ray(source, root, steps, options, uploader)
         return
     if options.workers <= 1:
         from exporter.pipeline.progress import byte_bar
 
-        for step in steps:
-            total = source.step_bytes(step)
-            log.debug("step %d: converting %s bytes of source files", step, total)
-            with byte_bar(f"step {step}", total=total, disable=options.quiet) as bar:
-                outcome = safe_convert(source, step, root, options.export, bar)
-            yield outcome
+        yield from run_pipelined(
+            source, root, steps, options.export, budget, uploader,
+            lambda step, total: byte_bar(f"step {step}", total=total, disable=options.quiet))
         return
+    yield from _run_pool(source, root, steps, options, uploader, budget)
+
+
+def _run_pool(source: Source, root: Path, steps: list[int], options: BuildOptions,
+              uploader: StepUploader | None, budget: DiskBudget) -> Iterable[StepOutcome]:
+    """Steps in worker processes, as many at once as ``workers`` and ``max_disk`` allow."""
+    needs: dict[int, tuple[StepNeed, int]] = {}
     with ProcessPoolExecutor(max_workers=options.workers) as pool:
         pending: dict[Future[StepOutcome], int] = {}
         queue = list(steps)
         while queue or pending:
             while queue and len(pending) < options.workers:
-                step = queue.pop(0)
+                step = queue[0]
+                if step not in needs:
+                    try:
+                        needs[step] = plan_step(source, step, options.export, budget)
+                    except Exception as exc:  # noqa: BLE001 - the step fails, named
+                        queue.pop(0)
+                        yield failed_step(root, step, exc)
+                        continue
+                # With steps running, wait for one to end rather than block on the budget;
+                # with none, wait for the uploads to give disk back.
+                if pending and not budget.try_reserve(needs[step][0].total):
+                    break
+                if not pending:
+                    budget.reserve(needs[step][0].total)
+                queue.pop(0)
                 pending[pool.submit(safe_convert, source, step, root, options.export)] = step
+            if not pending:
+                continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 step = pending.pop(fut)
                 try:
-                    yield fut.result()
+                    outcome = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a crashed worker fails its step only
-                    yield StepOutcome(step, "failed", error=f"worker crashed: {exc}")
+                    outcome = StepOutcome(step, "failed", error=f"worker crashed: {exc}")
+                need, size = needs.pop(step)
+                budget.release(need.download)
+                yield from hand_on(outcome, need, size, budget, uploader)
+
+
+def _run_ray(source: Source, root: Path, steps: list[int], options: BuildOptions,
+             uploader: StepUploader | None) -> Iterable[StepOutcome]:
+    """Ray tasks: with an uploader each converts and uploads on its own node (no shared
+    storage); without, each writes into the archive folder (shared storage)."""
+    from exporter.pipeline.ray_executor import run_on_ray
+
+    gpu = options.export.device.startswith("cuda")
+    in_flight = max(1, options.workers)
+    if uploader is None:
+        for _, outcome in run_on_ray(steps, safe_convert,
+                                     lambda step: (source, step, root, options.export),
+                                     options.ray_address, gpu, in_flight):
+            yield outcome
+        return
+    from exporter.pipeline.remote import adopt_step, build_and_upload
+
+    publisher = uploader.publisher
+    target = UploadTarget(publisher.repo_id, publisher.revision)
+    for _, result in run_on_ray(
+            steps, build_and_upload,
+            lambda step: (source, step, options.export, target, options.scratch_dir),
+            options.ray_address, gpu, in_flight):
+        outcome = result if isinstance(result, StepOutcome) else adopt_step(root, result, target)
+        yield outcome
+        if outcome.status == "done":
+            uploader.submit(outcome.step)

@@ -114,8 +114,23 @@ def convert_step(
     start = time.perf_counter()
     clear_step(root, step)
     with source.fetch(step) as fetched:
-        result = export_checkpoint(fetched.folder, step_dir(root, step), options, progress)
-        _write_index(root, step, source, fetched, result, options, start)
+        return convert_fetched(source, fetched, root, options, progress, start)
+
+
+def convert_fetched(
+    source: Source,
+    fetched: FetchedCheckpoint,
+    root: Path,
+    options: ExportOptions,
+    progress: Callable[[int], None] | None = None,
+    start: float | None = None,
+) -> StepOutcome:
+    """Convert and index a step already fetched (a pipelined build fetches ahead)."""
+    start = time.perf_counter() if start is None else start
+    step = fetched.step
+    clear_step(root, step)
+    result = export_checkpoint(fetched.folder, step_dir(root, step), options, progress)
+    _write_index(root, step, source, fetched, result, options, start)
     return StepOutcome(
         step=step,
         status="done",
@@ -202,15 +217,19 @@ def safe_convert(
     attempt left removed) instead of raised: one step's failure does not stop a build."""
     try:
         return convert_step(source, step, root, options, progress)
-    except ExporterError as exc:
-        clear_step(root, step)
-        return StepOutcome(step, "failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one step's unexpected failure must not stop a build
-        log.exception("step %d: unexpected error", step)
-        clear_step(root, step)
-        return StepOutcome(step, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        return failed_step(root, step, exc)
     except BaseException:
         # Ctrl-C: leave the step absent, not half-written (its folder may already be in place
         # without its index); the interrupt goes on to end the build.
         clear_step(root, step)
         raise
+
+
+def failed_step(root: Path, step: int, exc: Exception) -> StepOutcome:
+    """The outcome of a step that raised ``exc``, with whatever it left cleared."""
+    clear_step(root, step)
+    if isinstance(exc, ExporterError):
+        return StepOutcome(step, "failed", error=str(exc))
+    log.error("step %d: unexpected error", step, exc_info=exc)
+    return StepOutcome(step, "failed", error=f"internal error: {type(exc).__name__}: {exc}")

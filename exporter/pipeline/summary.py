@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from exporter.records import StepOutcome, StepStatus
+
+if TYPE_CHECKING:
+    from exporter.hub.publish import PushResult
 
 
 @dataclass
 class BuildSummary:
+    """One outcome per step, the wall time, what a push did (``push_to``), and the most disk
+    the build reserved at once (``max_disk`` accounting)."""
+
     outcomes: list[StepOutcome]
     seconds: float
+    push: PushResult | None = None
+    peak_disk: int = 0
 
     def count(self, status: StepStatus) -> int:
         return sum(1 for o in self.outcomes if o.status == status)

@@ -9,6 +9,7 @@ from .client import TEST_TOKEN, client_env, patch_client
 from .faults import FaultRule, RequestRecord
 from .server import HubServer
 from .snapshot import Commit, FileEntry
+from .throttle import Link, Transfer
 
 __all__ = [
     "TEST_TOKEN",
@@ -16,7 +17,9 @@ __all__ = [
     "FaultRule",
     "FileEntry",
     "HubServer",
+    "Link",
     "RequestRecord",
+    "Transfer",
     "client_env",
     "patch_client",
 ]

@@ -33,6 +33,7 @@ from .storage import (
     HubStore,
     LfsPolicy,
 )
+from .throttle import Link
 from .wire import HubHTTPServer
 
 FileSource = Mapping[str, bytes | Path] | Path
@@ -74,6 +75,8 @@ class HubServer:
             multipart_chunk_size=multipart_chunk_size,
         )
         self.faults = FaultPlan()
+        #: Bandwidth limits and the requests in progress (:mod:`.throttle`).
+        self.link = Link()
         self._api = HubApi(self.store, lambda: self.endpoint, self.root / "uploads", self.options)
         self._httpd: HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -84,7 +87,7 @@ class HubServer:
         """Bind a free port and serve in a background thread; returns self."""
         if self._httpd is not None:
             raise RuntimeError("server already started")
-        self._httpd = HubHTTPServer(self._api, self.faults)
+        self._httpd = HubHTTPServer(self._api, self.faults, self.link)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import Unauthorized
 from .faults import FaultPlan, FaultRule, RequestRecord
+from .throttle import Link
 
 _CHUNK = 256 * 1024
 
@@ -30,8 +31,10 @@ _CHUNK = 256 * 1024
 class RequestBody:
     """The body of one request, readable once, by Content-Length or chunked coding."""
 
-    def __init__(self, stream: BinaryIO, headers: Message) -> None:
+    def __init__(self, stream: BinaryIO, headers: Message,
+                 on_read: Callable[[int], None] | None = None) -> None:
         self._stream = stream
+        self._on_read = on_read
         self._chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         self._left = 0 if self._chunked else int(headers.get("Content-Length") or 0)
         self._done = not self._chunked and self._left == 0
@@ -60,6 +63,8 @@ class RequestBody:
                 self._done = True
                 break
             parts.append(data)
+            if self._on_read is not None:
+                self._on_read(len(data))
             self._left -= len(data)
             if wanted > 0:
                 wanted -= len(data)
@@ -154,10 +159,11 @@ class HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, router: Router, faults: FaultPlan) -> None:
+    def __init__(self, router: Router, faults: FaultPlan, link: Link | None = None) -> None:
         super().__init__(("127.0.0.1", 0), HubRequestHandler)
         self.router = router
         self.faults = faults
+        self.link = link or Link()
         self.internal_errors: list[str] = []
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -206,7 +212,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         split = urlsplit(self.path)
         path = unquote(split.path)
-        body = RequestBody(self.rfile, self.headers)
+        body = RequestBody(self.rfile, self.headers, self.server.link.received)
+        transfer = self.server.link.begin(self.client_address[1], self.command, path)
         rule = self.server.faults.take(self.command, path)
         action = rule.action if rule is not None else None
         status: int | None = None
@@ -247,6 +254,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                         response.headers.update(rule.headers)
                     sent = self._send(response, rule if action == "drop_response" else None)
         finally:
+            self.server.link.end(transfer)
             self.server.faults.record(
                 RequestRecord(
                     method=self.command,
@@ -284,12 +292,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     source.seek(body.offset)
                     left = budget
                     while left > 0 and (chunk := source.read(min(_CHUNK, left))):
+                        self.server.link.sent(len(chunk))
                         self.wfile.write(chunk)
                         left -= len(chunk)
                         sent += len(chunk)
             else:
-                self.wfile.write(body[:budget])
-                sent = len(body[:budget])
+                for start in range(0, budget, _CHUNK):
+                    self.server.link.sent(min(_CHUNK, budget - start))
+                    self.wfile.write(body[start:min(start + _CHUNK, budget)])
+                sent = budget
         if drop is not None:
             self._abort(drop.reset)
         return sent
