@@ -307,15 +307,21 @@ class Publisher:
                 self._after_verified(step, step_list, commit)
 
     def _verify(self, files: Sequence[LocalFile], commit: str | None) -> None:
-        """Read the files back from the remote; raise unless each has its recorded sha256."""
+        """Read the files back from the remote (:meth:`_read_back`) and remember them."""
+        remote = self._read_back(files, commit)
+        assert self._remote is not None
+        self._remote.update(remote)
+
+    def _read_back(self, files: Sequence[LocalFile], commit: str | None) -> dict[str, RemoteFile]:
+        """The files as the remote lists them after ``commit`` (the head when None); raise
+        unless each has its recorded sha256."""
         remote = self._call("read back the commit", lambda: self._remote_files(
             [f.path for f in files], commit or self._head()))
         bad = [f.path for f in files if not f.matches(remote.get(f.path))]
         if bad:
             raise PublishError(f"{self.repo_id}: after the commit, {len(bad)} file(s) differ "
-                               f"from the archive, e.g. {bad[0]}")
-        assert self._remote is not None
-        self._remote.update(remote)
+                               f"from the local ones, e.g. {bad[0]}")
+        return remote
 
     def _after_verified(self, step: int, files: Sequence[LocalFile], commit: str | None) -> None:
         """With ``delete_after_push``: record, then remove, the step's safetensors files."""
@@ -372,12 +378,7 @@ class Publisher:
         sent, each file read back and checked. The commit id, None if already up to date."""
         self._ensure_repo()
         commit = self._commit(files, message)
-        remote = self._call("read back the commit", lambda: self._remote_files(
-            [f.path for f in files], commit or self._head()))
-        bad = [f.path for f in files if not f.matches(remote.get(f.path))]
-        if bad:
-            raise PublishError(f"{self.repo_id}: after the commit, {len(bad)} file(s) differ "
-                               f"from the local ones, e.g. {bad[0]}")
+        self._read_back(files, commit)
         if commit is not None:
             self.result.commits.append(commit)
         return commit
