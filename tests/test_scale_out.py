@@ -65,10 +65,10 @@ def cluster(hub_server: HubServer, tmp_path: Path) -> Iterator[tuple[Cluster, li
         nodes.shutdown()
 
 
-def index_sha256s(archive: Path, step: int) -> dict[tuple[str, str], str]:
+def index_digests(archive: Path, step: int) -> dict[tuple[str, str], str]:
     table = pq.read_table(archive / "index" / "tensors" / f"step{step}.parquet",
-                          columns=["kind", "name", "sha256"]).to_pylist()
-    return {(row["kind"], row["name"]): row["sha256"] for row in table}
+                          columns=["kind", "name", "digest"]).to_pylist()
+    return {(row["kind"], row["name"]): row["digest"] for row in table}
 
 
 def output_files(archive: Path, step: int) -> dict[str, str]:
@@ -156,7 +156,7 @@ def test_a_three_node_ray_build_uploads_from_workers_and_survives_a_killed_worke
     remote = hub_server.list_files(TARGET, repo_type="dataset")
     for step in STEPS:
         # Tensor for tensor: the index the coordinator wrote holds the local build's digests.
-        assert index_sha256s(archive, step) == index_sha256s(tmp_path / "local", step)
+        assert index_digests(archive, step) == index_digests(tmp_path / "local", step)
         # Every output file is on the Hub with the local build's content.
         for path, sha256 in output_files(tmp_path / "local", step).items():
             assert remote[path].sha256 == sha256, path
@@ -194,4 +194,4 @@ def test_a_ray_node_killed_outright_loses_only_its_step_which_is_retried_elsewhe
     assert killer.killed is not None, "no worker node was caught mid-download"
     assert {o.step: o.status for o in summary.outcomes} == dict.fromkeys(STEPS, "done")
     for step in STEPS:
-        assert index_sha256s(tmp_path / "archive", step) == index_sha256s(tmp_path / "local", step)
+        assert index_digests(tmp_path / "archive", step) == index_digests(tmp_path / "local", step)
