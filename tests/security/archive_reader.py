@@ -28,10 +28,10 @@ from exporter.archive.push_state import deleted_after_push
 from exporter.errors import ExporterError
 from exporter.records import KINDS
 from exporter.verify import verify_path
+from security.bombs import cap_address_space
 
 T = TypeVar("T")
 #: address space a reading process may add to what it holds after its imports
-EXTRA_ADDRESS_SPACE = 2 << 30
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -104,14 +104,6 @@ def verify_text(root: Path) -> tuple[str, list[ExporterError]]:
         return "", [exc]
 
 
-def _cap_address_space() -> int:
-    with open("/proc/self/status") as fh:
-        size_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
-    cap = size_kb * 1024 + EXTRA_ADDRESS_SPACE
-    resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    return cap
-
-
 def run_case(folder: Path, marker: bytes) -> dict[str, Any]:
     """Read and verify one case folder; what came back, summarised for the parent test."""
     start = time.perf_counter()
@@ -133,7 +125,7 @@ def run_case(folder: Path, marker: bytes) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     folder, marker = Path(args[0]), args[1].encode()
-    cap = _cap_address_space()
+    cap = cap_address_space()
     print(json.dumps({"address_space_cap": cap}), flush=True)
     for case in sorted(os.listdir(folder)):
         print(json.dumps(run_case(folder / case, marker)), flush=True)

@@ -335,7 +335,8 @@ def run_bomb(folder: Path, name: str) -> dict[str, Any]:
     }
 
 
-def _cap_address_space() -> int:
+def cap_address_space() -> int:
+    """Cap this process's address space at what it uses now plus ``EXTRA_ADDRESS_SPACE``."""
     with open("/proc/self/status") as fh:
         size_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
     cap = size_kb * 1024 + EXTRA_ADDRESS_SPACE
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     import exporter.pipeline.export  # noqa: F401 - imported before the cap, like any reader process
     import exporter.samples  # noqa: F401
 
-    cap = _cap_address_space()
+    cap = cap_address_space()
     print(json.dumps({"address_space_cap": cap}), flush=True)
     for name in args[1:] or list(BOMBS):
         print(json.dumps(run_bomb(folder, name)), flush=True)
