@@ -23,12 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from exporter.archive.schema import STATISTICS
 from exporter.archive.text import plot_text
 from exporter.errors import ArchiveError
 from exporter.files import write_bytes_atomic
 
-#: index columns that hold one number per tensor and step (exporter.archive.schema)
-STATISTICS = ("min", "max", "mean", "std", "l2", "absmax", "nan_count", "inf_count", "zero_count")
 #: above this many lines a colour bar replaces the legend
 MAX_LEGEND = 12
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from exporter.archive.plot import STATISTICS
+from exporter.archive.schema import STATISTICS
 from exporter.catalog.plot import GROUP_BY
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import check_token
