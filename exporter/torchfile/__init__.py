@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ __all__ = [
     "TorchFile",
     "iter_tensors",
     "load_torch_file",
+    "paused_collector",
     "to_json",
 ]
 
@@ -63,6 +66,25 @@ class TorchFile:
         return [name for name, known in self.globals.items() if not known]
 
 
+@contextmanager
+def paused_collector() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block (nested blocks are fine).
+
+    Reading checkpoints builds only new, referenced objects, and no cycles: a ZeRO file of
+    many comm intervals makes hundreds of thousands (tensor records, their shapes, the dicts
+    holding them), and every collection they trigger walks every object alive, the records
+    of the files read before included. Measured on eight 36,000-tensor optimizer files:
+    planning took 8.9 s with the collector running, 5.1 s without.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     """Read a torch zip checkpoint's structure; tensor data stays on disk.
 
@@ -81,22 +103,12 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     if byteorder != "little":
         raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
     data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
-    # The cyclic garbage collector is paused while the pickle is read: unpickling builds only
-    # new, referenced objects (a ZeRO file of many comm intervals: hundreds of thousands), and
-    # each collection it would trigger walks every object alive, those of the files read
-    # before included. Measured on a 36,000-tensor optimizer file: 2.4-3.0 s with the
-    # collector running, 1.6 s without.
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        with zip_.open():
+        with paused_collector(), zip_.open():
             result = safe_unpickle(data, zip_)
-        obj = resolve_numpy(result.obj)
+            obj = resolve_numpy(result.obj)
     except (CheckpointFormatError, UnsafePickleError) as exc:
         if str(zip_.path) in str(exc):
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc
-    finally:
-        if collecting:
-            gc.enable()
     return TorchFile(zip_.path, obj, result.globals)

@@ -141,7 +141,7 @@ class TensorRef:
         requires_grad: as pickled.
     """
 
-    __slots__ = ("storage", "offset", "shape", "stride", "requires_grad")
+    __slots__ = ("storage", "offset", "shape", "stride", "requires_grad", "numel")
 
     def __init__(
         self,
@@ -151,28 +151,35 @@ class TensorRef:
         stride: tuple[int, ...],
         requires_grad: bool = False,
     ) -> None:
-        where = f"{storage.zip.path}: tensor on storage {storage.key!r}"
+        # Built once per tensor while unpickling (hundreds of thousands in a ZeRO file of many
+        # comm intervals): the checks are plain comparisons, and messages are made on failure.
         if not isinstance(storage, StorageRef):
-            raise CheckpointFormatError(f"{where}: tensor rebuilt from a non-storage")
-        shape = _int_tuple(shape, where, "shape")
-        stride = _int_tuple(stride, where, "stride")
+            raise CheckpointFormatError("tensor rebuilt from a non-storage")
+        shape = _int_tuple(shape, storage, "shape")
+        stride = _int_tuple(stride, storage, "stride")
         if len(shape) != len(stride):
-            raise CheckpointFormatError(f"{where}: shape {shape} and stride {stride} differ in rank")
-        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= MAX_INT64:
-            raise CheckpointFormatError(f"{where}: invalid storage offset {short_repr(offset)}")
+            raise CheckpointFormatError(
+                f"{_where(storage)}: shape {shape} and stride {stride} differ in rank"
+            )
+        if type(offset) is not int or not 0 <= offset <= MAX_INT64:
+            raise CheckpointFormatError(f"{_where(storage)}: invalid storage offset {short_repr(offset)}")
         numel = math.prod(shape)
         if numel > 0:
-            last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+            if len(shape) == 1:
+                last = offset + (shape[0] - 1) * stride[0]
+            else:
+                last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
             if last >= storage.numel:
                 raise CheckpointFormatError(
-                    f"{where}: shape {shape} stride {stride} offset {offset} reaches element "
-                    f"{last}, past the storage's {storage.numel} elements"
+                    f"{_where(storage)}: shape {shape} stride {stride} offset {offset} reaches "
+                    f"element {last}, past the storage's {storage.numel} elements"
                 )
         self.storage = storage
         self.offset = offset
         self.shape = shape
         self.stride = stride
         self.requires_grad = bool(requires_grad)
+        self.numel = numel
 
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError("a pickle tried to modify a tensor record")
@@ -183,10 +190,6 @@ class TensorRef:
     @property
     def dtype(self) -> torch.dtype:
         return self.storage.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def element_size(self) -> int:
@@ -253,13 +256,41 @@ class TensorRef:
                 yield out.view(self.dtype)
 
 
-def _int_tuple(value: Any, where: str, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
-        raise CheckpointFormatError(f"{where}: invalid {what} {short_repr(value)}")
-    for item in value:
-        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= MAX_INT64:
-            raise CheckpointFormatError(f"{where}: invalid {what} {short_repr(value)}")
-    return tuple(value)
+_SHAPES: dict[tuple[int, ...], tuple[int, ...]] = {}
+_MAX_SHARED_SHAPES = 1 << 16
+
+
+def _shared(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One tuple object per distinct shape or stride: a ZeRO file of many comm intervals holds
+    tens of thousands of partitions of a few sizes, each with its own two tuples once read."""
+    if len(shape) > 2:
+        return shape
+    found = _SHAPES.get(shape)
+    if found is None:
+        if len(_SHAPES) >= _MAX_SHARED_SHAPES:
+            return shape
+        _SHAPES[shape] = found = shape
+    return found
+
+
+def _where(storage: StorageRef) -> str:
+    return f"{storage.zip.path}: tensor on storage {storage.key!r}"
+
+
+def _int_tuple(value: Any, where: StorageRef | str, what: str) -> tuple[int, ...]:
+    """``value`` as a tuple of int64-sized non-negative ints (``bool`` is not an int here)."""
+    if type(value) is tuple and len(value) == 1:
+        item = value[0]
+        if type(item) is int and 0 <= item <= MAX_INT64:
+            return _shared(value)
+    elif isinstance(value, (tuple, list)) and len(value) <= _MAX_DIMS:
+        for item in value:
+            if type(item) is not int or not 0 <= item <= MAX_INT64:
+                break
+        else:
+            return _shared(tuple(value))
+    place = _where(where) if isinstance(where, StorageRef) else where
+    raise CheckpointFormatError(f"{place}: invalid {what} {short_repr(value)}")
 
 
 class PickledObject:

@@ -175,6 +175,8 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
         if depth > MAX_DEPTH:
             raise CheckpointFormatError(f"object tree nests deeper than {MAX_DEPTH} levels")
         budget.spend()
+        if type(value) is TensorRef:  # first: a ZeRO file of many comm intervals is mostly these
+            return render_tensor(value)
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
             # Python refuses to print integers over 4300 digits in decimal; hex has no limit.
             return {"__int__": hex(value)}
@@ -209,9 +211,9 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
         active.add(id(value))
         try:
             if isinstance(value, dict):
-                return {_key(k): visit(v, depth + 1) for k, v in value.items()}
+                return {_key(k): child(v, depth + 1) for k, v in value.items()}
             if isinstance(value, (list, tuple)):
-                return [visit(v, depth + 1) for v in value]
+                return [child(v, depth + 1) for v in value]
             if isinstance(value, (set, frozenset)):
                 return sorted((visit(v, depth + 1) for v in value), key=repr)
             if isinstance(value, PickledObject):
@@ -232,6 +234,15 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
         finally:
             active.discard(id(value))
         return {"__unknown__": type(value).__name__}
+
+    def child(value: Any, depth: int) -> Any:
+        # Tensors and strings without a call of visit: a ZeRO file of many comm intervals
+        # holds hundreds of thousands of them in its lists and dicts.
+        kind = type(value)
+        if kind is TensorRef or kind is str:
+            budget.spend()
+            return value if kind is str else render_tensor(value)
+        return visit(value, depth)
 
     return visit(obj, 0)
 

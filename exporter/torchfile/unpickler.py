@@ -14,6 +14,7 @@ nothing and bounds what the C unpickler would do unchecked (memo size, nesting, 
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import io
 import pickle
 from collections import OrderedDict
@@ -156,6 +157,8 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
 
 
 def _ordered_dict(*args: Any) -> OrderedDict:
+    if not args:  # torch pickles one per tensor (its backward hooks)
+        return OrderedDict()
     if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict))):
         raise UnsafePickleError("OrderedDict with unexpected arguments")
     return OrderedDict(*args)
@@ -203,23 +206,22 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     return cls.__new__(cls, state) if state is not None else cls.__new__(cls)
 
 
-class SafeGlobal:
+class SafeGlobal(functools.partial):
     """What :meth:`_SafeUnpickler.find_class` returns for a known global: a call-only handle.
 
     The functions and classes behind these handles are shared by every load in the process.
     Handed out bare, a pickle could BUILD on them (``setattr(func, '__defaults__', ...)``)
     and change how later files are read, or NEWOBJ a class without running its checks; a
-    handle can only be called.
+    handle can only be called. A ``functools.partial`` without bound arguments, because
+    its call is made in C: the unpickler calls a handle once per tensor and more.
     """
 
-    __slots__ = ("name", "func")
+    __slots__ = ("name",)
 
-    def __init__(self, name: str, func: Callable[..., Any]) -> None:
-        self.name = name
-        self.func = func
-
-    def __call__(self, *args: Any) -> Any:
-        return self.func(*args)
+    def __new__(cls, name: str, func: Callable[..., Any]) -> SafeGlobal:
+        handle = super().__new__(cls, func)
+        handle.name = name
+        return handle
 
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError(f"a pickle tried to modify the reader's {self.name}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
 from exporter.records import OPTIMIZER_KINDS, TensorJob
-from exporter.torchfile import TorchFile, load_torch_file, to_json
+from exporter.torchfile import TorchFile, load_torch_file, paused_collector, to_json
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
@@ -65,6 +66,19 @@ class OptimizerPlan:
         for job in self.jobs:
             out[job.kind].append(job)
         return out
+
+
+def load_partition_files(paths: list[Any]) -> list[TorchFile]:
+    """Read the data-parallel partition files of one unit, two at a time.
+
+    The checks before unpickling (the prescan of :mod:`exporter.torchfile.opscan`, the zip
+    directory) run in numpy, which releases the GIL: one file is checked while another one's
+    pickle is read. Errors are raised in file order.
+    """
+    if len(paths) < 2:
+        return [load_torch_file(p) for p in paths]
+    with ThreadPoolExecutor(2, thread_name_prefix="read-partitions") as pool:
+        return list(pool.map(load_torch_file, paths))
 
 
 def detect_format(tf: TorchFile) -> str:
@@ -107,6 +121,13 @@ def plan_optimizer(
     """
     if not files.optim_files:
         return None
+    with paused_collector():
+        return _plan_optimizer(files, model, engine)
+
+
+def _plan_optimizer(
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState
+) -> OptimizerPlan:
     mps = sorted({mp for _, mp in files.optim_files})
     dp = len({dp for dp, _ in files.optim_files})
     units: dict[int, list[ParamSlices]] = {}
@@ -115,7 +136,7 @@ def plan_optimizer(
     formats = set()
     loss_scale = None
     for mp in mps:
-        tfs = [load_torch_file(files.optim_files[(r, mp)]) for r in range(dp)]
+        tfs = load_partition_files([files.optim_files[(r, mp)] for r in range(dp)])
         if mp == mps[0]:
             loss_scale = _loss_scale(tfs[0].obj)
         fmt = detect_format(tfs[0])
@@ -227,8 +248,15 @@ def _check_same_step(paths: list[Any], rendered: dict[str, Any]) -> None:
 
 
 def _render_scalars(tf: TorchFile) -> Any:
+    # One shared dict per (dtype, numel): a file of many comm intervals has tens of thousands
+    # of partitions of a few sizes, and state.json is written from these (the same text).
+    seen: dict[tuple[Any, int], dict[str, Any]] = {}
+
     def tensor(ref: Any) -> Any:
-        return {"__partition__": str(ref.dtype).removeprefix("torch."), "numel": ref.numel}
+        key = (ref.dtype, ref.numel)
+        if key not in seen:
+            seen[key] = {"__partition__": str(ref.dtype).removeprefix("torch."), "numel": ref.numel}
+        return seen[key]
 
     return to_json(tf.obj, tensor=tensor)
 
@@ -277,7 +305,7 @@ def _merge_units(
                         TensorJob(
                             name=rule.hf_name,
                             kind=kind,
-                            dtype=shards[0].segments[kind][0].ref.dtype if shards[0].segments[kind] else torch.float32,
+                            dtype=shards[0].segments[kind].first.dtype if shards[0].segments[kind] else torch.float32,
                             shape=shape,
                             chunks=_chunks(shards, kind, rule, disagree),
                             neox_name=neox_name,
@@ -300,7 +328,7 @@ def _chunks(shards: list[ParamSlices], kind: str, rule: OutputRule,
         def read_range(start: int, count: int) -> torch.Tensor:
             return param.read_range(kind, start, count)
 
-        size = param.segments[kind][0].ref.element_size if param.segments[kind] else 4
+        size = param.segments[kind].first.element_size if param.segments[kind] else 4
         return Shard(param.shape, size, param.chunks(kind), read_range)
 
     if kind != "master" and rule.table_merge is Merge.ROW_BIAS:

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -31,20 +31,17 @@ from exporter.torchfile import TensorRef
 from exporter.torchfile.records import read_exact, read_tensor
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """Elements ``[start, start + count)`` of a 1-D partition tensor."""
+class Segment(NamedTuple):
+    """Elements ``[start, start + count)`` of a 1-D partition tensor.
+
+    A named tuple: a partition of many comm intervals makes one per parameter and interval
+    (hundreds of thousands), and :meth:`FlatLayout.covering`, the one place that makes them,
+    checks the range against the partition.
+    """
 
     ref: TensorRef
     start: int
     count: int
-
-    def __post_init__(self) -> None:
-        if self.start < 0 or self.count < 0 or self.start + self.count > self.ref.numel:
-            raise CheckpointFormatError(
-                f"{self.ref.path}: slice [{self.start}, {self.start + self.count}) lies outside "
-                f"a partition of {self.ref.numel} elements"
-            )
 
     def read(self) -> torch.Tensor:
         size = self.ref.element_size
@@ -59,7 +56,7 @@ class ParamSlices:
     name: str
     shape: tuple[int, ...]
     group: int
-    segments: dict[str, list[Segment]] = field(default_factory=dict)
+    segments: dict[str, Segments] = field(default_factory=dict)
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -71,8 +68,7 @@ class ParamSlices:
 
     def read_range(self, kind: str, start: int, count: int) -> torch.Tensor:
         """Flat elements ``[start, start + count)`` of one kind, reading only those bytes."""
-        layout = FlatLayout([(seg.ref, seg.start, seg.count) for seg in self.segments[kind]])
-        parts = [seg.read() for seg in layout.covering(start, count, self.name)]
+        parts = [seg.read() for seg in self.segments[kind].covering(start, count, self.name)]
         if not parts:
             return torch.empty(0, dtype=torch.float32)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -85,15 +81,15 @@ class ParamSlices:
         def gen(max_bytes: int) -> Iterator[torch.Tensor]:
             if not segments:
                 return
-            dtype, size = segments[0].ref.dtype, segments[0].ref.element_size
-            if any(seg.ref.dtype != dtype for seg in segments):
-                raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
-            total = sum(seg.count for seg in segments) * size
+            dtype, size = segments.first.dtype, segments.first.element_size
+            total = segments.count * size
             step = max(1, max_bytes // size) * size
             files: dict[os.PathLike[str], int] = {}
             try:
                 out, view, filled = None, memoryview(b""), 0
                 for seg in segments:
+                    if seg.ref.dtype != dtype:
+                        raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
                     fd = files.get(seg.ref.path)
                     if fd is None:
                         fd = files[seg.ref.path] = os.open(seg.ref.path, os.O_RDONLY)
@@ -120,7 +116,7 @@ def flat_partition(ref: Any, where: str) -> TensorRef:
     """Check that ``ref`` is a 1-D contiguous tensor (a flat ZeRO partition)."""
     if not isinstance(ref, TensorRef):
         raise LayoutError(f"{where}: expected a flat partition tensor, found {type(ref).__name__}")
-    if len(ref.shape) != 1 or not ref.is_contiguous:
+    if len(ref.shape) != 1 or (ref.stride[0] != 1 and ref.shape[0] > 1):
         raise LayoutError(f"{where}: partition tensor has shape {list(ref.shape)}, expected 1-D")
     return ref
 
@@ -141,24 +137,84 @@ class FlatLayout:
         self.spans = spans
         self.starts = list(itertools.accumulate((size for _, _, size in spans[:-1]), initial=0))
         self.total = self.starts[-1] + spans[-1][2] if spans else 0
+        # Flat ranges a span covers but its tensor does not hold (a trimmed last partition).
+        self._missing = [
+            (self.starts[i] + max(0, ref.numel - start), self.starts[i] + size, i)
+            for i, (ref, start, size) in enumerate(spans) if start + size > ref.numel
+        ]
 
-    def covering(self, begin: int, count: int, what: str) -> list[Segment]:
-        """The segments holding elements ``[begin, begin + count)``."""
-        segments = []
-        index = max(0, bisect.bisect_right(self.starts, begin) - 1)
-        pos, end = begin, begin + count
-        while pos < end and index < len(self.spans):
-            ref, start, size = self.spans[index]
-            local = pos - self.starts[index]
-            take = min(end - pos, size - local)
-            if take > 0:
-                segments.append(Segment(ref, start + local, take))
-                pos += take
-            index += 1
-        if pos < end:
+    @classmethod
+    def whole(cls, refs: list[TensorRef]) -> FlatLayout:
+        """Every element of each of ``refs``, back to back."""
+        layout = cls.__new__(cls)
+        layout.spans = [(ref, 0, ref.numel) for ref in refs]
+        layout.starts = list(itertools.accumulate((ref.numel for ref in refs[:-1]), initial=0))
+        layout.total = layout.starts[-1] + refs[-1].numel if refs else 0
+        layout._missing = []
+        return layout
+
+    def covering(self, begin: int, count: int, what: str) -> Segments:
+        """The segments holding elements ``[begin, begin + count)``, checked now and made as
+        they are iterated (a parameter of a many-interval partition spans thousands)."""
+        end = begin + count
+        if begin < 0 or count < 0 or end > self.total:
             raise LayoutError(f"{what}: elements [{begin}, {end}) run past the last partition "
                               f"({self.total} elements; partition count mismatch?)")
-        return segments
+        for low, high, index in self._missing:
+            if count and begin < high and end > low:
+                ref, start, _ = self.spans[index]
+                first = start + max(begin, self.starts[index]) - self.starts[index]
+                raise CheckpointFormatError(
+                    f"{ref.path}: slice [{first}, {first + min(end, high) - max(begin, low)}) "
+                    f"lies outside a partition of {ref.numel} elements"
+                )
+        return Segments(self, begin, count)
+
+    def segments(self, begin: int, count: int) -> Iterator[Segment]:
+        index = max(0, bisect.bisect_right(self.starts, begin) - 1)
+        pos, end = begin, begin + count
+        spans, starts = self.spans, self.starts
+        while pos < end:
+            ref, start, size = spans[index]
+            local = pos - starts[index]
+            take = min(end - pos, size - local)
+            if take > 0:
+                yield Segment(ref, start + local, take)
+                pos += take
+            index += 1
+
+
+class Segments:
+    """A parameter's elements ``[begin, begin + count)`` of one :class:`FlatLayout`: iterates
+    as :class:`Segment` s, and keeps no object per segment between iterations."""
+
+    __slots__ = ("layout", "begin", "count")
+
+    def __init__(self, layout: FlatLayout, begin: int, count: int) -> None:
+        self.layout = layout
+        self.begin = begin
+        self.count = count
+
+    def __iter__(self) -> Iterator[Segment]:
+        return self.layout.segments(self.begin, self.count)
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @property
+    def first(self) -> TensorRef:
+        """The partition tensor that holds the first element."""
+        return next(iter(self)).ref
+
+    def covering(self, start: int, count: int, what: str) -> Segments:
+        """Elements ``[start, start + count)`` of this range."""
+        if start < 0 or count < 0 or start + count > self.count:
+            raise LayoutError(f"{what}: elements [{start}, {start + count}) outside a parameter "
+                              f"of {self.count}")
+        return Segments(self.layout, self.begin + start, count)
 
 
 def partition_state_dicts(files: list[Any]) -> list[dict[str, Any]]:

@@ -90,20 +90,28 @@ def read_elastic(
                 f"{files[0].path}: group {g} has {comms} comm intervals, "
                 f"num_comm_intervals_per_group says {intervals[g]}"
             )
-        pieces: dict[str, list[TensorRef]] = {"master": [], "exp_avg": [], "exp_avg_sq": []}
-        for k in range(comms * dp):
-            rank, comm = k % dp, k // dp
-            where = f"{files[rank].path} group {g} comm interval {comm}"
+        for rank in range(dp):
             if len(fp32[rank][g]) != comms or len(states[rank][g]) != comms:
                 raise LayoutError(f"{files[rank].path}: group {g} has a different number of comm intervals")
-            pieces["master"].append(flat_partition(fp32[rank][g][comm], where))
-            state = states[rank][g][comm]
-            if not isinstance(state, dict):
-                raise LayoutError(f"{where}: optimizer state is not a dict")
-            for kind in ("exp_avg", "exp_avg_sq"):
-                if kind not in state:
-                    raise LayoutError(f"{where}: optimizer state has no {kind!r} (not Adam?)")
-                pieces[kind].append(flat_partition(state[kind], f"{where} {kind}"))
+        masters: list[TensorRef] = []
+        avgs: list[TensorRef] = []
+        avg_sqs: list[TensorRef] = []
+        # Sub-partition k is rank k % dp's comm interval k // dp. Thousands per group with a
+        # small bucket: messages are made only when a check fails.
+        for comm in range(comms):
+            for rank in range(dp):
+                state = states[rank][g][comm]
+                master = fp32[rank][g][comm]
+                try:
+                    avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                except (TypeError, KeyError, IndexError):
+                    avg = avg_sq = None
+                if not (_is_flat(master) and _is_flat(avg) and _is_flat(avg_sq)):
+                    _refuse_partition(files[rank], g, comm, (master, avg, avg_sq), state)
+                masters.append(master)
+                avgs.append(avg)
+                avg_sqs.append(avg_sq)
+        pieces = {"master": masters, "exp_avg": avgs, "exp_avg_sq": avg_sqs}
         lengths = [p.numel for p in pieces["master"]]
         for kind in ("exp_avg", "exp_avg_sq"):
             if [p.numel for p in pieces[kind]] != lengths:
@@ -117,8 +125,7 @@ def read_elastic(
             )
         _check_padding(osds, files, g, comms, lengths)
         offset = 0
-        layouts = {kind: FlatLayout([(ref, 0, ref.numel) for ref in refs])
-                   for kind, refs in pieces.items()}
+        layouts = {kind: FlatLayout.whole(refs) for kind, refs in pieces.items()}
         for name, shape in shapes[g].items():
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
@@ -131,6 +138,22 @@ def read_elastic(
              "sub_partitions": comms * dp, "elements": total, "parameters": len(shapes[g])}
         )
     return params, summary
+
+
+def _is_flat(ref: Any) -> bool:
+    return type(ref) is TensorRef and len(ref.shape) == 1 and (ref.stride[0] == 1 or ref.shape[0] <= 1)
+
+
+def _refuse_partition(tf: TorchFile, g: int, comm: int, refs: tuple[Any, ...], state: Any) -> None:
+    where = f"{tf.path} group {g} comm interval {comm}"
+    flat_partition(refs[0], where)
+    if not isinstance(state, dict):
+        raise LayoutError(f"{where}: optimizer state is not a dict")
+    for kind, ref in zip(("exp_avg", "exp_avg_sq"), refs[1:], strict=True):
+        if kind not in state:
+            raise LayoutError(f"{where}: optimizer state has no {kind!r} (not Adam?)")
+        flat_partition(ref, f"{where} {kind}")
+    raise LayoutError(f"{where}: not a flat partition tensor")
 
 
 def _check_padding(osds: list[dict[str, Any]], files: list[TorchFile], g: int, comms: int,
