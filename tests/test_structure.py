@@ -154,3 +154,17 @@ def test_only_the_layout_module_spells_archive_paths() -> None:
                  for path in sorted(PACKAGE.rglob("*.py"))
                  if path != layout and (literals := _archive_path_literals(path))}
     assert offenders == {}
+
+
+def test_the_command_line_starts_without_the_readers_it_does_not_use() -> None:
+    # Every `neox-export` run pays its imports before any work: the catalog readers, plots,
+    # pandas and pyarrow.dataset load only when a command that needs them runs.
+    import subprocess
+    import sys
+
+    heavy = ["pandas", "pyarrow.dataset", "exporter.catalog.reader", "exporter.archive.plot",
+             "exporter.archive.loader", "matplotlib"]
+    code = ("import sys, exporter.cli.main; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -94,16 +95,21 @@ class SafetensorsWriter:
         self.total_bytes = self.data_start + offset
         self._index = 0
         self._written = 0
-        self._fh = None
+        self._fh: Any = None
         self._tmp = temp_name(self.path)
         self.placed: list[WrittenTensor] = []
 
     def __enter__(self) -> SafetensorsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed in __exit__
+        self._fh = self._open_file(self._tmp)
         self._fh.write(self._header)
         self._skip_empty()
         return self
+
+    def _open_file(self, path: Path) -> Any:
+        """The file object the bytes go to (``write``, ``tell``, ``flush``, ``fileno``,
+        ``close``)."""
+        return open(path, "wb")  # noqa: SIM115 - closed in __exit__
 
     def _skip_empty(self) -> None:
         # Zero-element tensors get no write() call: record them as they come up.

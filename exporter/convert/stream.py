@@ -6,7 +6,9 @@ whether a tensor is read straight from a file, from ZeRO partition slices, or me
 tensor-parallel shards (:func:`exporter.neox.model.merged_chunks`).
 
 One pass over each byte, in one thread per file: a chunk is read (into a new buffer, one copy
-out of the page cache), cast (CPU, or GPU via :mod:`exporter.convert.device`), written, and
+out of the page cache), cast (CPU, or GPU via :mod:`exporter.convert.device`), written (into
+an aligned buffer that goes to disk around the page cache, :mod:`exporter.convert.direct`),
+and
 while it is still in the CPU's cache hashed for its file (sha256, the Hub's LFS id, kept in
 :attr:`Converter.written_files` so nothing reads the output back), hashed for its tensor
 (BLAKE3, :mod:`exporter.convert.digest`) and summarised (:mod:`exporter.convert.stats`, or
@@ -32,10 +34,12 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from exporter.convert.digest import TENSOR_DIGEST, Hasher, new_hasher
+from exporter.convert.direct import DirectFile
 from exporter.convert.engines import CastEngine, CpuCastEngine
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
 from exporter.convert.stats import StatsAccumulator
@@ -68,6 +72,7 @@ class Converter:
         statistics: compute each tensor's statistics (False leaves them null in the index).
         workers: files written at once by :meth:`write_files` (default: one per core, at
             least two).
+        direct_io: write around the page cache (``O_DIRECT``) where the file system allows.
         progress: called with the number of source bytes processed, as they are (from the
             writing threads, one call at a time).
         written_files: every file written so far, with its size and sha256.
@@ -78,6 +83,7 @@ class Converter:
     chunk_bytes: int | None = None
     statistics: bool = True
     workers: int | None = None
+    direct_io: bool = True
     progress: Callable[[int], None] | None = field(default=None, repr=False)
     written_files: list[WrittenFile] = field(default_factory=list, repr=False)
     _local: threading.local = field(default_factory=threading.local, init=False, repr=False)
@@ -185,7 +191,8 @@ class Converter:
         specs = [TensorSpec(j.name, self.output_dtype(j), j.shape) for j in jobs]
         rel = str(task.path.relative_to(root)) if root else str(task.path)
         records: list[WrittenRecord] = []
-        with _Writer(task.path, specs, task.metadata or {"format": "pt"}) as writer:
+        with _Writer(task.path, specs, task.metadata or {"format": "pt"},
+                     direct=self.direct_io) as writer:
             file_digest = hashlib.sha256(writer.header)
             for job, spec in zip(jobs, specs, strict=True):
                 digest, stats = self._write_tensor(job, spec, writer, file_digest, cancel)
@@ -241,19 +248,29 @@ def _task_bytes(converter: Converter, task: FileTask) -> int:
 
 
 class _Writer(SafetensorsWriter):
-    """A :class:`SafetensorsWriter` that starts writing its pages back to disk as it goes.
+    """A :class:`SafetensorsWriter` whose bytes bypass the page cache where the file system
+    allows (:class:`exporter.convert.direct.DirectFile`: the kernel neither copies nor caches
+    what an export never reads back), and otherwise start going to disk as they are written.
 
-    Linux starts writeback of a range's dirty pages on ``POSIX_FADV_DONTNEED``
+    In the second case Linux starts writeback of a range's dirty pages on ``POSIX_FADV_DONTNEED``
     (``mm/fadvise.c`` ``generic_fadvise`` -> ``__filemap_fdatawrite_range``, without waiting),
     and drops them from the page cache once clean: the writer's final ``fsync`` then finds
     little left to flush, an export of hundreds of GB does not crowd the page cache, and
     (measured) page-cache writes cost less CPU when memory is not full of dirty pages.
     """
 
+    def __init__(self, *args: Any, direct: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct = direct
+
     def __enter__(self) -> _Writer:
-        super().__enter__()
         self._advised = 0
+        super().__enter__()
         return self
+
+    def _open_file(self, path: Path) -> Any:
+        found = DirectFile.create(path) if self._direct else None
+        return found if found is not None else super()._open_file(path)
 
     @property
     def header(self) -> bytes:
@@ -263,7 +280,7 @@ class _Writer(SafetensorsWriter):
     def write(self, name: str, data: bytes | memoryview | bytearray) -> None:
         super().write(name, data)
         fh = self._fh
-        if fh is not None and hasattr(os, "posix_fadvise"):
+        if fh is not None and not isinstance(fh, DirectFile) and hasattr(os, "posix_fadvise"):
             end = fh.tell()
             if end - self._advised >= WRITEBACK_BYTES:
                 fh.flush()
