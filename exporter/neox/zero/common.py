@@ -84,24 +84,29 @@ class ParamSlices:
             dtype, size = segments.first.dtype, segments.first.element_size
             total = segments.count * size
             step = max(1, max_bytes // size) * size
-            files: dict[os.PathLike[str], int] = {}
+            files: dict[Any, int] = {}
             try:
                 out, view, filled = None, memoryview(b""), 0
-                for seg in segments:
-                    if seg.ref.dtype != dtype:
+                capacity = 0
+                for ref, start, count in segments:  # per segment: plain arithmetic, one preadv
+                    storage = ref.storage
+                    if storage.dtype != dtype:
                         raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
-                    fd = files.get(seg.ref.path)
+                    fd = files.get(storage.zip)
                     if fd is None:
-                        fd = files[seg.ref.path] = os.open(seg.ref.path, os.O_RDONLY)
-                    pos, left = seg.ref.file_offset + seg.start * size, seg.count * size
+                        fd = files[storage.zip] = os.open(ref.path, os.O_RDONLY)
+                    pos = storage.file_offset + (ref.offset + start) * size
+                    left = count * size
                     while left:
                         if out is None:
                             out = torch.empty(min(step, total), dtype=torch.uint8)
-                            view, filled = memoryview(out.numpy()), 0
-                        take = min(left, out.numel() - filled)
-                        read_exact(fd, view[filled : filled + take], pos, seg.ref.path)
+                            view, filled, capacity = memoryview(out.numpy()), 0, out.numel()
+                        take = min(left, capacity - filled)
+                        target = view[filled : filled + take]
+                        if os.preadv(fd, [target], pos) != take:
+                            read_exact(fd, target, pos, ref.path)
                         filled, pos, left = filled + take, pos + take, left - take
-                        if filled == out.numel():
+                        if filled == capacity:
                             total -= filled
                             yield out.view(dtype)
                             out = None
