@@ -248,3 +248,32 @@ def test_an_index_of_old_and_new_steps_reads_as_one_table(tmp_path: Path) -> Non
     pq.write_table(pa.Table.from_pylist([old], schema=schema), folder / "step1.parquet")
     rows = read_index(folder).to_pylist()
     assert [index_digest(r) for r in rows] == [("sha256", "ab" * 32), ("blake3", "ab" * 32)]
+
+
+def _expand_runs(value: object) -> object:
+    if isinstance(value, dict) and set(value) == {"__runs__"}:
+        return [_expand_runs(item) for count, item in value["__runs__"] for _ in range(count)]
+    if isinstance(value, dict):
+        return {k: _expand_runs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_runs(v) for v in value]
+    return value
+
+
+def test_many_interval_state_json_keeps_every_value_in_runs(tmp_path: Path) -> None:
+    import json
+
+    from exporter.torchfile import to_json
+
+    source = tmp_path / "many"
+    write_checkpoint(source, TINY, step=8, dp=2, config=RunConfig(max_elements_per_comm=64))
+    export_checkpoint(source, tmp_path / "out", ExportOptions(include=("optimizer", "state")))
+    files = json.loads((tmp_path / "out" / "state.json").read_text())["optimizer"]["files"]
+    assert sorted(files) == sorted(p.name for p in source.glob("zero_pp_rank_*"))
+    for name, rendered in files.items():
+        text = json.dumps(rendered)
+        assert text.count('"__runs__"') > 0
+        full = to_json(load_torch_file(source / name).obj, tensor=lambda r: {
+            "__partition__": str(r.dtype).removeprefix("torch."), "numel": r.numel})
+        assert _expand_runs(rendered) == full
+        assert len(text) * 4 < len(json.dumps(full))

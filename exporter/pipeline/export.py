@@ -171,7 +171,8 @@ def export_checkpoint(
     cfg = read_neox_config(files)
     model = plan_model(files, cfg)
     engine = read_engine_state(files, exported_module="model" in options.include)
-    optimizer = plan_optimizer(files, model, engine) if "optimizer" in options.include else None
+    optimizer = (plan_optimizer(files, model, engine, render_files="state" in options.include)
+                 if "optimizer" in options.include else None)
     if "optimizer" in options.include and optimizer is None:
         log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
     converter = Converter(dtype=options.dtype, device=options.device, progress=progress,

@@ -29,8 +29,9 @@ from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
+from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
-from exporter.torchfile import TorchFile, load_torch_file, paused_collector, to_json
+from exporter.torchfile import TorchFile, load_torch_file, paused_collector
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
@@ -111,9 +112,12 @@ def _param_shapes(value: Any, where: str) -> list[dict[str, tuple[int, ...]]]:
 
 
 def plan_optimizer(
-    files: CheckpointFiles, model: ModelPlan, engine: EngineState
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool = True
 ) -> OptimizerPlan | None:
     """Plan every optimizer tensor of the checkpoint, or None if it has no ZeRO files.
+
+    ``render_files``: keep every non-tensor value of each partition file in
+    ``state_json["files"]`` (for ``state.json``); else only what the step check needs.
 
     Raises:
         LayoutError: missing/extra rank files, partition counts that disagree with the files,
@@ -122,11 +126,11 @@ def plan_optimizer(
     if not files.optim_files:
         return None
     with paused_collector():
-        return _plan_optimizer(files, model, engine)
+        return _plan_optimizer(files, model, engine, render_files)
 
 
 def _plan_optimizer(
-    files: CheckpointFiles, model: ModelPlan, engine: EngineState
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool
 ) -> OptimizerPlan:
     mps = sorted({mp for _, mp in files.optim_files})
     dp = len({dp for dp, _ in files.optim_files})
@@ -155,7 +159,7 @@ def _plan_optimizer(
             shapes = _param_shapes(tfs[0].obj.get("param_shapes"), str(tfs[0].path))
             units[mp], summaries[mp] = read_elastic(shapes, tfs, engine)
         for tf in tfs:
-            per_file[tf.path.name] = _render_scalars(tf)
+            per_file[tf.path.name] = render_partition_file(tf, render_files)
         _check_same_step([files.optim_files[(r, mp)] for r in range(dp)], per_file)
     disagree: list[str] = []
     jobs, unit_tp_rank, stages, missing = _merge_units(units, model, disagree)
@@ -226,17 +230,12 @@ def _loss_scale(root: Any) -> float | None:
     return None
 
 
-# Values every partition file of one checkpoint shares: the loss scaler is updated in lockstep
-# on all ranks (its overflow check is all-reduced), and so is the optimizer's step count.
-_SHARED_STATE = ("loss_scaler", "overflow", "base_optimizer_state_step", "zero_stage")
-
-
 def _check_same_step(paths: list[Any], rendered: dict[str, Any]) -> None:
     """Refuse partition files that disagree on state all ranks share (mixed-up steps)."""
     first = None
     for path in paths:
         osd = rendered[path.name].get("optimizer_state_dict", {}) if isinstance(rendered[path.name], dict) else {}
-        shared = {k: osd.get(k) for k in _SHARED_STATE} if isinstance(osd, dict) else {}
+        shared = {k: osd.get(k) for k in SHARED_STATE} if isinstance(osd, dict) else {}
         if first is None:
             first = (path, shared)
         elif shared != first[1]:
@@ -245,20 +244,6 @@ def _check_same_step(paths: list[Any], rendered: dict[str, Any]) -> None:
                 f"{path}: partition file disagrees with {first[0].name} on {', '.join(differ)} "
                 f"(files from different steps or runs?)"
             )
-
-
-def _render_scalars(tf: TorchFile) -> Any:
-    # One shared dict per (dtype, numel): a file of many comm intervals has tens of thousands
-    # of partitions of a few sizes, and state.json is written from these (the same text).
-    seen: dict[tuple[Any, int], dict[str, Any]] = {}
-
-    def tensor(ref: Any) -> Any:
-        key = (ref.dtype, ref.numel)
-        if key not in seen:
-            seen[key] = {"__partition__": str(ref.dtype).removeprefix("torch."), "numel": ref.numel}
-        return seen[key]
-
-    return to_json(tf.obj, tensor=tensor)
 
 
 def _merge_units(
