@@ -8,9 +8,10 @@ are stored, a tensor's bytes sit at a fixed offset of the file and can be read w
 ``pread`` or mapped, without decompressing anything. We refuse compressed members: that
 rules out zip bombs and keeps every byte range checkable against the file size.
 
-We use :mod:`zipfile` only to parse the central directory; nothing is extracted, so member
-names never reach the file system. Names no torch writer produces (absolute, ``..``,
-backslashes) and duplicated names are refused all the same.
+The central directory is parsed by :mod:`exporter.torchfile.zipdir` (numpy, for the layout
+torch writes) or by :mod:`zipfile` (anything else); nothing is extracted, so member names
+never reach the file system. Names no torch writer produces (absolute, ``..``, backslashes)
+and duplicated names are refused all the same.
 """
 
 from __future__ import annotations
@@ -19,15 +20,32 @@ import os
 import re
 import struct
 import zipfile
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.errors import CheckpointFormatError
+from exporter.torchfile.zipdir import (
+    BAD_HEADER,
+    COMPRESSED,
+    OK,
+    PAST_END,
+    TRUNCATED_HEADER,
+    Directory,
+    local_headers,
+    read_fast,
+    read_with_zipfile,
+)
 
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
-_LOCAL_HEADER_SIGNATURE = 0x04034B50
+#: Why ``member`` refuses a member, by the outcome :func:`local_headers` gives it.
+_REFUSALS = {
+    COMPRESSED: "member '{}' is compressed; torch writes stored members",
+    BAD_HEADER: "bad zip header of '{}'",
+    TRUNCATED_HEADER: "truncated zip header of '{}'",
+    PAST_END: "member '{}' runs past the end of the file (file truncated?)",
+}
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 
 #: Largest ``data.pkl`` we read. Real ones hold no tensor data (a few MB at most).
@@ -62,30 +80,36 @@ class TorchZip:
             raise CheckpointFormatError(f"{self.path}: cannot read: {exc.strerror}") from exc
         if self.file_size == 0:
             raise CheckpointFormatError(f"{self.path}: empty file")
-        try:
-            if not zipfile.is_zipfile(self.path):
-                raise CheckpointFormatError(f"{self.path}: {_describe_non_zip(self.path)}")
-            with zipfile.ZipFile(self.path) as archive:
-                infos = archive.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
-                struct.error) as exc:
-            raise CheckpointFormatError(f"{self.path}: damaged zip container: {exc}") from exc
-        # Only what member() needs, as a tuple: a ZipInfo weighs about 500 bytes, and a ZeRO
-        # file of many small comm intervals has a member per tensor (36,000 and more).
-        self._infos: dict[str, tuple[int, int, int]] = {
-            info.filename: (info.compress_type, info.header_offset, info.file_size)
-            for info in infos
-        }
-        if len(self._infos) != len(infos):
+        directory = read_fast(self.path, self.file_size)
+        if directory is None:
+            try:
+                if not zipfile.is_zipfile(self.path):
+                    raise CheckpointFormatError(f"{self.path}: {_describe_non_zip(self.path)}")
+                directory = read_with_zipfile(self.path, self.file_size)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
+                    struct.error) as exc:
+                raise CheckpointFormatError(
+                    f"{self.path}: damaged zip container: {exc}") from exc
+        #: True when the central directory was parsed by the numpy reader, False when
+        #: :mod:`zipfile` read it (an archive with a comment, prepended bytes, other writers'
+        #: extra fields, ...).
+        self.fast_path = directory.fast
+        # Name -> row of the arrays; no Python object per member beyond the name.
+        self._index = dict(zip(directory.names, range(len(directory.names)), strict=True))
+        if len(self._index) != len(directory.names):
             # Two members of one name: zip readers disagree on which one counts.
             raise CheckpointFormatError(f"{self.path}: zip container holds a member name twice")
-        for name in self._infos:
-            if _unsafe_name(name):
-                raise CheckpointFormatError(
-                    f"{self.path}: zip member name {name[:100]!r} points outside the archive"
-                )
-        self.prefix = self._find_prefix()
-        self._members: dict[str, Member] = {}
+        # No name holds a NUL (zipfile cuts names there, and the fast reader leaves such names
+        # to it): joined by NUL, the names can be searched together at C speed.
+        joined = "\x00".join(directory.names)
+        _check_names(self.path, directory.names, joined)
+        self.prefix = self._find_prefix(joined)
+        self._storage_prefix = self.prefix + "data/"
+        # Until the local headers are read; the names live on as the index's keys.
+        self._directory: Directory | None = replace(directory, names=[])
+        self._data_offset = array("q")
+        self._sizes = array("q")
+        self._status: bytes | None = None
         self._fd: int | None = None
 
     @contextmanager
@@ -108,12 +132,19 @@ class TorchZip:
         with open(self.path, "rb") as fh:
             return os.pread(fh.fileno(), size, offset)
 
-    def _find_prefix(self) -> str:
-        prefixes = [
-            name[: -len("data.pkl")]
-            for name in self._infos
-            if name.endswith("/data.pkl") and name.count("/") == 1
-        ]
+    def _find_prefix(self, joined: str) -> str:
+        """The ``<name>/`` of the one member named ``<name>/data.pkl`` with no other ``/``.
+
+        Searched in the NUL-joined names (see :func:`_check_names`) rather than name by name.
+        """
+        prefixes = []
+        text = joined + "\x00"
+        at = text.find("/data.pkl\x00")
+        while at >= 0:
+            start = text.rfind("\x00", 0, at) + 1
+            if "/" not in text[start:at]:
+                prefixes.append(text[start : at + 1])
+            at = text.find("/data.pkl\x00", at + 1)
         if len(prefixes) != 1:
             found = "none" if not prefixes else f"{len(prefixes)}"
             raise CheckpointFormatError(
@@ -121,44 +152,48 @@ class TorchZip:
             )
         return prefixes[0]
 
+    def _read_local_headers(self) -> None:
+        """Data offsets and outcomes of every member, read together on the first look-up.
+
+        Kept as ``array``/``bytes`` rather than numpy arrays: indexing them gives a Python
+        ``int`` directly, several times faster than a numpy scalar, and ``storage_member``
+        runs once per tensor.
+        """
+        directory = self._directory
+        if directory is None:  # read meanwhile by another thread: _status is set
+            return
+        if self._fd is not None:
+            data_offset, status = local_headers(self._fd, directory, self.file_size)
+        else:
+            with open(self.path, "rb", buffering=0) as fh:
+                data_offset, status = local_headers(fh.fileno(), directory, self.file_size)
+        self._data_offset = array("q", data_offset.tobytes())
+        self._sizes = array("q", directory.size.tobytes())
+        self._status = status.tobytes()  # last but one: the mark that the arrays are set
+        self._directory = None
+
     def member(self, name: str) -> Member:
         """The stored member ``<prefix><name>``, with its data offset checked against the file."""
-        if name in self._members:
-            return self._members[name]
-        filename = self.prefix + name
-        info = self._infos.get(filename)
-        if info is None:
-            raise CheckpointFormatError(f"{self.path}: missing member '{filename}'")
-        compress_type, header_offset, file_size = info
-        if compress_type != zipfile.ZIP_STORED:
-            raise CheckpointFormatError(
-                f"{self.path}: member '{filename}' is compressed; torch writes stored members"
-            )
-        if not 0 <= header_offset < self.file_size:
-            # zipfile shifts offsets by any bytes it finds before the first member.
-            raise CheckpointFormatError(f"{self.path}: bad zip header of '{filename}'")
-        header = self._pread(_LOCAL_HEADER.size, header_offset)
-        if len(header) != _LOCAL_HEADER.size:
-            raise CheckpointFormatError(f"{self.path}: truncated zip header of '{filename}'")
-        fields = _LOCAL_HEADER.unpack(header)
-        if fields[0] != _LOCAL_HEADER_SIGNATURE:
-            raise CheckpointFormatError(f"{self.path}: bad zip header of '{filename}'")
-        name_len, extra_len = fields[9], fields[10]
-        data_offset = header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        if data_offset + file_size > self.file_size:
-            raise CheckpointFormatError(
-                f"{self.path}: member '{filename}' runs past the end of the file "
-                f"(file truncated?)"
-            )
-        member = Member(filename, data_offset, file_size)
-        self._members[name] = member
-        return member
+        return self._member(self.prefix + name)
 
     def storage_member(self, key: str) -> Member:
         """The member holding storage ``key`` (``<prefix>data/<key>``)."""
         if not isinstance(key, str) or not _STORAGE_KEY.match(key):
             raise CheckpointFormatError(f"{self.path}: invalid storage key {key!r}")
-        return self.member(f"data/{key}")
+        return self._member(self._storage_prefix + key)
+
+    def _member(self, filename: str) -> Member:
+        # Called once per tensor while unpickling: one dict look-up, two array reads.
+        row = self._index.get(filename)
+        if row is None:
+            raise CheckpointFormatError(f"{self.path}: missing member '{filename}'")
+        if self._status is None:
+            self._read_local_headers()
+            assert self._status is not None
+        outcome = self._status[row]
+        if outcome != OK:
+            raise CheckpointFormatError(f"{self.path}: {_REFUSALS[outcome].format(filename)}")
+        return Member(filename, self._data_offset[row], self._sizes[row])
 
     def read_member(self, name: str, limit: int) -> bytes:
         """The bytes of a small member (at most ``limit`` bytes)."""
@@ -170,7 +205,7 @@ class TorchZip:
         return self.read(member.data_offset, member.size)
 
     def has(self, name: str) -> bool:
-        return (self.prefix + name) in self._infos
+        return (self.prefix + name) in self._index
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the file."""
@@ -184,6 +219,23 @@ class TorchZip:
         if not self.has("byteorder"):
             return "little"
         return self.read_member("byteorder", 16).decode("ascii", "replace").strip()
+
+
+def _check_names(path: Path, names: list[str], joined: str) -> None:
+    """Refuse the first name :func:`_unsafe_name` refuses.
+
+    The names are first searched together (``joined`` by NUL): without a ``\\``, a ``..``, a
+    ``:/`` or a ``/`` at the start of a name, no name can be unsafe, and a file of 36,000
+    members needs no call per name.
+    """
+    if not ("\\" in joined or ".." in joined or ":/" in joined or joined.startswith("/")
+            or "\x00/" in joined):
+        return
+    for name in names:
+        if _unsafe_name(name):
+            raise CheckpointFormatError(
+                f"{path}: zip member name {name[:100]!r} points outside the archive"
+            )
 
 
 def _unsafe_name(name: str) -> bool:
