@@ -182,7 +182,19 @@ class TorchZip:
             raise CheckpointFormatError(f"{self.path}: invalid storage key {key!r}")
         return self._member(self._storage_prefix + key)
 
+    def storage_span(self, key: str) -> tuple[int, int]:
+        """``(data_offset, size)`` of storage ``key``'s member, as :meth:`storage_member`
+        checks it, without the :class:`Member` (asked once per tensor while unpickling)."""
+        if not isinstance(key, str) or not _STORAGE_KEY.match(key):
+            raise CheckpointFormatError(f"{self.path}: invalid storage key {key!r}")
+        row = self._row(self._storage_prefix + key)
+        return self._data_offset[row], self._sizes[row]
+
     def _member(self, filename: str) -> Member:
+        row = self._row(filename)
+        return Member(filename, self._data_offset[row], self._sizes[row])
+
+    def _row(self, filename: str) -> int:
         # Called once per tensor while unpickling: one dict look-up, two array reads.
         row = self._index.get(filename)
         if row is None:
@@ -193,7 +205,7 @@ class TorchZip:
         outcome = self._status[row]
         if outcome != OK:
             raise CheckpointFormatError(f"{self.path}: {_REFUSALS[outcome].format(filename)}")
-        return Member(filename, self._data_offset[row], self._sizes[row])
+        return row
 
     def read_member(self, name: str, limit: int) -> bytes:
         """The bytes of a small member (at most ``limit`` bytes)."""

@@ -109,19 +109,19 @@ class StorageRef:
             raise CheckpointFormatError(
                 f"{zip_.path}: storage {key!r} has invalid size {short_repr(numel)}"
             )
-        member = zip_.storage_member(key)
+        data_offset, size = zip_.storage_span(key)
         nbytes = numel * _element_size(dtype)
-        if member.size != nbytes:
+        if size != nbytes:
             raise CheckpointFormatError(
                 f"{zip_.path}: storage {key!r} should hold {nbytes} bytes "
-                f"({numel} x {dtype}), its member holds {member.size}"
+                f"({numel} x {dtype}), its member holds {size}"
             )
         self.zip = zip_
         self.key = key
         self.dtype = dtype
         self.numel = numel
         self.location = location
-        self.file_offset = member.data_offset
+        self.file_offset = data_offset
         self.nbytes = nbytes
 
     def __setstate__(self, state: object) -> None:
