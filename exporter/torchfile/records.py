@@ -150,30 +150,39 @@ class TensorRef:
         shape: tuple[int, ...],
         stride: tuple[int, ...],
         requires_grad: bool = False,
+        *_: Any,
     ) -> None:
-        # Built once per tensor while unpickling (hundreds of thousands in a ZeRO file of many
-        # comm intervals): the checks are plain comparisons, and messages are made on failure.
-        if not isinstance(storage, StorageRef):
-            raise CheckpointFormatError("tensor rebuilt from a non-storage")
-        shape = _int_tuple(shape, storage, "shape")
-        stride = _int_tuple(stride, storage, "stride")
-        if len(shape) != len(stride):
-            raise CheckpointFormatError(
-                f"{_where(storage)}: shape {shape} and stride {stride} differ in rank"
-            )
-        if type(offset) is not int or not 0 <= offset <= MAX_INT64:
-            raise CheckpointFormatError(f"{_where(storage)}: invalid storage offset {short_repr(offset)}")
-        numel = math.prod(shape)
-        if numel > 0:
-            if len(shape) == 1:
-                last = offset + (shape[0] - 1) * stride[0]
-            else:
-                last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-            if last >= storage.numel:
+        # torch/_utils.py _rebuild_tensor_v2(storage, storage_offset, size, stride,
+        # requires_grad, backward_hooks, metadata=None): the unpickler calls this directly,
+        # and drops the hooks and metadata. Built once per tensor (hundreds of thousands in a
+        # ZeRO file of many comm intervals): plain comparisons, messages made on failure,
+        # and the 1-D case first.
+        if type(storage) is not StorageRef:
+            raise CheckpointFormatError("tensor rebuilt from something that is not a storage")
+        if (type(shape) is tuple and type(stride) is tuple and len(shape) == 1
+                and len(stride) == 1 and type(offset) is int):
+            n, step = shape[0], stride[0]
+            if not (type(n) is int and type(step) is int and 0 <= n <= MAX_INT64
+                    and 0 <= step <= MAX_INT64 and 0 <= offset <= MAX_INT64):
+                shape, stride = _int_tuple(shape, storage, "shape"), _int_tuple(stride, storage, "stride")
+                _check_offset(offset, storage)
+            numel, last = n, offset + (n - 1) * step
+            shape, stride = _shared(shape), _shared(stride)
+        else:
+            shape = _int_tuple(shape, storage, "shape")
+            stride = _int_tuple(stride, storage, "stride")
+            if len(shape) != len(stride):
                 raise CheckpointFormatError(
-                    f"{_where(storage)}: shape {shape} stride {stride} offset {offset} reaches "
-                    f"element {last}, past the storage's {storage.numel} elements"
+                    f"{_where(storage)}: shape {shape} and stride {stride} differ in rank"
                 )
+            _check_offset(offset, storage)
+            numel = math.prod(shape)
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+        if numel > 0 and last >= storage.numel:
+            raise CheckpointFormatError(
+                f"{_where(storage)}: shape {shape} stride {stride} offset {offset} reaches "
+                f"element {last}, past the storage's {storage.numel} elements"
+            )
         self.storage = storage
         self.offset = offset
         self.shape = shape
@@ -271,6 +280,11 @@ def _shared(shape: tuple[int, ...]) -> tuple[int, ...]:
             return shape
         _SHAPES[shape] = found = shape
     return found
+
+
+def _check_offset(offset: Any, storage: StorageRef) -> None:
+    if type(offset) is not int or not 0 <= offset <= MAX_INT64:
+        raise CheckpointFormatError(f"{_where(storage)}: invalid storage offset {short_repr(offset)}")
 
 
 def _where(storage: StorageRef) -> str:

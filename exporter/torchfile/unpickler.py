@@ -126,18 +126,8 @@ def _torch_device(*args: Any) -> str:
     return args[0]
 
 
-def _rebuild_tensor_v2(
-    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any
-) -> TensorRef:
-    # torch/_utils.py _rebuild_tensor_v2(storage, storage_offset, size, stride,
-    # requires_grad, backward_hooks, metadata=None); hooks and metadata are dropped.
-    if not isinstance(storage, StorageRef):
-        raise CheckpointFormatError("tensor rebuilt from something that is not a storage")
-    return TensorRef(storage, offset, size, stride, requires_grad)
-
-
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
-    return _rebuild_tensor_v2(storage, offset, size, stride)
+    return TensorRef(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
@@ -148,7 +138,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, *_: Any) -> Any:
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # torch/_tensor.py _rebuild_from_type_v2: func(*args), then re-typed; we keep func's value.
     if not isinstance(func, SafeGlobal) or func.func not in (
-        _rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter
+        TensorRef, _rebuild_tensor, _rebuild_parameter
     ):
         raise UnsafePickleError("tensor subclass rebuilt through an unknown function")
     if not isinstance(args, tuple):
@@ -242,7 +232,8 @@ _SAFE_FUNCTIONS: dict[str, Any] = {
     "copyreg._reconstructor": _copyreg_reconstructor,
     "torch.Size": _torch_size,
     "torch.device": _torch_device,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    # torch/_utils.py _rebuild_tensor_v2: the record checks its own arguments.
+    "torch._utils._rebuild_tensor_v2": TensorRef,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
