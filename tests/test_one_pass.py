@@ -277,3 +277,46 @@ def test_many_interval_state_json_keeps_every_value_in_runs(tmp_path: Path) -> N
             "__partition__": str(r.dtype).removeprefix("torch."), "numel": r.numel})
         assert _expand_runs(rendered) == full
         assert len(text) * 4 < len(json.dumps(full))
+
+
+def test_model_files_are_written_while_the_optimizer_is_planned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from exporter.pipeline import export as export_module
+
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=2)
+    real = export_module.plan_optimizer
+    seen: list[bool] = []
+
+    def waiting(files, model, engine, **kwargs):  # type: ignore[no-untyped-def]
+        weights = tmp_path / "out.partial" / "model.safetensors"
+        deadline = time.monotonic() + 30
+        while not weights.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(weights.exists())
+        return real(files, model, engine, **kwargs)
+
+    monkeypatch.setattr(export_module, "plan_optimizer", waiting)
+    monkeypatch.setattr(export_module, "partial_dir", lambda out: tmp_path / "out.partial")
+    result = export_checkpoint(tmp_path / "src", tmp_path / "out", ExportOptions())
+    assert seen == [True]
+    kinds = [r.job.kind for r in result.records]
+    assert kinds.index("master") > kinds.index("model")  # records keep the file order
+    twin = export_checkpoint(tmp_path / "src", tmp_path / "twin", ExportOptions())
+    assert result.file_sha256 == twin.file_sha256
+
+
+def test_a_planning_failure_stops_the_model_files_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.pipeline import export as export_module
+
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=2)
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ExporterError("partition files disagree")
+
+    monkeypatch.setattr(export_module, "plan_optimizer", failing)
+    with pytest.raises(ExporterError, match="partition files disagree"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", ExportOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -138,14 +138,15 @@ class Converter:
         relative. The file's size and sha256 are appended to :attr:`written_files`."""
         return self.write_files([FileTask(Path(path), jobs, metadata)], root)
 
-    def write_files(self, tasks: Sequence[FileTask], root: Path) -> list[WrittenRecord]:
+    def write_files(self, tasks: Sequence[FileTask], root: Path,
+                    cancel: threading.Event | None = None) -> list[WrittenRecord]:
         """Write several files at once, up to :attr:`workers` in parallel, largest first.
 
         Returns the records of every file in ``tasks`` order, and appends the files to
         :attr:`written_files` in that order. The first error stops the other files (their
-        partial outputs are removed) and is raised.
+        partial outputs are removed) and is raised; so does setting ``cancel``.
         """
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         results: list[tuple[list[WrittenRecord], WrittenFile] | None] = [None] * len(tasks)
 
         def run(index: int) -> None:
@@ -177,6 +178,8 @@ class Converter:
             real = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
             if real:
                 raise real[0]
+        if any(result is None for result in results):
+            raise ExporterError("writing was cancelled")
         records: list[WrittenRecord] = []
         for result in results:
             assert result is not None

@@ -20,8 +20,10 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,18 +173,15 @@ def export_checkpoint(
     cfg = read_neox_config(files)
     model = plan_model(files, cfg)
     engine = read_engine_state(files, exported_module="model" in options.include)
-    optimizer = (plan_optimizer(files, model, engine, render_files="state" in options.include)
-                 if "optimizer" in options.include else None)
-    if "optimizer" in options.include and optimizer is None:
-        log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
     converter = Converter(dtype=options.dtype, device=options.device, progress=progress,
                           statistics=options.statistics)
 
     tmp = partial_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    optimizer = None
     try:
-        records = _write_all(tmp, files, cfg, model, engine, optimizer, options, converter)
+        optimizer, records = _plan_and_write(tmp, files, cfg, model, engine, options, converter)
         hashes = {f.path: f.sha256 for f in converter.written_files}
         if options.compress_level is not None:
             hashes = _compress(tmp, records, hashes, options.compress_level)
@@ -208,16 +207,40 @@ def export_checkpoint(
     )
 
 
-def _write_all(
+def _plan_and_write(
     tmp: Path,
     files: CheckpointFiles,
     cfg: dict[str, Any],
     model: ModelPlan,
     engine: EngineState,
-    optimizer: OptimizerPlan | None,
     options: ExportOptions,
     converter: Converter,
-) -> list[WrittenRecord]:
+) -> tuple[OptimizerPlan | None, list[WrittenRecord]]:
+    """Plan the optimizer state and write every file; the model's files are written while
+    the optimizer's partition files are read (reading pickles takes one core and the GIL;
+    writing is hashing and I/O, which release it)."""
+    model_tasks = _model_tasks(tmp, cfg, model, options, converter)
+    if "optimizer" not in options.include:
+        return None, _write_rest(tmp, files, cfg, model, engine, None, options, converter,
+                                 model_tasks)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="model-files") as pool:
+        early = pool.submit(converter.write_files, model_tasks, tmp, cancel)
+        try:
+            optimizer = plan_optimizer(files, model, engine,
+                                       render_files="state" in options.include)
+        except BaseException:
+            cancel.set()
+            raise
+        model_records = early.result()
+    if optimizer is None:
+        log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
+    records = _write_rest(tmp, files, cfg, model, engine, optimizer, options, converter, [])
+    return optimizer, model_records + records
+
+
+def _model_tasks(tmp: Path, cfg: dict[str, Any], model: ModelPlan, options: ExportOptions,
+                 converter: Converter) -> list[FileTask]:
     tasks: list[FileTask] = []
     if "model" in options.include:
         out_dtype = options.dtype or model.dtype
@@ -233,6 +256,21 @@ def _write_all(
         buffers = [j for j in model.jobs if j.kind == "buffer"]
         if buffers:
             tasks.append(FileTask(tmp / BUFFERS, buffers))
+    return tasks
+
+
+def _write_rest(
+    tmp: Path,
+    files: CheckpointFiles,
+    cfg: dict[str, Any],
+    model: ModelPlan,
+    engine: EngineState,
+    optimizer: OptimizerPlan | None,
+    options: ExportOptions,
+    converter: Converter,
+    tasks: list[FileTask],
+) -> list[WrittenRecord]:
+    tasks = list(tasks)
     if optimizer is not None:
         for kind, jobs in optimizer.jobs_by_kind().items():
             tasks.append(FileTask(tmp / KIND_FILES[kind], jobs))
