@@ -102,7 +102,9 @@ def read_tensor(path: os.PathLike[str] | str, offset: int, nbytes: int,
 class StorageRef:
     """One storage of a torch zip file: ``numel`` elements of ``dtype`` at a file offset."""
 
-    __slots__ = ("key", "dtype", "numel", "location", "file_offset", "nbytes", "zip")
+    # The file's path, not its TorchZip: the container's member tables (tens of thousands of
+    # names for a ZeRO file of many comm intervals) are not needed once the pickle is read.
+    __slots__ = ("key", "dtype", "numel", "location", "file_offset", "path")
 
     def __init__(self, zip_: TorchZip, key: str, dtype: torch.dtype, numel: int, location: str):
         if not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel <= MAX_INT64:
@@ -116,13 +118,12 @@ class StorageRef:
                 f"{zip_.path}: storage {key!r} should hold {nbytes} bytes "
                 f"({numel} x {dtype}), its member holds {size}"
             )
-        self.zip = zip_
+        self.path = zip_.path
         self.key = key
         self.dtype = dtype
         self.numel = numel
         self.location = location
         self.file_offset = data_offset
-        self.nbytes = nbytes
 
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError("a pickle tried to modify a storage record")
@@ -224,7 +225,7 @@ class TensorRef:
 
     @property
     def path(self) -> os.PathLike[str]:
-        return self.storage.zip.path
+        return self.storage.path
 
     def read(self) -> torch.Tensor:
         """The tensor as an owned, contiguous torch tensor (reads only its bytes)."""
@@ -288,7 +289,7 @@ def _check_offset(offset: Any, storage: StorageRef) -> None:
 
 
 def _where(storage: StorageRef) -> str:
-    return f"{storage.zip.path}: tensor on storage {storage.key!r}"
+    return f"{storage.path}: tensor on storage {storage.key!r}"
 
 
 def _int_tuple(value: Any, where: StorageRef | str, what: str) -> tuple[int, ...]:

@@ -92,9 +92,9 @@ class ParamSlices:
                     storage = ref.storage
                     if storage.dtype != dtype:
                         raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
-                    fd = files.get(storage.zip)
+                    fd = files.get(storage.path)
                     if fd is None:
-                        fd = files[storage.zip] = os.open(ref.path, os.O_RDONLY)
+                        fd = files[storage.path] = os.open(storage.path, os.O_RDONLY)
                     pos = storage.file_offset + (ref.offset + start) * size
                     left = count * size
                     while left:
