@@ -4,8 +4,10 @@
 
 For every tensor the export writes, chunk by chunk: read it (``TensorJob.chunks``: ``preadv``
 into a new tensor), compute its statistics, hash it with sha256 (the file digest) and with
-BLAKE3 (the tensor digest), write it to a scratch file (fsync at the end). Prints one JSON object: bytes and CPU seconds per stage, plus the planning time
-(finding the files and reading their pickles).
+BLAKE3 (the tensor digest), write it to a scratch file through the page cache and to another
+one around it (``O_DIRECT``, as the export writes; fsync at the end of each). Prints one JSON
+object: bytes and CPU seconds per stage, plus the planning time (finding the files and reading
+their pickles).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import blake3
 import torch
 
+from exporter.convert.direct import DirectFile
 from exporter.convert.stats import StatsAccumulator
 from exporter.convert.stream import CHUNK_BYTES
 from exporter.neox.checkpoint import scan_checkpoint
@@ -36,7 +39,9 @@ def _cpu() -> float:
 
 def profile(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
     costs = dict.fromkeys(("plan", "read", "statistics", "sha256 (file digest)",
-                           "blake3 (tensor digest)", "write + fsync"), 0.0)
+                           "blake3 (tensor digest)", "write + fsync, page cache",
+                           "write + fsync, O_DIRECT (the export's)"), 0.0)
+    cached, direct = "write + fsync, page cache", "write + fsync, O_DIRECT (the export's)"
     start = _cpu()
     files = scan_checkpoint(folder)
     cfg = load_neox_config(files.configs)
@@ -48,7 +53,9 @@ def profile(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
     if optimizer is not None:
         jobs += optimizer.jobs
     nbytes = 0
-    with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".components-") as scratch:
+    with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".components-") as scratch, \
+            tempfile.TemporaryDirectory(dir=folder.parent, prefix=".components-") as tmp:
+        around = DirectFile.create(Path(tmp) / "direct.bin")
         for job in jobs:
             chunks = job.chunks(chunk_bytes)
             while True:
@@ -70,11 +77,23 @@ def profile(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
                 costs["blake3 (tensor digest)"] += _cpu() - start
                 start = _cpu()
                 scratch.write(raw)
-                costs["write + fsync"] += _cpu() - start
+                costs[cached] += _cpu() - start
+                if around is not None:
+                    start = _cpu()
+                    around.write(raw)
+                    costs[direct] += _cpu() - start
         start = _cpu()
         scratch.flush()
         os.fsync(scratch.fileno())
-        costs["write + fsync"] += _cpu() - start
+        costs[cached] += _cpu() - start
+        if around is None:
+            del costs[direct]
+        else:
+            start = _cpu()
+            around.flush()
+            os.fsync(around.fileno())
+            around.close()
+            costs[direct] += _cpu() - start
     return {"bytes": nbytes, **costs}
 
 
