@@ -43,8 +43,9 @@ import numpy as np
 from exporter.torchfile.opbounds import CODE, SUPPORTED, opcode_starts
 from exporter.torchfile.opmemo import IS_GET, memo_reads
 
-#: Largest pickle the fast path takes on (its arrays take about 25 bytes per byte of data,
-#: less than the unpickled objects would).
+#: Largest pickle the fast path takes on: its arrays peak at about 20 bytes per byte of
+#: pickle (50 per opcode), as much as the exact walker's memo and far less than the objects
+#: the unpickler then builds.
 MAX_BYTES = 64 << 20
 #: How often the exact walker can count one value when nothing that changes is shared.
 WORK_PER_VALUE = 2
