@@ -14,6 +14,7 @@ import pickletools
 from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
+from exporter.torchfile.opscan import proves_safe
 
 MAX_OPCODES = 20_000_000
 MAX_DEPTH = 1_000
@@ -168,6 +169,16 @@ class _Prescan:
 
 
 def prescan(data: bytes) -> None:
+    """Refuse what could exhaust memory or time when unpickled, executing nothing.
+
+    :func:`~exporter.torchfile.opscan.proves_safe` accepts regular pickles in whole-array
+    operations; when it cannot, :func:`walk` decides, and every refusal comes from there.
+    """
+    if not proves_safe(data, MAX_OPCODES, MAX_DEPTH, MAX_HASH_WORK):
+        walk(data)
+
+
+def walk(data: bytes) -> None:
     """Walk the opcode stream without executing it; refuse what could exhaust memory or time."""
     scan = _Prescan()
     kinds = _KINDS

@@ -1,0 +1,321 @@
+"""The prescan's fast path (exporter/torchfile/opscan.py): it proves the pickles that
+``torch.save``, ``pickle`` and DeepSpeed write acceptable, declines every hostile one, and never
+accepts what the exact walker would refuse, so that refusals and their messages are unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import pickletools
+import random
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from prescan_cases import data_pkl, mutate, pickles_of, random_object, random_stream
+from security.bombs import BOMBS
+from security.make_corpus import Asm, G, write_corpus
+
+from exporter.errors import ExporterError
+from exporter.samples import TINY, write_checkpoint
+from exporter.samples.runs import RunConfig
+from exporter.torchfile import prescan
+from exporter.torchfile.opbounds import opcode_starts
+from exporter.torchfile.opmemo import memo_reads
+from exporter.torchfile.opscan import WORK_PER_VALUE, proves_safe
+
+FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"
+
+
+def fast(data: bytes) -> bool:
+    return proves_safe(data, prescan.MAX_OPCODES, prescan.MAX_DEPTH, prescan.MAX_HASH_WORK)
+
+
+def outcome(check: object, data: bytes) -> str | None:
+    """None if ``check(data)`` accepts, else the error's type and message."""
+    try:
+        check(data)  # type: ignore[operator]
+    except ExporterError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def walker_work(monkeypatch: pytest.MonkeyPatch, data: bytes) -> int | None:
+    """The hashing steps the exact walker spends on ``data``, None if it refuses it."""
+    seen: list[prescan._Prescan] = []
+
+    class Recording(prescan._Prescan):
+        def __init__(self) -> None:
+            super().__init__()
+            seen.append(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prescan, "_Prescan", Recording)
+        if outcome(prescan.walk, data) is not None:
+            return None
+    return seen[0].work
+
+
+def _torch_files(folder: Path) -> list[bytes]:
+    out = []
+    for path in sorted(folder.rglob("*.pt")):
+        with zipfile.ZipFile(path) as z:
+            out.append(z.read(next(n for n in z.namelist() if n.endswith("/data.pkl"))))
+    return out
+
+
+def _optimizer_like(tensors: int) -> dict[str, object]:
+    betas = (0.9, 0.95)  # one tuple object, shared by every param group as torch.optim does
+    return {"state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2),
+                          "exp_avg_sq": torch.zeros(2)} for i in range(tensors // 3)},
+            "param_groups": [{"lr": 1e-4, "betas": betas, "params": list(range(g, tensors // 3,
+                                                                               2))}
+                             for g in range(2)]}
+
+
+def _adamw_state() -> dict[str, object]:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters()},
+                                   {"params": model[1].parameters(), "weight_decay": 0.0}])
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def _tied() -> dict[str, object]:
+    weight = torch.randn(5, 3)
+    return {"embed_in.weight": weight, "embed_out.weight": weight, "n": [weight, weight[1:]]}
+
+
+REAL = {
+    "module_state_dict": lambda: torch.nn.Sequential(torch.nn.Linear(4, 3),
+                                                     torch.nn.LayerNorm(3)).state_dict(),
+    "tensors_in_lists_and_dicts": lambda: {"a": [torch.ones(2), {"b": (torch.zeros(3),)}],
+                                           "c": [[torch.arange(4)] * 2]},
+    "optimizer_like_3000_tensors": lambda: _optimizer_like(3000),
+    "adamw_state_dict": _adamw_state,
+    "tied_tensors": _tied,
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_torch_save_pickles_take_the_fast_path(name: str) -> None:
+    data = data_pkl(REAL[name]())
+    assert fast(data)
+    assert outcome(prescan.walk, data) is None
+
+
+def test_shared_values_in_real_pickles_are_read_as_such() -> None:
+    """The tied tensor is a shared call result, the betas pair a shared flat tuple."""
+    tied = memo_reads(opcode_starts(data_pkl(_tied()), 10**6))
+    assert tied is not None and len(tied.calls) == 2 and len(set(tied.calls.tolist())) == 1
+    groups = memo_reads(opcode_starts(data_pkl(_optimizer_like(30)), 10**6))
+    assert groups is not None and groups.extra == 2
+
+
+PLAIN = {"nested": {"a": [1, 2.5, None, True, "x", "é", b"raw", 10**40, -(2**70)],
+                    "b": ({"c": (1, (2, (3,)))},), "d": {1, 2}, "e": frozenset({"f"}),
+                    "g": collections.OrderedDict(h=[[], {}, ()]), "i": bytearray(b"ij"),
+                    "k": ["same"] * 3, "pair": [(1, "a")] * 4, "empty": ""},
+         "long": [{"key": i, "value": [float(i)] * 3} for i in range(3000)],
+         "strings": [f"w{i}" for i in range(5000)] + ["c\n" * 50, "x" * 70000]}
+
+
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("name", list(PLAIN))
+def test_plain_pickles_take_the_fast_path(name: str, protocol: int) -> None:
+    data = pickle.dumps(PLAIN[name], protocol=protocol)
+    assert fast(data)
+    assert outcome(prescan.walk, data) is None
+
+
+def test_deepspeed_files_take_the_fast_path(tmp_path: Path) -> None:
+    """Files written by real DeepSpeed (tests/fixtures) and by the sample writer with a
+    small comm bucket (many tensors per optimizer file)."""
+    write_checkpoint(tmp_path / "ckpt", TINY, step=8, dp=2,
+                     config=RunConfig(max_elements_per_comm=64))
+    files = _torch_files(FIXTURES) + _torch_files(tmp_path / "ckpt")
+    assert len(files) > 90
+    assert [len(f) for f in files if not fast(f)] == []
+
+
+def test_prescan_decides_by_the_fast_path_when_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    walked: list[bytes] = []
+    monkeypatch.setattr(prescan, "walk", walked.append)
+    prescan.prescan(data_pkl(_optimizer_like(300)))
+    assert walked == []
+    prescan.prescan(b"\x80\x02N0N.")  # POP: left to the walker
+    assert walked == [b"\x80\x02N0N."]
+
+
+def _opcode_offsets(data: bytes) -> list[int]:
+    return [at for _, _, at in pickletools.genops(data)]
+
+
+DESYNC = {
+    # Chains started inside these arguments read GLOBALs, long lengths and newlines.
+    "global_lookalikes": pickle.dumps([f"c{i}\nX\nc" + "B\xff\x00\x00" * 30
+                                       for i in range(3000)], protocol=2),
+    "one_byte_opcodes": pickle.dumps([None] * 70000 + [()] * 70000, protocol=4),
+    "dense_across_windows": pickle.dumps([i * 7 for i in range(500000)], protocol=2),
+    "blob_across_windows": pickle.dumps([list(range(1000)), bytes(range(256)) * 12000,
+                                         "tail"], protocol=4),
+    "blob_as_latin1_text": pickle.dumps({"a": bytes(range(256)) * 5000, "b": [1.5] * 9},
+                                        protocol=2),
+}
+
+
+@pytest.mark.parametrize("name", list(DESYNC))
+def test_opcode_starts_are_those_genops_yields(name: str) -> None:
+    data = DESYNC[name]
+    ops = opcode_starts(data, 10**7)
+    assert ops is not None
+    assert ops.starts.tolist() == _opcode_offsets(data)
+    assert fast(data)
+
+
+def _bomb_pickles(folder: Path) -> dict[str, list[bytes]]:
+    folder.mkdir()
+    out: dict[str, list[bytes]] = {}
+    for name, bomb in BOMBS.items():
+        path = bomb.build(folder, name)
+        found = []
+        for file in [path] if path.is_file() else sorted(path.rglob("*.pt")):
+            try:
+                with zipfile.ZipFile(file) as z:
+                    found += [z.read(i) for i in z.infolist() if i.filename.endswith("data.pkl")]
+            except (zipfile.BadZipFile, OSError, EOFError):
+                continue  # an archive made unreadable on purpose
+        out[name] = found
+    return out
+
+
+def _case_pickles(path: Path) -> list[bytes]:
+    if not zipfile.is_zipfile(path):
+        return [path.read_bytes()]  # a raw pickle, or torch's legacy format
+    with zipfile.ZipFile(path) as z:
+        return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+
+
+def test_hostile_pickles_get_the_walkers_answer(tmp_path: Path) -> None:
+    """Every resource bomb and every payload of the security corpus: the prescan answers as
+    the exact walker does, message included, and the fast path declines all it refuses."""
+    bombs = _bomb_pickles(tmp_path / "bombs")
+    corpus = {case.name: _case_pickles(case.path) for case in write_corpus(tmp_path / "corpus")}
+    refused = set()
+    for name, pickles in {**bombs, **corpus}.items():
+        for data in pickles:
+            expected = outcome(prescan.walk, data)
+            assert outcome(prescan.prescan, data) == expected, name
+            if expected is not None:
+                refused.add(name)
+                assert not fast(data), name
+    # The other bombs are refused after the prescan (reading tensors, rendering the tree).
+    assert {"nesting_mark_list", "memo_doubling_tuple_as_dict_key",
+            "memo_doubling_tuple_into_set", "memo_doubling_tuple_into_frozenset",
+            "memo_index_2_to_31", "length_prefix_2_to_60"} <= refused
+
+
+def test_random_pickles_accepted_fast_are_accepted_by_the_walker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded: objects pickled every way, mutations of them, random opcode streams. Whenever
+    the fast path accepts, the walker accepts, within the hashing bound the fast path uses."""
+    rng = random.Random(20240611)
+    cases = []
+    for _ in range(60):
+        for data in pickles_of(rng, random_object(rng)):
+            cases += [data] + [mutate(rng, data) for _ in range(4)]
+    cases += [random_stream(rng) for _ in range(3000)]
+    accepted = shared = 0
+    for data in cases:
+        if not fast(data):
+            continue
+        accepted += 1
+        work = walker_work(monkeypatch, data)
+        assert work is not None, data
+        ops = opcode_starts(data, 10**7)
+        sharing = memo_reads(ops)
+        assert work <= WORK_PER_VALUE * (len(ops.codes) + sharing.extra), data
+        shared += bool(len(sharing.calls) or sharing.extra)
+    assert accepted > len(cases) / 5 and len(cases) - accepted > len(cases) / 5
+    assert shared > 20
+
+
+def _call_many(shared: bytes, calls: int) -> bytes:
+    """``[x, f(x), f(x), ...]``, ``shared`` pushing ``x`` and memoizing it in slot 0, each
+    call reading it from there."""
+    a = Asm().op(b"](").op(shared)
+    for _ in range(calls):
+        a.push(G("builtins", "f")).get(0).op(b"\x85R")
+    return a.op(b"e").finish()
+
+
+PUT_0 = b"r\x00\x00\x00\x00"
+ORDERED_DICT = bytes(Asm(proto=0).push(G("collections", "OrderedDict")).op(b")R").out)
+
+
+def test_shared_call_result_added_to_is_declined() -> None:
+    filled = ORDERED_DICT + PUT_0 + b"(" + b"".join(
+        b"J" + struct.pack("<i", i) + b"N" for i in range(1000)) + b"u"
+    few, many = _call_many(filled, 100), _call_many(filled, 20000)
+    assert not fast(few) and not fast(many)
+    assert outcome(prescan.prescan, few) is None
+    assert "hashing steps" in outcome(prescan.prescan, many)
+    assert fast(_call_many(ORDERED_DICT + PUT_0, 20000))  # read, never added to
+
+
+def test_shared_flat_tuple_counts_as_a_copy_per_read() -> None:
+    flat = b"(" + b"N" * 1000 + b"t" + PUT_0
+    assert fast(_call_many(flat, 100))
+    many = _call_many(flat, 20000)  # 20,000 reads of 1,001 values
+    assert not fast(many)
+    assert "hashing steps" in outcome(prescan.prescan, many)
+    nested = b"(" + b"N" * 10 + b"tq\x01h\x01\x85" + PUT_0  # holds a memo read of a tuple
+    assert not fast(_call_many(nested, 3))
+    assert outcome(prescan.prescan, _call_many(nested, 3)) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x02K\x01q\x00K\x02q\x00h\x00h\x00\x86.",  # an index set twice: the latest counts
+    b"\x80\x02(K\x01K\x02tq\x00h\x00h\x00\x86.",  # a flat tuple read twice
+    b"\x80\x02N.trailing bytes",  # genops stops at STOP
+    b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\x8c\x01a\x94h\x00\x86.",  # FRAME, MEMOIZE
+])
+def test_regular_corners_are_accepted(data: bytes) -> None:
+    assert fast(data)
+    assert outcome(prescan.walk, data) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x02K\x01q\x01h\x00.",  # a slot never set
+    b"\x80\x02K\x01h\x00q\x00.",  # read before it is set
+    b"\x80\x02]q\x00h\x00h\x00\x86.",  # a list read twice
+    b"\x80\x02K\x01q\x00q\x01h\x01.",  # memoized twice
+    b"\x80\x04K\x01\x94K\x02q\x05h\x00\x86.",  # MEMOIZE and PUT mixed
+    b"\x80\x02X\x02\x00\x00\x00\xff\xfe.",  # not UTF-8
+    b"\x80\x02cmod\\x41\nname\n.",  # an escape in GLOBAL
+    b"\x80\x02cm\xc3\xa9\nname\n.",  # not ASCII in GLOBAL
+    b"\x80\x02T\xff\xff\xff\xffabc.",  # a negative length
+    b"\x80\x02X\x09\x00\x00\x00abc.",  # a length past the end
+    b"\x80\x02K\x01",  # no STOP
+    b"\x80\x02N\xfe.",  # an unknown opcode
+    b"\x80\x02N2\x86.",  # DUP
+    b"\x80\x02I1\n.",  # protocol 0's INT
+    b"\x80\x02Nt.",  # TUPLE without MARK
+    b"\x80\x02(\x86.",  # TUPLE2 reaching under a MARK
+    b"\x80\x02Nq\x04.",  # memo index past the opcode count
+])
+def test_irregular_pickles_go_to_the_walker(data: bytes) -> None:
+    assert not fast(data)
+    assert outcome(prescan.prescan, data) == outcome(prescan.walk, data)
+
+
+def test_limits_are_those_of_the_walker() -> None:
+    data = b"\x80\x02(((N\x85ttt."  # 10 opcodes, depth 3, work bound 20
+    assert proves_safe(data, 10, 3, 20)
+    assert not proves_safe(data, 9, 3, 20)
+    assert not proves_safe(data, 10, 2, 20)
+    assert not proves_safe(data, 10, 3, 19)
