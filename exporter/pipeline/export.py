@@ -53,8 +53,9 @@ from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import read_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
-from exporter.neox.zero import OptimizerPlan, plan_optimizer
+from exporter.neox.zero import OptimizerPlan, child_share, plan_optimizer
 from exporter.records import TensorJob, WrittenRecord, element_size
+from exporter.torchfile.forked import ForkedLoads
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
 #: Output dtypes of ``--dtype`` (None keeps the source's).
@@ -223,16 +224,23 @@ def _plan_and_write(
     if "optimizer" not in options.include:
         return None, _write_rest(tmp, files, cfg, model, engine, None, options, converter,
                                  model_tasks)
+    # Forked first, while this process runs one thread: a child reads half of the partition
+    # files' pickles while this process reads the others.
+    forked = ForkedLoads.start(child_share(files))
     cancel = threading.Event()
-    with ThreadPoolExecutor(1, thread_name_prefix="model-files") as pool:
-        early = pool.submit(converter.write_files, model_tasks, tmp, cancel)
-        try:
-            optimizer = plan_optimizer(files, model, engine,
-                                       render_files="state" in options.include)
-        except BaseException:
-            cancel.set()
-            raise
-        model_records = early.result()
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="model-files") as pool:
+            early = pool.submit(converter.write_files, model_tasks, tmp, cancel)
+            try:
+                optimizer = plan_optimizer(files, model, engine, forked=forked,
+                                           render_files="state" in options.include)
+            except BaseException:
+                cancel.set()
+                raise
+            model_records = early.result()
+    finally:
+        if forked is not None:
+            forked.close()
     if optimizer is None:
         log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
     records = _write_rest(tmp, files, cfg, model, engine, optimizer, options, converter, [])

@@ -7,6 +7,10 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+# No monitor thread (it only closes bars that stalled): a process running one thread can fork a
+# reader of partition files (exporter.torchfile.forked).
+tqdm.monitor_interval = 0
+
 
 @contextmanager
 def byte_bar(label: str, total: int | None = None, disable: bool = False) -> Iterator[Callable[[int], None]]:

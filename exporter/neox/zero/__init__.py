@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +32,7 @@ from exporter.neox.zero.elastic import read_elastic
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
+from exporter.torchfile.forked import ForkedLoads
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
@@ -69,17 +70,28 @@ class OptimizerPlan:
         return out
 
 
-def load_partition_files(paths: list[Any]) -> list[TorchFile]:
-    """Read the data-parallel partition files of one unit, two at a time.
+def child_share(files: CheckpointFiles) -> list[Any]:
+    """The partition files a forked reader takes (:mod:`exporter.torchfile.forked`): every
+    other rank's, in the order :func:`plan_optimizer` reads them."""
+    mps = sorted({mp for _, mp in files.optim_files})
+    ranks = sorted({r for r, _ in files.optim_files})
+    return [files.optim_files[(r, mp)] for mp in mps for r in ranks
+            if r % 2 == 1 and (r, mp) in files.optim_files]
 
-    The checks before unpickling (the prescan of :mod:`exporter.torchfile.opscan`, the zip
-    directory) run in numpy, which releases the GIL: one file is checked while another one's
-    pickle is read. Errors are raised in file order.
-    """
-    if len(paths) < 2:
-        return [load_torch_file(p) for p in paths]
-    with ThreadPoolExecutor(2, thread_name_prefix="read-partitions") as pool:
-        return list(pool.map(load_torch_file, paths))
+
+def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
+    """Read the data-parallel partition files of one unit: those of ``forked`` as its child
+    read them, the others here (while the child reads)."""
+    taken = set(forked.paths) if forked is not None else set()
+    loaded: dict[int, TorchFile] = {}
+    for i, path in enumerate(paths):
+        if Path(path) not in taken:
+            loaded[i] = load_torch_file(path)
+    for i, path in enumerate(paths):
+        if i not in loaded:
+            assert forked is not None
+            loaded[i] = forked.get(path) or load_torch_file(path)
+    return [loaded[i] for i in range(len(paths))]
 
 
 def detect_format(tf: TorchFile) -> str:
@@ -112,12 +124,14 @@ def _param_shapes(value: Any, where: str) -> list[dict[str, tuple[int, ...]]]:
 
 
 def plan_optimizer(
-    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool = True
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool = True,
+    forked: ForkedLoads | None = None,
 ) -> OptimizerPlan | None:
     """Plan every optimizer tensor of the checkpoint, or None if it has no ZeRO files.
 
     ``render_files``: keep every non-tensor value of each partition file in
     ``state_json["files"]`` (for ``state.json``); else only what the step check needs.
+    ``forked``: partition files a forked child is reading (:func:`child_share`).
 
     Raises:
         LayoutError: missing/extra rank files, partition counts that disagree with the files,
@@ -126,11 +140,12 @@ def plan_optimizer(
     if not files.optim_files:
         return None
     with paused_collector():
-        return _plan_optimizer(files, model, engine, render_files)
+        return _plan_optimizer(files, model, engine, render_files, forked)
 
 
 def _plan_optimizer(
-    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool
+    files: CheckpointFiles, model: ModelPlan, engine: EngineState, render_files: bool,
+    forked: ForkedLoads | None,
 ) -> OptimizerPlan:
     mps = sorted({mp for _, mp in files.optim_files})
     dp = len({dp for dp, _ in files.optim_files})
@@ -140,7 +155,7 @@ def _plan_optimizer(
     formats = set()
     loss_scale = None
     for mp in mps:
-        tfs = load_partition_files([files.optim_files[(r, mp)] for r in range(dp)])
+        tfs = load_partition_files([files.optim_files[(r, mp)] for r in range(dp)], forked)
         if mp == mps[0]:
             loss_scale = _loss_scale(tfs[0].obj)
         fmt = detect_format(tfs[0])

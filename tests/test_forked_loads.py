@@ -1,0 +1,149 @@
+"""Partition files read by a forked child arrive as the reader in this process would read them:
+the same values, tensors and shared storages, the same errors; anything the child does not
+send is read here."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.errors import CheckpointFormatError
+from exporter.torchfile import TensorRef, load_torch_file, to_json
+from exporter.torchfile.forked import ForkedLoads
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+
+
+def _start(paths: list[Path]) -> ForkedLoads:
+    forked = ForkedLoads.start(paths)
+    assert forked is not None
+    return forked
+
+
+def in_a_fresh_process(test: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Run ``test`` here when this process runs one thread, else in a new pytest process
+    (earlier tests of the suite may leave threads running, and no child is forked then)."""
+
+    @functools.wraps(test)
+    def run(tmp_path: Path) -> None:
+        if threading.active_count() == 1:
+            test(tmp_path)
+            return
+        node = f"{__file__}::{test.__name__}"
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               node], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        assert "1 passed" in done.stdout
+
+    return run
+
+
+def _tensors(obj: object) -> list[TensorRef]:
+    out: list[TensorRef] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, TensorRef):
+            out.append(value)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(obj)
+    return out
+
+
+@in_a_fresh_process
+def test_a_forked_read_equals_a_read_here(tmp_path: Path) -> None:
+    base = torch.arange(24, dtype=torch.float32)
+    state = {
+        "weights": OrderedDict([("a", base[:12].view(3, 4)), ("b", base[12:])]),
+        "again": base[:12].view(3, 4),
+        "moments": [{"exp_avg": torch.zeros(5), "exp_avg_sq": torch.ones(5, dtype=torch.bfloat16)}
+                    for _ in range(20)],
+        ("tuple", 1): (1, 2.5, None, True, b"raw", "text", float("nan")),
+        "array": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "dtype": torch.float16,
+        "args": argparse.Namespace(lr=0.1, betas=(0.9, 0.95)),
+        "big": 2**80,
+    }
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"f{i}.pt")
+        torch.save(state, paths[-1])
+    forked = _start(paths)
+    try:
+        for path in paths:
+            got = forked.get(path)
+            here = load_torch_file(path)
+            assert got is not None and got.path == here.path and got.globals == here.globals
+            assert to_json(got.obj) == to_json(here.obj)
+            assert type(got.obj["weights"]) is OrderedDict
+            refs, want = _tensors(got.obj), _tensors(here.obj)
+            assert [(r.dtype, r.shape, r.stride, r.offset, r.file_offset, r.numel) for r in refs] \
+                == [(r.dtype, r.shape, r.stride, r.offset, r.file_offset, r.numel) for r in want]
+            # Views of one storage share one record, as they do when read here.
+            assert got.obj["weights"]["a"].storage is got.obj["weights"]["b"].storage
+            assert torch.equal(got.obj["again"].read(), base[:12].view(3, 4))
+            assert got.obj["args"].qualname == "argparse.Namespace"
+            assert isinstance(got.obj["array"], np.ndarray)
+            assert got.obj["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    finally:
+        forked.close()
+
+
+@in_a_fresh_process
+def test_errors_come_back_as_the_reader_raises_them(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointFormatError) as here:
+        load_torch_file(bad)
+    forked = _start([bad, good])
+    try:
+        with pytest.raises(CheckpointFormatError) as there:
+            forked.get(bad)
+        assert str(there.value) == str(here.value)
+        assert forked.get(good) is not None
+    finally:
+        forked.close()
+
+
+@in_a_fresh_process
+def test_values_the_child_does_not_send_are_read_here(tmp_path: Path) -> None:
+    from exporter.neox.zero import load_partition_files
+
+    path = tmp_path / "set.pt"
+    torch.save({"tags": {1, 2, 3}, "w": torch.ones(2)}, path)
+    forked = _start([path])
+    try:
+        assert forked.get(path) is None
+        [loaded] = load_partition_files([path], forked)
+    finally:
+        forked.close()
+    assert loaded.obj["tags"] == {1, 2, 3}
+
+
+def test_no_child_is_forked_while_another_thread_runs(tmp_path: Path) -> None:
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert ForkedLoads.start([tmp_path / "x.pt"]) is None
+    finally:
+        release.set()
+        other.join()
