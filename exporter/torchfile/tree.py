@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from exporter.errors import CheckpointFormatError
-from exporter.torchfile.records import NumpyArray, NumpyDtype, PickledObject, TensorRef
+from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
+from exporter.torchfile.records import PickledObject, TensorRef
 
 MAX_NODES = 5_000_000
 MAX_DEPTH = 200

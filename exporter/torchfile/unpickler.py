@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
+from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
 from exporter.torchfile.prescan import prescan
 from exporter.torchfile.records import (
-    NumpyArray,
-    NumpyDtype,
     PickledObject,
     StorageRef,
     TensorRef,
