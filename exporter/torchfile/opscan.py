@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from exporter.torchfile.opbounds import CODE, SUPPORTED, opcode_starts
-from exporter.torchfile.opmemo import IS_GET, memo_reads
+from exporter.torchfile.opmemo import IS_GET, Sharing, memo_reads
 
 #: Largest pickle the fast path takes on: its arrays peak at about 20 bytes per byte of
 #: pickle (50 per opcode), as much as the exact walker's memo and far less than the objects
@@ -87,6 +87,10 @@ _NEED, _POPS, _PUSH, _DEPTH = (_table({k: v[i] for k, v in _EFFECTS.items()}) fo
 _DELTA = _PUSH - _POPS
 _BELOW = _table(_TARGET_BELOW)
 _MARK = CODE["MARK"]
+_IS_TUPLE = _table(dict.fromkeys(("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"), 1))
+#: Opcodes a tuple's span is searched back over, one at a time, before it is taken to start
+#: with its MARK frame (a longer span, so a looser bound).
+_SPAN_STEPS = 64
 
 
 def proves_safe(data: bytes, max_opcodes: int, max_depth: int, max_hash_work: int) -> bool:
@@ -109,6 +113,8 @@ def proves_safe(data: bytes, max_opcodes: int, max_depth: int, max_hash_work: in
     sharing = memo_reads(ops)
     if sharing is None or WORK_PER_VALUE * (count + sharing.extra) > max_hash_work:
         return False
+    if frames.tuple_nesting(sharing) > max_depth:
+        return False
     return not len(sharing.calls) or frames.never_added_to(sharing.calls)
 
 
@@ -124,7 +130,7 @@ class _Frames:
             narrow = depth.astype(np.int16) if depth.max() < 1 << 15 else depth
             self.order = np.argsort(narrow, kind="stable")  # a radix sort for 16-bit keys
         self.sorted = codes[self.order]
-        delta = _DELTA[self.sorted]
+        self.delta = delta = _DELTA[self.sorted]
         total = np.cumsum(delta, dtype=np.int32)
         total -= delta  # values pushed less values popped before each opcode, frames in a row
         is_mark = self.sorted == _MARK
@@ -134,6 +140,49 @@ class _Frames:
 
     def heights_suffice(self) -> bool:
         return bool((self.height >= _NEED[self.sorted]).all())
+
+    def tuple_nesting(self, sharing: Sharing) -> int:
+        """A bound on how deeply the exact walker's tuples nest (see the module docstring),
+        past any limit where it cannot say."""
+        at = np.flatnonzero(_IS_TUPLE[self.sorted])
+        if not len(at):
+            return 0
+        size = len(self.codes) + 1
+        start = self.span_starts(at)
+        cover = np.cumsum(np.bincount(start, minlength=size)
+                          - np.bincount(self.order[at] + 1, minlength=size), dtype=np.int32)
+        most = int(cover.max())
+        inside = cover[sharing.deep_gets] > 0
+        if not inside.any():
+            return most
+        gets, sources = sharing.deep_gets, sharing.deep_sources[inside]
+        rank = np.empty(len(self.order), np.int64)
+        rank[self.order] = np.arange(len(self.order))
+        first = self.span_starts(rank[sources])
+        if (np.searchsorted(gets, sources, "right") > np.searchsorted(gets, first)).any():
+            return size  # a value read inside a tuple holds a value read itself
+        return most + int(cover[gets[inside]].max())
+
+    def span_starts(self, at: np.ndarray) -> np.ndarray:
+        """Where, in the stream, the value pushed by each opcode at ``at`` (in frame order)
+        began: after the last earlier opcode of its frame that left the frame no higher than
+        it lies, so that the nested frames in between are part of it. Past ``_SPAN_STEPS``
+        opcodes, the frame's MARK, or the stream's start, stands in for that opcode."""
+        after = self.height + self.delta
+        level = self.height[at] - _POPS[self.sorted[at]]
+        before = at - 1  # EMPTY_TUPLE and an opcode closing a frame stop here at once
+        pending = np.flatnonzero(before >= 0)
+        pending = pending[after[before[pending]] > level[pending]]
+        for _ in range(_SPAN_STEPS):
+            if not len(pending):
+                break
+            before[pending] -= 1
+            back = before[pending]
+            pending = pending[(back >= 0) & (after[np.maximum(back, 0)] > level[pending])]
+        if len(pending):  # the frame's MARK leaves it 0 high: a span at least as long
+            marks = np.append(-1, np.flatnonzero(self.sorted == _MARK))
+            before[pending] = marks[np.searchsorted(marks, at[pending]) - 1]
+        return np.where(before >= 0, self.order[np.maximum(before, 0)] + 1, 0)
 
     def never_added_to(self, shared_calls: np.ndarray) -> bool:
         """Whether no APPEND(S), SETITEM(S) or ADDITEMS adds to a shared call result, either
