@@ -16,6 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from prescan_cases import data_pkl, mutate, pickles_of, random_object, random_stream
@@ -28,7 +29,7 @@ from exporter.samples.runs import RunConfig
 from exporter.torchfile import prescan
 from exporter.torchfile.opbounds import opcode_starts
 from exporter.torchfile.opmemo import memo_reads
-from exporter.torchfile.opscan import WORK_PER_VALUE, proves_safe
+from exporter.torchfile.opscan import _DEPTH, WORK_PER_VALUE, _Frames, proves_safe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"
 
@@ -398,8 +399,55 @@ def test_call_results_count_as_deep_as_their_arguments() -> None:
     assert outcome(prescan.walk, shared) == f"UnsafePickleError: {TUPLE_DEPTH}"
 
 
+def test_tuples_nested_through_memo_reads() -> None:
+    """Each call result is memoized and read back inside the next call's ``((x,),)``: the
+    fast path takes one such read, declines a read of a value that holds a read, and the
+    walker counts every one."""
+
+    def hops(count: int) -> bytes:
+        body = b"ctorch._utils\n_rebuild_parameter\nq\x00h\x00N\x85\x85Rr\x01\x00\x00\x00"
+        for k in range(1, count):
+            body += b"h\x00j" + struct.pack("<I", k) + b"\x85\x85Rr" + struct.pack("<I", k + 1)
+        return _as_dict_key(body)
+
+    assert fast(hops(1)) and not fast(hops(2))
+    assert outcome(prescan.walk, hops(499)) is None
+    assert outcome(prescan.walk, hops(501)) == f"UnsafePickleError: {TUPLE_DEPTH}"
+
+
 @pytest.mark.parametrize("name", list(REAL))
 def test_tuple_nesting_bound_is_tight_on_torch_save_pickles(name: str) -> None:
     """The fast path's bound on tuple nesting stays a few levels, far from the limit."""
     data = data_pkl(REAL[name]())
     assert proves_safe(data, prescan.MAX_OPCODES, 8, prescan.MAX_HASH_WORK)
+
+
+def test_tuple_nesting_bound_covers_the_walkers_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded: whenever the fast path accepts, no tuple the walker sees nests deeper than the
+    fast path's bound."""
+    deepest = [0]
+
+    class Recording(prescan._Value):
+        __slots__ = ()
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            deepest[0] = max(deepest[0], self.depth)
+
+    monkeypatch.setattr(prescan, "_Value", Recording)
+    rng = random.Random(20240612)
+    cases = [random_stream(rng) for _ in range(3000)]
+    for _ in range(30):
+        cases += list(pickles_of(rng, random_object(rng)))
+    nested = 0
+    for data in cases:
+        if not fast(data):
+            continue
+        ops = opcode_starts(data, 10**7)
+        frames = _Frames(ops.codes, np.cumsum(_DEPTH[ops.codes], dtype=np.int32))
+        bound = frames.tuple_nesting(memo_reads(ops))
+        deepest[0] = 0
+        assert outcome(prescan.walk, data) is None
+        assert deepest[0] <= bound, data
+        nested += deepest[0] >= 3
+    assert nested > 50

@@ -20,6 +20,7 @@ from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.opscan import proves_safe
 
 MAX_OPCODES = 20_000_000
+#: MARK nesting, and how deeply tuples nest in tuples (``hash()`` recurses through them).
 MAX_DEPTH = 1_000
 #: Elements hashed while building dict keys, set items and call arguments (tuples count
 #: every element they reach through nested tuples, shared or not).
@@ -36,7 +37,7 @@ class _Value:
     popped argument for a call result (the reader's ``_rebuild_parameter`` returns its first
     argument, ``_rebuild_from_type_v2`` an item of its third), 0 for anything else: lists,
     dicts and sets end a chain of tuples (they are not hashable, and no function the reader
-    calls returns or converts what they hold).
+    calls returns an item of one; ``torch.Size`` turns a list into a tuple only of integers).
     """
 
     __slots__ = ("weight", "elems", "children", "depth")
