@@ -6,17 +6,21 @@ accepts what the exact walker would refuse, so that refusals and their messages 
 from __future__ import annotations
 
 import collections
+import json
 import pickle
 import pickletools
 import random
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from prescan_cases import data_pkl, mutate, pickles_of, random_object, random_stream
-from security.bombs import BOMBS
+from security.bombs import BOMBS, DEEP_TUPLES
 from security.make_corpus import Asm, G, write_corpus
 
 from exporter.errors import ExporterError
@@ -25,7 +29,7 @@ from exporter.samples.runs import RunConfig
 from exporter.torchfile import prescan
 from exporter.torchfile.opbounds import opcode_starts
 from exporter.torchfile.opmemo import memo_reads
-from exporter.torchfile.opscan import WORK_PER_VALUE, proves_safe
+from exporter.torchfile.opscan import _DEPTH, WORK_PER_VALUE, _Frames, proves_safe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "deepspeed"
 
@@ -214,7 +218,9 @@ def test_hostile_pickles_get_the_walkers_answer(tmp_path: Path) -> None:
                 refused.add(name)
                 assert not fast(data), name
     # The other bombs are refused after the prescan (reading tensors, rendering the tree).
-    assert {"nesting_mark_list", "memo_doubling_tuple_as_dict_key",
+    assert {"nesting_mark_list", "nesting_tuple1", *(f"nesting_{k}_as_dict_key" for k in
+                                                      DEEP_TUPLES),
+            "memo_doubling_tuple_as_dict_key",
             "memo_doubling_tuple_into_set", "memo_doubling_tuple_into_frozenset",
             "memo_index_2_to_31", "length_prefix_2_to_60"} <= refused
 
@@ -314,8 +320,134 @@ def test_irregular_pickles_go_to_the_walker(data: bytes) -> None:
 
 
 def test_limits_are_those_of_the_walker() -> None:
-    data = b"\x80\x02(((N\x85ttt."  # 10 opcodes, depth 3, work bound 20
-    assert proves_safe(data, 10, 3, 20)
-    assert not proves_safe(data, 9, 3, 20)
-    assert not proves_safe(data, 10, 2, 20)
-    assert not proves_safe(data, 10, 3, 19)
+    data = b"\x80\x02(((N\x85ttt."  # 10 opcodes, MARK depth 3, tuples 4 deep, work bound 20
+    assert proves_safe(data, 10, 4, 20)
+    assert not proves_safe(data, 9, 4, 20)
+    assert not proves_safe(data, 10, 3, 20)
+    assert not proves_safe(data, 10, 4, 19)
+    lists = b"\x80\x02(((Nlll."  # MARK depth 3, no tuple
+    assert proves_safe(lists, 9, 3, 18)
+    assert not proves_safe(lists, 9, 2, 18)
+
+
+TUPLE_DEPTH = "pickle nests tuples deeper than 1000 levels"
+
+
+def _as_dict_key(body: bytes) -> bytes:
+    return b"\x80\x02}" + body + b"Ns."
+
+
+def _nested(depth: int, size: int) -> bytes:
+    """A tuple ``depth`` deep: TUPLE1, TUPLE2 or TUPLE3 around the previous one."""
+    item = b"N" * (size - 1)
+    return item + b"N" + (bytes([0x84 + size]) + item) * (depth - 1) + bytes([0x84 + size])
+
+
+def _unpickle_in_child(pickles: dict[str, bytes]) -> dict[str, str | None]:
+    """safe_unpickle of each pickle in a child process, so that a crash fails the test."""
+    script = (
+        "import json, sys\n"
+        "from exporter.errors import ExporterError\n"
+        "from exporter.torchfile.unpickler import safe_unpickle\n"
+        "for name, data in json.load(sys.stdin).items():\n"
+        "    try:\n"
+        "        safe_unpickle(data.encode('latin-1'))\n"
+        "        out = None\n"
+        "    except ExporterError as exc:\n"
+        "        out = f'{type(exc).__name__}: {exc}'\n"
+        "    print(json.dumps({name: out}), flush=True)\n"
+    )
+    given = json.dumps({k: v.decode("latin-1") for k, v in pickles.items()})
+    result = subprocess.run([sys.executable, "-c", script], input=given, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    return {k: v for line in result.stdout.splitlines() for k, v in json.loads(line).items()}
+
+
+def test_tuples_nested_200000_deep_are_refused_not_hashed() -> None:
+    """As dict keys these overflow the C stack in hash(): both prescan paths refuse them."""
+    pickles = {name: _as_dict_key(body) for name, body in DEEP_TUPLES.items()}
+    for data in pickles.values():
+        assert not fast(data)
+        assert outcome(prescan.walk, data) == f"UnsafePickleError: {TUPLE_DEPTH}"
+    assert _unpickle_in_child(pickles) == dict.fromkeys(pickles, f"UnsafePickleError: "
+                                                                 f"{TUPLE_DEPTH}")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_tuple_nesting_limit(size: int) -> None:
+    pickles = {f"{depth}": _as_dict_key(_nested(depth, size)) for depth in (999, 1000, 1001)}
+    assert fast(pickles["999"]) and fast(pickles["1000"]) and not fast(pickles["1001"])
+    expected = {"999": None, "1000": None, "1001": f"UnsafePickleError: {TUPLE_DEPTH}"}
+    assert {k: outcome(prescan.walk, v) for k, v in pickles.items()} == expected
+    assert _unpickle_in_child(pickles) == expected
+
+
+def test_call_results_count_as_deep_as_their_arguments() -> None:
+    """``_rebuild_parameter(x)`` returns ``x``: around ``((x,),)``, each call nests once more."""
+    func = b"ctorch._utils\n_rebuild_parameter\nq\x00"
+
+    def nest(calls: int) -> bytes:
+        return _as_dict_key(func + b"h\x00" * (calls - 1) + b"N" + b"\x85\x85R" * calls)
+
+    assert outcome(prescan.prescan, nest(400)) is None
+    assert fast(nest(400)) and not fast(nest(600))
+    assert outcome(prescan.walk, nest(600)) == f"UnsafePickleError: {TUPLE_DEPTH}"
+    # A tuple read from the memo, inside tuples, counts as deep as it was when memoized.
+    shared = _as_dict_key(b"N" + b"\x85" * 600 + b"q\x01" + b"h\x01" + b"\x85" * 600)
+    assert not fast(shared)
+    assert outcome(prescan.walk, shared) == f"UnsafePickleError: {TUPLE_DEPTH}"
+
+
+def test_tuples_nested_through_memo_reads() -> None:
+    """Each call result is memoized and read back inside the next call's ``((x,),)``: the
+    fast path takes one such read, declines a read of a value that holds a read, and the
+    walker counts every one."""
+
+    def hops(count: int) -> bytes:
+        body = b"ctorch._utils\n_rebuild_parameter\nq\x00h\x00N\x85\x85Rr\x01\x00\x00\x00"
+        for k in range(1, count):
+            body += b"h\x00j" + struct.pack("<I", k) + b"\x85\x85Rr" + struct.pack("<I", k + 1)
+        return _as_dict_key(body)
+
+    assert fast(hops(1)) and not fast(hops(2))
+    assert outcome(prescan.walk, hops(499)) is None
+    assert outcome(prescan.walk, hops(501)) == f"UnsafePickleError: {TUPLE_DEPTH}"
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_tuple_nesting_bound_is_tight_on_torch_save_pickles(name: str) -> None:
+    """The fast path's bound on tuple nesting stays a few levels, far from the limit."""
+    data = data_pkl(REAL[name]())
+    assert proves_safe(data, prescan.MAX_OPCODES, 8, prescan.MAX_HASH_WORK)
+
+
+def test_tuple_nesting_bound_covers_the_walkers_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded: whenever the fast path accepts, no tuple the walker sees nests deeper than the
+    fast path's bound."""
+    deepest = [0]
+
+    class Recording(prescan._Value):
+        __slots__ = ()
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            deepest[0] = max(deepest[0], self.depth)
+
+    monkeypatch.setattr(prescan, "_Value", Recording)
+    rng = random.Random(20240612)
+    cases = [random_stream(rng) for _ in range(3000)]
+    for _ in range(30):
+        cases += list(pickles_of(rng, random_object(rng)))
+    nested = 0
+    for data in cases:
+        if not fast(data):
+            continue
+        ops = opcode_starts(data, 10**7)
+        frames = _Frames(ops.codes, np.cumsum(_DEPTH[ops.codes], dtype=np.int32))
+        bound = frames.tuple_nesting(memo_reads(ops))
+        deepest[0] = 0
+        assert outcome(prescan.walk, data) is None
+        assert deepest[0] <= bound, data
+        nested += deepest[0] >= 3
+    assert nested > 50

@@ -59,10 +59,15 @@ IS_GET = _ROLE >= _BINGET
 @dataclass(frozen=True)
 class Sharing:
     """``calls``: the opcodes whose call results GETs read (with repeats); ``extra``: the
-    values that reading the shared tuples adds, were each read a fresh copy."""
+    values that reading the shared tuples adds, were each read a fresh copy; ``deep_gets``:
+    the GETs that read a value tuples may nest in (a call result or a tuple, ``()`` included),
+    and ``deep_sources`` the opcodes that pushed what they read.
+    """
 
     calls: np.ndarray
     extra: int
+    deep_gets: np.ndarray
+    deep_sources: np.ndarray
 
 
 def memo_reads(ops: Opcodes) -> Sharing | None:
@@ -82,7 +87,8 @@ def memo_reads(ops: Opcodes) -> Sharing | None:
     elif (index > puts + 1).any():  # the walker: 0 <= arg <= opcodes so far (from 1)
         return None
     if not len(gets):
-        return Sharing(np.zeros(0, np.int64), 0)
+        none = np.zeros(0, np.int64)
+        return Sharing(none, 0, none, none)
     setter = _latest_setter(puts, index, gets, wanted)
     if setter is None or (setter < 1).any():
         return None
@@ -96,7 +102,8 @@ def memo_reads(ops: Opcodes) -> Sharing | None:
         if items is None:
             return None
         extra = int(items.sum())
-    return Sharing(source[kind == _CALL], extra)
+    deep = (kind != _LEAF) | (ops.codes[source] == CODE["EMPTY_TUPLE"])
+    return Sharing(source[kind == _CALL], extra, gets[deep], source[deep])
 
 
 def _flat_tuple_items(codes: np.ndarray, plain_gets: np.ndarray,

@@ -34,6 +34,23 @@ walker then decides, so refusals and their messages come from one place only.
   argument's tuple tree, in that argument's ``elems`` and in its child's. Each opcode pushes
   at most one value, so ``work <= 2 * (opcodes + Sharing.extra)``, which must be within
   ``max_hash_work``.
+- *Tuple nesting* (the walker's ``depth``: 1 + the deepest item for a tuple, the deepest
+  popped argument for a call result, 0 for every other value; it refuses a tuple deeper than
+  ``max_depth``). The *span* of a value is the stretch of the stream from the first opcode
+  after the stack last stood no higher than where the value lies, through the opcode that
+  pushed it (:meth:`_Frames.span_starts`; within its frame, the heights climb at most one an
+  opcode, and a frame's MARK leaves it 0 high, so any earlier opcode of the frame, or the
+  MARK, starts a span at least as long). Whatever an opcode pops was pushed inside its span,
+  so a tuple's items and a call's arguments were pushed inside theirs, and spans nest or are
+  apart. Follow the deepest item down from a tuple: through call results to the tuples,
+  leaves and containers (0) or GETs they come from. Each tuple on the way lies inside the
+  span of the one above it, so every opcode of the innermost span is covered by all of them:
+  when no GET of a call result or tuple (``Sharing.deep_gets``) lies inside a tuple span,
+  every tuple's depth is at most ``most``, the largest number of tuple spans covering one
+  opcode (a cumulative sum of span starts and ends). Where such GETs lie inside tuple spans,
+  the values they read must come from spans without any such GET: each is at most ``most``
+  deep, and the bound is ``most`` plus the most tuple spans covering one of those GETs.
+  Real pickles score a few levels; TUPLE1, TUPLE2 and TUPLE3 chains score their length.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ from __future__ import annotations
 import numpy as np
 
 from exporter.torchfile.opbounds import CODE, SUPPORTED, opcode_starts
-from exporter.torchfile.opmemo import IS_GET, memo_reads
+from exporter.torchfile.opmemo import IS_GET, Sharing, memo_reads
 
 #: Largest pickle the fast path takes on: its arrays peak at about 20 bytes per byte of
 #: pickle (50 per opcode), as much as the exact walker's memo and far less than the objects
@@ -87,6 +104,12 @@ _NEED, _POPS, _PUSH, _DEPTH = (_table({k: v[i] for k, v in _EFFECTS.items()}) fo
 _DELTA = _PUSH - _POPS
 _BELOW = _table(_TARGET_BELOW)
 _MARK = CODE["MARK"]
+_TUPLE1, _TUPLE3 = CODE["TUPLE1"], CODE["TUPLE3"]  # TUPLE2 lies between them
+_EMPTY_TUPLE, _TUPLE = CODE["EMPTY_TUPLE"], CODE["TUPLE"]
+assert CODE["TUPLE2"] == _TUPLE1 + 1 and _TUPLE3 == _TUPLE1 + 2
+#: Opcodes a tuple's span is searched back over, one at a time, before it is taken to start
+#: with its MARK frame (a longer span, so a looser bound).
+_SPAN_STEPS = 64
 
 
 def proves_safe(data: bytes, max_opcodes: int, max_depth: int, max_hash_work: int) -> bool:
@@ -109,6 +132,8 @@ def proves_safe(data: bytes, max_opcodes: int, max_depth: int, max_hash_work: in
     sharing = memo_reads(ops)
     if sharing is None or WORK_PER_VALUE * (count + sharing.extra) > max_hash_work:
         return False
+    if frames.tuple_nesting(sharing) > max_depth:
+        return False
     return not len(sharing.calls) or frames.never_added_to(sharing.calls)
 
 
@@ -124,7 +149,7 @@ class _Frames:
             narrow = depth.astype(np.int16) if depth.max() < 1 << 15 else depth
             self.order = np.argsort(narrow, kind="stable")  # a radix sort for 16-bit keys
         self.sorted = codes[self.order]
-        delta = _DELTA[self.sorted]
+        self.delta = delta = _DELTA[self.sorted]
         total = np.cumsum(delta, dtype=np.int32)
         total -= delta  # values pushed less values popped before each opcode, frames in a row
         is_mark = self.sorted == _MARK
@@ -134,6 +159,51 @@ class _Frames:
 
     def heights_suffice(self) -> bool:
         return bool((self.height >= _NEED[self.sorted]).all())
+
+    def tuple_nesting(self, sharing: Sharing) -> int:
+        """A bound on how deeply the exact walker's tuples nest (see the module docstring),
+        past any limit where it cannot say."""
+        codes = self.sorted  # comparisons: faster than a table lookup per opcode
+        at = np.flatnonzero(((codes >= _TUPLE1) & (codes <= _TUPLE3)) | (codes == _TUPLE)
+                            | (codes == _EMPTY_TUPLE))
+        if not len(at):
+            return 0
+        size = len(self.codes) + 1
+        cover = np.bincount(self.span_starts(at), minlength=size)
+        cover -= np.bincount(self.order[at] + 1, minlength=size)
+        np.cumsum(cover, out=cover)
+        most = int(cover.max())
+        inside = cover[sharing.deep_gets] > 0
+        if not inside.any():
+            return most
+        gets, sources = sharing.deep_gets, sharing.deep_sources[inside]
+        rank = np.empty(len(self.order), np.int64)
+        rank[self.order] = np.arange(len(self.order))
+        first = self.span_starts(rank[sources])
+        if (np.searchsorted(gets, sources, "right") > np.searchsorted(gets, first)).any():
+            return size  # a value read inside a tuple holds a value read itself
+        return most + int(cover[gets[inside]].max())
+
+    def span_starts(self, at: np.ndarray) -> np.ndarray:
+        """Where, in the stream, the value pushed by each opcode at ``at`` (in frame order)
+        began: after the last earlier opcode of its frame that left the frame no higher than
+        it lies, so that the nested frames in between are part of it. Past ``_SPAN_STEPS``
+        opcodes, the frame's MARK, or the stream's start, stands in for that opcode."""
+        after = self.height + self.delta
+        level = self.height[at] - _POPS[self.sorted[at]]
+        before = at - 1  # EMPTY_TUPLE and an opcode closing a frame stop here at once
+        pending = np.flatnonzero(before >= 0)
+        pending = pending[after[before[pending]] > level[pending]]
+        for _ in range(_SPAN_STEPS):
+            if not len(pending):
+                break
+            before[pending] -= 1
+            back = before[pending]
+            pending = pending[(back >= 0) & (after[np.maximum(back, 0)] > level[pending])]
+        if len(pending):  # the frame's MARK leaves it 0 high: a span at least as long
+            marks = np.append(-1, np.flatnonzero(self.sorted == _MARK))
+            before[pending] = marks[np.searchsorted(marks, at[pending]) - 1]
+        return np.where(before >= 0, self.order[np.maximum(before, 0)] + 1, 0)
 
     def never_added_to(self, shared_calls: np.ndarray) -> bool:
         """Whether no APPEND(S), SETITEM(S) or ADDITEMS adds to a shared call result, either

@@ -5,7 +5,10 @@ C unpickler would otherwise do unchecked: memo indices (it sizes its memo table 
 index it sees, so ``LONG_BINPUT 2**31`` alone could exhaust memory), nesting, the number of
 opcodes, and hashing work — it follows the stack symbolically, because a tuple holding the same
 tuple twice, nested sixty times, is a few hundred bytes of pickle but 2**60 steps to hash, and
-the C unpickler hashes every dict key and set item it builds.
+the C unpickler hashes every dict key and set item it builds. It also bounds how deeply tuples
+nest: ``hash()`` of a tuple recurses in C into the tuples it holds without a recursion check,
+so a dict key of 200,000 nested one-item tuples (a few hundred kilobytes of TUPLE1 opcodes,
+no MARK) overflows the C stack and kills the process.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.opscan import proves_safe
 
 MAX_OPCODES = 20_000_000
+#: MARK nesting, and how deeply tuples nest in tuples (``hash()`` recurses through them).
 MAX_DEPTH = 1_000
 #: Elements hashed while building dict keys, set items and call arguments (tuples count
 #: every element they reach through nested tuples, shared or not).
@@ -29,14 +33,21 @@ class _Value:
     ``weight``: the elements ``hash()`` visits (a tuple descends into the tuples it holds;
     anything else hashes in one step or fails at once). ``elems``: what hashing each element
     of this list, tuple or dict (its keys) costs, as ``set(x)`` or ``OrderedDict(x)`` would.
+    ``depth``: how deeply tuples nest in it: 1 + the deepest item for a tuple, the deepest
+    popped argument for a call result (the reader's ``_rebuild_parameter`` returns its first
+    argument, ``_rebuild_from_type_v2`` an item of its third), 0 for anything else: lists,
+    dicts and sets end a chain of tuples (they are not hashable, and no function the reader
+    calls returns an item of one; ``torch.Size`` turns a list into a tuple only of integers).
     """
 
-    __slots__ = ("weight", "elems", "children")
+    __slots__ = ("weight", "elems", "children", "depth")
 
-    def __init__(self, weight: int = 1, elems: int = 0, children: list[_Value] | None = None):
+    def __init__(self, weight: int = 1, elems: int = 0, children: list[_Value] | None = None,
+                 depth: int = 0):
         self.weight = weight
         self.elems = elems
         self.children = children
+        self.depth = depth
 
 
 _MARK = _Value()
@@ -109,10 +120,12 @@ class _Prescan:
         if target is not _LEAF and target.children is None:
             target.elems = min(target.elems + cost, _CAP)
 
-    def call(self, args: list[_Value]) -> None:
+    def call(self, args: list[_Value]) -> _Value:
+        """The result of calling with ``args`` (the values popped besides the callable)."""
         # A call may hash what its arguments hold (set(list), OrderedDict(pairs)); BUILD
         # re-inserts the keys of a state dict.
-        self.spend(sum(a.elems + sum(c.elems for c in a.children or ()) for a in args))
+        self.spend(sum([a.elems + sum([c.elems for c in a.children or ()]) for a in args]))
+        return _Value(depth=max([a.depth for a in args]) if args else 0)
 
     def step(self, kind: int, name: str, arg: Any) -> None:
         """The stack effect of one opcode (PROTO, FRAME and leaf pushes are done by the caller)."""
@@ -133,8 +146,11 @@ class _Prescan:
             stack.append(_MARK)
         elif kind in (_TUPLE_N, _TUPLE_MARK):
             items = self.pop_mark() if kind == _TUPLE_MARK else self.pop(_TUPLE_SIZES[name])
-            weight = min(1 + sum(i.weight for i in items), _CAP)
-            stack.append(_Value(weight, weight - 1, items))
+            weight = min(1 + sum([i.weight for i in items]), _CAP)
+            depth = 1 + max([i.depth for i in items]) if items else 1
+            if depth > MAX_DEPTH:
+                raise UnsafePickleError(f"pickle nests tuples deeper than {MAX_DEPTH} levels")
+            stack.append(_Value(weight, weight - 1, items, depth))
         elif kind in (_APPEND, _SETITEM):
             items = self.pop(1 if kind == _APPEND else 2)
             self.add(self.top(), items, len(items), kind == _SETITEM)
@@ -149,11 +165,9 @@ class _Prescan:
             self.call(self.pop(1))
             self.top()
         elif kind in (_CALL2, _NEWOBJ_EX):
-            self.call(self.pop(3 if kind == _NEWOBJ_EX else 2)[1:])
-            stack.append(_Value())
+            stack.append(self.call(self.pop(3 if kind == _NEWOBJ_EX else 2)[1:]))
         elif kind == _CALL_MARK:
-            self.call(self.pop_mark())
-            stack.append(_Value())
+            stack.append(self.call(self.pop_mark()))
         elif kind == _POP:
             if stack and stack[-1] is _MARK:
                 self.pop_mark()  # POP drops a MARK as well (Lib/pickle.py load_pop)

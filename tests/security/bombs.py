@@ -191,6 +191,18 @@ def _deep(opener: bytes, closer: bytes, depth: int = 100_000, tail: bytes = b"")
     return b"\x80\x02" + opener * depth + tail + closer * depth + b"."
 
 
+#: Tuples nested 200,000 deep without a MARK: TUPLE1, TUPLE2 and TUPLE3 chains, MARK ... TUPLE
+#: frames around TUPLE1 runs, and a call that returns its argument (``_rebuild_parameter``)
+#: applied to ``((x,),)`` again and again.
+DEEP_TUPLES = {
+    "tuple1": b"N" + b"\x85" * 200_000,
+    "tuple2": b"NN\x86" + b"N\x86" * 200_000,
+    "tuple3": b"NNN\x87" + b"NN\x87" * 200_000,
+    "mark_tuple_and_tuple1": b"(" * 500 + b"N" + (b"\x85" * 399 + b"t") * 500,
+    "rebuild_parameter": b"ctorch._utils\n_rebuild_parameter\nq\x00" + b"h\x00" * 199_999
+                         + b"N" + b"\x85\x85R" * 200_000,
+}
+
 BOMBS: dict[str, Bomb] = {
     "numel_past_storage": Bomb(
         lambda f, n: _file(f, n, {"weight": _tensor(size=(1000,), stride=(1,))}), "load",
@@ -249,7 +261,13 @@ BOMBS: dict[str, Bomb] = {
         lambda f, n: _raw(f, n, b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."), "load",
         "nests deeper"),
     "nesting_tuple1": Bomb(lambda f, n: _raw(f, n, b"\x80\x02N" + b"\x85" * 100_000 + b"."),
-                           "load", "nests deeper"),
+                           "load", "nests tuples deeper than 1000"),
+    # hash() of a tuple recurses in C without a recursion check: as a dict key, 200,000
+    # nested tuples overflow the C stack.
+    **{f"nesting_{kind}_as_dict_key": Bomb(
+        lambda f, n, body=body: _raw(f, n, b"\x80\x02}" + body + b"Ns."), "unpickle",
+        "nests tuples deeper than 1000")
+       for kind, body in DEEP_TUPLES.items()},
     "nesting_dict_setitem": Bomb(
         lambda f, n: _raw(f, n, b"\x80\x02" + b"}K\x00" * 100_000 + b"}" + b"s" * 100_000
                           + b"."),
