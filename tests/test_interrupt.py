@@ -210,3 +210,19 @@ def test_an_interrupted_file_write_does_not_wait_for_a_stuck_stage(
         interrupt.cancel()
         release.set()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_between_the_step_folder_and_its_index_leaves_no_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.pipeline import step as step_module
+    from exporter.pipeline.run import BuildOptions, build
+
+    write_run(tmp_path / "run", TINY, steps=(0,), dp=1)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(step_module, "_write_index", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(LocalSource(tmp_path / "run"), tmp_path / "archive", BuildOptions())
+    assert not step_dir(tmp_path / "archive", 0).exists()

@@ -129,8 +129,14 @@ def convert_fetched(
     start = time.perf_counter() if start is None else start
     step = fetched.step
     clear_step(root, step)
-    result = export_checkpoint(fetched.folder, step_dir(root, step), options, progress)
-    _write_index(root, step, source, fetched, result, options, start)
+    try:
+        result = export_checkpoint(fetched.folder, step_dir(root, step), options, progress)
+        _write_index(root, step, source, fetched, result, options, start)
+    except BaseException:
+        # Ctrl-C (or a failure) after the step's folder was renamed into place but before its
+        # index was written: the step is left absent, not half-written.
+        clear_step(root, step)
+        raise
     return StepOutcome(
         step=step,
         status="done",
