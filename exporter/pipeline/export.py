@@ -15,6 +15,7 @@ complete, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -53,8 +54,9 @@ from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import read_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
-from exporter.neox.zero import OptimizerPlan, child_share, plan_optimizer
+from exporter.neox.zero import OptimizerPlan, plan_optimizer, shared_files
 from exporter.records import TensorJob, WrittenRecord, element_size
+from exporter.torchfile import paused_collector
 from exporter.torchfile.forked import ForkedLoads
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
@@ -218,33 +220,53 @@ def _plan_and_write(
     converter: Converter,
 ) -> tuple[OptimizerPlan | None, list[WrittenRecord]]:
     """Plan the optimizer state and write every file; the model's files are written while
-    the optimizer's partition files are read (reading pickles takes one core and the GIL;
-    writing is hashing and I/O, which release it)."""
+    the optimizer is planned (reading pickles takes one core and the GIL; writing is hashing
+    and I/O, which release it)."""
     model_tasks = _model_tasks(tmp, cfg, model, options, converter)
     if "optimizer" not in options.include:
         return None, _write_rest(tmp, files, cfg, model, engine, None, options, converter,
                                  model_tasks)
-    # Forked first, while this process runs one thread: a child reads half of the partition
-    # files' pickles while this process reads the others.
-    forked = ForkedLoads.start(child_share(files))
+    # Forked first, while this process runs one thread: a child reads partition files'
+    # pickles while this process reads others.
+    forked = ForkedLoads.start(shared_files(files))
     cancel = threading.Event()
+
+    def write_model() -> list[WrittenRecord]:
+        # While the optimizer is planned, on a core of its own: with two, once the forked
+        # reader is done (three busy threads on two cores only slowed the reading).
+        if forked is not None and _cores() <= 2:
+            forked.wait_ended()
+        return converter.write_files(model_tasks, tmp, cancel)
+
+    frozen = gc.get_freeze_count()
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="model-files") as pool:
-            early = pool.submit(converter.write_files, model_tasks, tmp, cancel)
+            early = pool.submit(write_model)
             try:
-                optimizer = plan_optimizer(files, model, engine, forked=forked,
-                                           render_files="state" in options.include)
+                # The plan's records live until its files are written: kept out of the
+                # collector's walks meanwhile (paused_collector).
+                with paused_collector(keep=True):
+                    optimizer = plan_optimizer(files, model, engine, forked=forked,
+                                               render_files="state" in options.include)
             except BaseException:
                 cancel.set()
                 raise
+            finally:
+                if forked is not None:
+                    forked.close()
             model_records = early.result()
+        if optimizer is None:
+            log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
+        records = _write_rest(tmp, files, cfg, model, engine, optimizer, options, converter, [])
     finally:
-        if forked is not None:
-            forked.close()
-    if optimizer is None:
-        log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
-    records = _write_rest(tmp, files, cfg, model, engine, optimizer, options, converter, [])
+        if gc.get_freeze_count() > frozen:
+            gc.unfreeze()
     return optimizer, model_records + records
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _model_tasks(tmp: Path, cfg: dict[str, Any], model: ModelPlan, options: ExportOptions,

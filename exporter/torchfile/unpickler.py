@@ -245,6 +245,10 @@ _SAFE_FUNCTIONS: dict[str, Any] = {
 SAFE_FUNCTIONS: dict[str, SafeGlobal] = {
     name: SafeGlobal(name, func) for name, func in _SAFE_FUNCTIONS.items()
 }
+#: The globals that make numpy records (:func:`exporter.torchfile.tree.resolve_numpy`).
+NUMPY_RECORD_GLOBALS = frozenset(
+    name for name, func in _SAFE_FUNCTIONS.items() if func in (NumpyDtype, NumpyArray)
+)
 
 
 class _SafeUnpickler(pickle.Unpickler):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,22 +69,21 @@ class OptimizerPlan:
         return out
 
 
-def child_share(files: CheckpointFiles) -> list[Any]:
-    """The partition files a forked reader takes (:mod:`exporter.torchfile.forked`): every
-    other rank's, in the order :func:`plan_optimizer` reads them."""
+def shared_files(files: CheckpointFiles) -> list[Any]:
+    """The partition files in the order :func:`plan_optimizer` reads them: what a forked
+    reader shares with this process (:mod:`exporter.torchfile.forked`)."""
     mps = sorted({mp for _, mp in files.optim_files})
     ranks = sorted({r for r, _ in files.optim_files})
     return [files.optim_files[(r, mp)] for mp in mps for r in ranks
-            if r % 2 == 1 and (r, mp) in files.optim_files]
+            if (r, mp) in files.optim_files]
 
 
 def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
-    """Read the data-parallel partition files of one unit: those of ``forked`` as its child
-    read them, the others here (while the child reads)."""
-    taken = set(forked.paths) if forked is not None else set()
+    """Read the data-parallel partition files of one unit: here those this process claims
+    from ``forked``, and the others as its child read them (meanwhile)."""
     loaded: dict[int, TorchFile] = {}
     for i, path in enumerate(paths):
-        if Path(path) not in taken:
+        if forked is None or forked.claim(path):
             loaded[i] = load_torch_file(path)
     for i, path in enumerate(paths):
         if i not in loaded:
@@ -131,7 +129,7 @@ def plan_optimizer(
 
     ``render_files``: keep every non-tensor value of each partition file in
     ``state_json["files"]`` (for ``state.json``); else only what the step check needs.
-    ``forked``: partition files a forked child is reading (:func:`child_share`).
+    ``forked``: partition files shared with a forked reader (:func:`shared_files`).
 
     Raises:
         LayoutError: missing/extra rank files, partition counts that disagree with the files,

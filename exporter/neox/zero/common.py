@@ -8,9 +8,9 @@ several ranks — and is read segment by segment, never by concatenating whole p
 A partition can hold thousands of small segments (DeeperSpeed stage 1 with a small
 ``reduce_bucket_size`` cuts each group into one comm interval per bucket, and a parameter's
 consecutive sub-partitions alternate between the rank files), so :meth:`ParamSlices.chunks`
-gathers segments straight into chunk-sized buffers: one ``preadv`` per segment into its place
-in the chunk, one open file per rank file for the whole tensor, no tensor or other object
-per segment, and chunks of the requested size however small the segments are.
+gathers segments straight into chunk-sized buffers (:mod:`exporter.neox.zero.gather`: a few
+vectored reads per chunk, one open file per rank file for the whole tensor, no object per
+segment), in chunks of the requested size however small the segments are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from typing import Any, NamedTuple
 import torch
 
 from exporter.errors import CheckpointFormatError, LayoutError
+from exporter.neox.zero.gather import gather_chunks
 from exporter.torchfile import TensorRef
-from exporter.torchfile.records import read_exact, read_tensor
+from exporter.torchfile.records import read_tensor
 
 
 class Segment(NamedTuple):
@@ -75,46 +75,8 @@ class ParamSlices:
 
     def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
         """Chunks of about ``max_bytes`` of one kind, each gathered from as many segments as
-        it spans (see the module docstring)."""
-        segments = self.segments[kind]
-
-        def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-            if not segments:
-                return
-            dtype, size = segments.first.dtype, segments.first.element_size
-            total = segments.count * size
-            step = max(1, max_bytes // size) * size
-            files: dict[Any, int] = {}
-            try:
-                out, view, filled = None, memoryview(b""), 0
-                capacity = 0
-                for ref, start, count in segments:  # per segment: plain arithmetic, one preadv
-                    storage = ref.storage
-                    if storage.dtype != dtype:
-                        raise LayoutError(f"{self.name}: {kind} segments of different dtypes")
-                    fd = files.get(storage.path)
-                    if fd is None:
-                        fd = files[storage.path] = os.open(storage.path, os.O_RDONLY)
-                    pos = storage.file_offset + (ref.offset + start) * size
-                    left = count * size
-                    while left:
-                        if out is None:
-                            out = torch.empty(min(step, total), dtype=torch.uint8)
-                            view, filled, capacity = memoryview(out.numpy()), 0, out.numel()
-                        take = min(left, capacity - filled)
-                        target = view[filled : filled + take]
-                        if os.preadv(fd, [target], pos) != take:
-                            read_exact(fd, target, pos, ref.path)
-                        filled, pos, left = filled + take, pos + take, left - take
-                        if filled == capacity:
-                            total -= filled
-                            yield out.view(dtype)
-                            out = None
-            finally:
-                for fd in files.values():
-                    os.close(fd)
-
-        return gen
+        it spans (:mod:`exporter.neox.zero.gather`)."""
+        return gather_chunks(self.segments[kind], f"{self.name}: {kind}")
 
 
 def flat_partition(ref: Any, where: str) -> TensorRef:

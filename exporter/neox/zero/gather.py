@@ -1,0 +1,187 @@
+"""Gather a parameter's segments into chunks with a few vectored reads per chunk.
+
+A parameter of a many-interval partition (DeeperSpeed stage 1 with a small bucket) is
+thousands of segments of a few kB, alternating between the rank files. Reading them with one
+``preadv`` each cost a system call and a release and re-take of the GIL per segment: with a
+step's optimizer files written on several threads at once, the threads queued for the GIL
+after every read, and gathering took longer on three threads than on one.
+
+Here the segments of one chunk are found with numpy from the layout's span table
+(:class:`SpanTable`), grouped by file, and each file's run of nearby segments is read with one
+``preadv``: its buffers are each segment's place in the chunk, and a scratch buffer for the
+bytes between two segments (zip headers, or the other moment's interval, when they are close:
+up to :data:`MAX_GAP` bytes). ``os.preadv`` takes at most ``IOV_MAX`` buffers; a run is cut
+there. A read that comes back short is read again segment by segment, whose error names the
+file (a file truncated while it is read).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Iterator
+from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from exporter.errors import LayoutError
+from exporter.torchfile.records import read_exact
+
+if TYPE_CHECKING:
+    from exporter.neox.zero.common import FlatLayout, Segments
+
+#: Bytes between two segments of one file that are read (into a scratch buffer) rather than
+#: skipped with a second system call: copying 16 KiB costs about what a call does.
+MAX_GAP = 16384
+#: Buffers per ``preadv`` (POSIX's IOV_MAX; Linux allows 1024).
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
+
+
+class SpanTable:
+    """A :class:`FlatLayout`'s spans as arrays: where each span starts in the flat sequence,
+    how many elements it has, and the file, byte offset and dtype of its first element."""
+
+    __slots__ = ("starts", "flat", "sizes", "pos", "file", "dtype_ids", "paths", "dtypes")
+
+    def __init__(self, layout: FlatLayout) -> None:
+        # C-level maps over the spans: a many-interval layout has tens of thousands, and a
+        # Python loop over them costs about 1 µs a span.
+        spans, n = layout.spans, len(layout.spans)
+        refs = list(map(itemgetter(0), spans))
+        storages = list(map(attrgetter("storage"), refs))
+        path_ids = list(map(id, map(attrgetter("path"), storages)))  # one object per file
+        files = {key: i for i, key in enumerate(dict.fromkeys(path_ids))}
+        self.paths = [storages[path_ids.index(key)].path for key in files]
+        dtypes = list(map(attrgetter("dtype"), storages))
+        self.dtypes = list(dict.fromkeys(dtypes))
+        dtype_ids = {dtype: i for i, dtype in enumerate(self.dtypes)}
+        sizes = np.array([dtype.itemsize for dtype in self.dtypes], dtype=np.int64)
+        self.starts = layout.starts
+        self.flat = np.array(layout.starts, dtype=np.int64)
+        self.sizes = np.fromiter(map(itemgetter(2), spans), np.int64, n)
+        self.file = np.fromiter(map(files.__getitem__, path_ids), np.int32, n)
+        self.dtype_ids = np.fromiter(map(dtype_ids.__getitem__, dtypes), np.int32, n)
+        elements = (np.fromiter(map(attrgetter("offset"), refs), np.int64, n)
+                    + np.fromiter(map(itemgetter(1), spans), np.int64, n))
+        self.pos = (np.fromiter(map(attrgetter("file_offset"), storages), np.int64, n)
+                    + elements * sizes[self.dtype_ids])
+
+
+def span_table(layout: FlatLayout) -> SpanTable:
+    """The layout's span table, made on first use and kept with the layout."""
+    table = layout.__dict__.get("_table")
+    if table is None:
+        table = layout.__dict__["_table"] = SpanTable(layout)
+    return table
+
+
+def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[torch.Tensor]]:
+    """Chunks of about ``max_bytes`` of a parameter's elements (``segments``), each gathered
+    from the segments it spans; ``what`` names the parameter in errors."""
+
+    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+        if not segments:
+            return
+        table = span_table(segments.layout)
+        first = bisect.bisect_right(table.starts, segments.begin) - 1
+        dtype_id = int(table.dtype_ids[first])
+        dtype = table.dtypes[dtype_id]
+        size = dtype.itemsize
+        per_chunk = max(1, max_bytes // size)
+        reader = _Reader(table)
+        try:
+            begin, end = segments.begin, segments.begin + segments.count
+            while begin < end:
+                count = min(per_chunk, end - begin)
+                out = torch.empty(count * size, dtype=torch.uint8)
+                reader.fill(memoryview(out.numpy()), begin, begin + count, dtype_id, what)
+                begin += count
+                yield out.view(dtype)
+        finally:
+            reader.close()
+
+    return gen
+
+
+class _Reader:
+    """The open files of one tensor's gathering, and its scratch buffer."""
+
+    def __init__(self, table: SpanTable) -> None:
+        self.table = table
+        self.fds: dict[int, int] = {}
+        self.scratch: memoryview | None = None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _fd(self, file: int) -> int:
+        fd = self.fds.get(file)
+        if fd is None:
+            fd = self.fds[file] = os.open(self.table.paths[file], os.O_RDONLY)
+        return fd
+
+    def fill(self, view: memoryview, begin: int, end: int, dtype_id: int, what: str) -> None:
+        """Read flat elements ``[begin, end)`` into ``view``."""
+        t = self.table
+        lo = bisect.bisect_right(t.starts, begin) - 1
+        hi = bisect.bisect_left(t.starts, end)
+        size = t.dtypes[dtype_id].itemsize
+        if hi - lo == 1:  # one span: one read
+            if int(t.dtype_ids[lo]) != dtype_id:
+                raise LayoutError(f"{what} segments of different dtypes")
+            pos = int(t.pos[lo]) + (begin - t.starts[lo]) * size
+            self._read(int(t.file[lo]), [view], pos, view.nbytes, [view], [pos])
+            return
+        if (t.dtype_ids[lo:hi] != dtype_id).any():
+            raise LayoutError(f"{what} segments of different dtypes")
+        # The pieces (each span's part of the chunk), file by file, in chunk order per file.
+        flat = t.flat[lo:hi]
+        first = np.maximum(flat, begin)
+        counts = np.minimum(flat + t.sizes[lo:hi], end) - first
+        keep = np.flatnonzero(counts > 0)
+        order = keep[np.argsort(t.file[lo:hi][keep], kind="stable")]
+        files = t.file[lo:hi][order]
+        src = t.pos[lo:hi][order] + (first[order] - flat[order]) * size
+        dst = (first[order] - begin) * size
+        stop = src + counts[order] * size
+        # Runs: one file, forward, gaps of at most MAX_GAP, at most IOV_MAX buffers.
+        n = len(order)
+        gaps = np.zeros(n, dtype=np.int64)
+        gaps[1:] = src[1:] - stop[:-1]
+        cut = np.ones(n, dtype=bool)
+        cut[1:] = (files[1:] != files[:-1]) | (gaps[1:] < 0) | (gaps[1:] > MAX_GAP)
+        runs = np.flatnonzero(cut)
+        within = np.arange(n) - runs[np.cumsum(cut) - 1]
+        cut |= within % (IOV_MAX // 2) == 0
+        gaps[cut] = 0
+        runs = np.flatnonzero(cut).tolist()
+        # Buffers: each piece's place in the chunk, after the bytes before it (none for the
+        # first of a run), so a run's buffers are one slice of this list.
+        gap_list = gaps.tolist()
+        scratch = self._scratch(max(gap_list))
+        views = {g: scratch[:g] for g in set(gap_list)}
+        targets = [view[a:b] for a, b in zip(dst.tolist(), (dst + stop - src).tolist(), strict=True)]
+        buffers: list[memoryview] = [scratch] * (2 * n)
+        buffers[0::2] = [views[g] for g in gap_list]
+        buffers[1::2] = targets
+        src_list, stop_list, file_list = src.tolist(), stop.tolist(), files.tolist()
+        for a, b in zip(runs, [*runs[1:], n], strict=True):
+            self._read(file_list[a], buffers[2 * a + 1 : 2 * b], src_list[a],
+                       stop_list[b - 1] - src_list[a], targets[a:b], src_list[a:b])
+
+    def _scratch(self, n: int) -> memoryview:
+        if self.scratch is None or self.scratch.nbytes < n:
+            self.scratch = memoryview(bytearray(max(n, 1)))
+        return self.scratch
+
+    def _read(self, file: int, buffers: list[memoryview], pos: int, want: int,
+              targets: list[memoryview], positions: list[int]) -> None:
+        fd = self._fd(file)
+        if os.preadv(fd, buffers, pos) != want:
+            for target, where in zip(targets, positions, strict=True):
+                # Short (a file truncated while read): again piece by piece, for the error.
+                read_exact(fd, target, where, self.table.paths[file])
