@@ -147,3 +147,57 @@ def test_no_child_is_forked_while_another_thread_runs(tmp_path: Path) -> None:
     finally:
         release.set()
         other.join()
+
+
+@in_a_fresh_process
+def test_the_two_processes_share_the_files_as_they_claim_them(tmp_path: Path) -> None:
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"f{i}.pt")
+        torch.save({"i": i, "moments": [torch.full((50,), float(i)) for _ in range(30)]}, paths[-1])
+    forked = _start(paths)
+    try:
+        # Nothing is claimed here before the first file arrives: the child took it.
+        first = forked.get(paths[0])
+        assert first is not None
+        assert to_json(first.obj) == to_json(load_torch_file(paths[0]).obj)
+        here = [path for path in paths if forked.claim(path)]
+        assert paths[0] not in here
+        for path in paths[1:]:
+            got = forked.get(path)
+            if path in here:
+                assert got is None  # this process reads it
+                continue
+            assert got is not None, path
+            assert to_json(got.obj) == to_json(load_torch_file(path).obj)
+        assert not forked.claim(paths[0])  # asked again: still the child's
+    finally:
+        forked.close()
+
+
+@in_a_fresh_process
+def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) -> None:
+    from exporter.pipeline import export as export_module
+    from exporter.pipeline.export import ExportOptions, export_checkpoint
+    from exporter.samples import TINY, RunConfig, write_checkpoint
+
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=4, config=RunConfig(max_elements_per_comm=64))
+    started: list[object] = []
+    real = ForkedLoads.start
+
+    def start(paths: list[Path]) -> ForkedLoads | None:
+        started.append(real(paths))
+        return started[-1]
+
+    export_module.ForkedLoads.start = start  # type: ignore[method-assign]
+    try:
+        forked = export_checkpoint(tmp_path / "src", tmp_path / "forked", ExportOptions())
+    finally:
+        export_module.ForkedLoads.start = real  # type: ignore[method-assign]
+    assert len(started) == 1 and started[0] is not None
+    here = export_checkpoint(tmp_path / "src", tmp_path / "here", ExportOptions())
+    assert forked.file_sha256 == here.file_sha256
+    assert [(r.job.name, r.job.kind, r.digest) for r in forked.records] == \
+        [(r.job.name, r.job.kind, r.digest) for r in here.records]
+    assert (tmp_path / "forked" / "state.json").read_bytes() == \
+        (tmp_path / "here" / "state.json").read_bytes()
