@@ -5,6 +5,7 @@ while its files are written, with the collector as it was afterwards."""
 from __future__ import annotations
 
 import gc
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,45 @@ def test_a_failed_plan_leaves_the_collector_as_it_was(
     with pytest.raises(RuntimeError, match="stop after planning"):
         export_checkpoint(tmp_path / "src", tmp_path / "out", ExportOptions())
     assert gc.get_freeze_count() == before and gc.isenabled()
+
+
+def test_the_optimizer_files_start_while_the_model_files_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.convert.stream import Converter
+
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=2)
+    real = Converter.write_files
+    optimizer_started = threading.Event()
+    overlapped: list[bool] = []
+
+    def spy(self, tasks, root, cancel=None):  # type: ignore[no-untyped-def]
+        if any(task.path.name == "model.safetensors" for task in tasks):
+            overlapped.append(optimizer_started.wait(10))
+        elif any(task.path.name == "master.safetensors" for task in tasks):
+            optimizer_started.set()
+        return real(self, tasks, root, cancel)
+
+    monkeypatch.setattr(Converter, "write_files", spy)
+    result = export_checkpoint(tmp_path / "src", tmp_path / "out", ExportOptions())
+    assert overlapped == [True]
+    kinds = [r.job.kind for r in result.records]
+    assert kinds.index("model") < kinds.index("master")  # records keep the file order
+
+
+def test_a_failing_model_file_reports_its_own_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.convert.stream import Converter
+    from exporter.errors import ExporterError
+
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=2)
+    real = Converter._write_one
+
+    def failing(self, task, root, cancel):  # type: ignore[no-untyped-def]
+        if task.path.name == "model.safetensors":
+            raise ExporterError("disk full while writing the model")
+        return real(self, task, root, cancel)
+
+    monkeypatch.setattr(Converter, "_write_one", failing)
+    with pytest.raises(ExporterError, match="disk full while writing the model"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", ExportOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

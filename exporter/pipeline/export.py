@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ def _plan_and_write(
 ) -> tuple[OptimizerPlan | None, list[WrittenRecord]]:
     """Plan the optimizer state and write every file; the model's files are written while
     the optimizer is planned (reading pickles takes one core and the GIL; writing is hashing
-    and I/O, which release it)."""
+    and I/O, which release it), the optimizer's as soon as it is."""
     model_tasks = _model_tasks(tmp, cfg, model, options, converter)
     if "optimizer" not in options.include:
         return None, _write_rest(tmp, files, cfg, model, engine, None, options, converter,
@@ -243,25 +243,38 @@ def _plan_and_write(
         with ThreadPoolExecutor(1, thread_name_prefix="model-files") as pool:
             early = pool.submit(write_model)
             try:
-                # The plan's records live until its files are written: kept out of the
-                # collector's walks meanwhile (paused_collector).
-                with paused_collector(keep=True):
-                    optimizer = plan_optimizer(files, model, engine, forked=forked,
-                                               render_files="state" in options.include)
-            except BaseException:
+                try:
+                    # The plan's records live until its files are written: kept out of the
+                    # collector's walks meanwhile (paused_collector).
+                    with paused_collector(keep=True):
+                        optimizer = plan_optimizer(files, model, engine, forked=forked,
+                                                   render_files="state" in options.include)
+                finally:
+                    if forked is not None:
+                        forked.close()
+                if optimizer is None:
+                    log.warning("%s: no ZeRO optimizer files; writing no optimizer state",
+                                files.folder)
+                # Started while the model's last files may still be written.
+                records = _write_rest(tmp, files, cfg, model, engine, optimizer, options,
+                                      converter, [], cancel)
+            except BaseException as exc:
                 cancel.set()
-                raise
-            finally:
-                if forked is not None:
-                    forked.close()
+                raise _first_error(early, exc) from None
             model_records = early.result()
-        if optimizer is None:
-            log.warning("%s: no ZeRO optimizer files; writing no optimizer state", files.folder)
-        records = _write_rest(tmp, files, cfg, model, engine, optimizer, options, converter, [])
     finally:
         if gc.get_freeze_count() > frozen:
             gc.unfreeze()
     return optimizer, model_records + records
+
+
+def _first_error(early: Future[Any], error: BaseException) -> BaseException:
+    """``error``, unless it only reports that writing stopped because the model's files
+    failed first: then their error."""
+    stopped = isinstance(error, ExporterError) and str(error) == "writing was cancelled"
+    if stopped and early.exception() is not None:
+        return early.exception()  # type: ignore[return-value]
+    return error
 
 
 def _cores() -> int:
@@ -299,6 +312,7 @@ def _write_rest(
     options: ExportOptions,
     converter: Converter,
     tasks: list[FileTask],
+    cancel: threading.Event | None = None,
 ) -> list[WrittenRecord]:
     tasks = list(tasks)
     if optimizer is not None:
@@ -308,7 +322,7 @@ def _write_rest(
         tasks.append(FileTask(tmp / STATE_TENSORS, engine.tensor_jobs + model.state_jobs))
     _copy_config(files, cfg, tmp / NEOX_CONFIG)
     # The files are independent: written in parallel (Converter.write_files), records in order.
-    records = converter.write_files(tasks, tmp)
+    records = converter.write_files(tasks, tmp, cancel)
     if "state" in options.include:
         # After the tensors: what the optimizer plan learns while its tensors stream (ranks
         # whose copies disagree) belongs in state.json.

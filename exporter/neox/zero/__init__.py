@@ -28,6 +28,7 @@ from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import read_elastic
+from exporter.neox.zero.gather import span_table
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
@@ -176,6 +177,12 @@ def _plan_optimizer(
         _check_same_step([files.optim_files[(r, mp)] for r in range(dp)], per_file)
     disagree: list[str] = []
     jobs, unit_tp_rank, stages, missing = _merge_units(units, model, disagree)
+    # The layouts' span tables, made here while the model's files are written, rather than
+    # when the optimizer's files start and each file's thread waits on the GIL for its own.
+    layouts = {id(s.layout): s.layout for params in units.values() for p in params
+               for s in p.segments.values()}
+    for layout in layouts.values():
+        span_table(layout)
     if len(formats) != 1:
         raise LayoutError(f"{files.folder}: optimizer files mix formats {sorted(formats)}")
     fmt = formats.pop()

@@ -25,6 +25,7 @@ not overflow takes one more.
 from __future__ import annotations
 
 import math
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from exporter.errors import LayoutError
@@ -93,25 +94,7 @@ def read_elastic(
         for rank in range(dp):
             if len(fp32[rank][g]) != comms or len(states[rank][g]) != comms:
                 raise LayoutError(f"{files[rank].path}: group {g} has a different number of comm intervals")
-        masters: list[TensorRef] = []
-        avgs: list[TensorRef] = []
-        avg_sqs: list[TensorRef] = []
-        # Sub-partition k is rank k % dp's comm interval k // dp. Thousands per group with a
-        # small bucket: messages are made only when a check fails.
-        for comm in range(comms):
-            for rank in range(dp):
-                state = states[rank][g][comm]
-                master = fp32[rank][g][comm]
-                try:
-                    avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                except (TypeError, KeyError, IndexError):
-                    avg = avg_sq = None
-                if not (_is_flat(master) and _is_flat(avg) and _is_flat(avg_sq)):
-                    _refuse_partition(files[rank], g, comm, (master, avg, avg_sq), state)
-                masters.append(master)
-                avgs.append(avg)
-                avg_sqs.append(avg_sq)
-        pieces = {"master": masters, "exp_avg": avgs, "exp_avg_sq": avg_sqs}
+        pieces = _sub_partitions(files, fp32, states, g, comms)
         lengths = [p.numel for p in pieces["master"]]
         for kind in ("exp_avg", "exp_avg_sq"):
             if [p.numel for p in pieces[kind]] != lengths:
@@ -138,6 +121,46 @@ def read_elastic(
              "sub_partitions": comms * dp, "elements": total, "parameters": len(shapes[g])}
         )
     return params, summary
+
+
+def _sub_partitions(files: list[TorchFile], fp32: list[list[list[Any]]],
+                    states: list[list[list[Any]]], g: int, comms: int) -> dict[str, list[TensorRef]]:
+    """Group ``g``'s sub-partitions of each kind in ``k`` order: sub-partition k is rank
+    k % dp's comm interval k // dp.
+
+    Thousands per group with a small bucket: taken and checked list by list (C-level maps
+    over shared shape tuples); the checks are made one by one only to name what fails.
+    """
+    dp = len(files)
+    masters = [ref for group in zip(*(fp32[r][g] for r in range(dp)), strict=True) for ref in group]
+    state_list = [state for group in zip(*(states[r][g] for r in range(dp)), strict=True)
+                  for state in group]
+    try:
+        avgs = list(map(itemgetter("exp_avg"), state_list))
+        avg_sqs = list(map(itemgetter("exp_avg_sq"), state_list))
+    except (TypeError, KeyError, IndexError):
+        avgs = avg_sqs = []
+    if len(avgs) == len(masters) == dp * comms and all(map(_all_flat, (masters, avgs, avg_sqs))):
+        return {"master": masters, "exp_avg": avgs, "exp_avg_sq": avg_sqs}
+    for comm in range(comms):
+        for rank in range(dp):
+            state = states[rank][g][comm]
+            master = fp32[rank][g][comm]
+            try:
+                avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            except (TypeError, KeyError, IndexError):
+                avg = avg_sq = None
+            if not (_is_flat(master) and _is_flat(avg) and _is_flat(avg_sq)):
+                _refuse_partition(files[rank], g, comm, (master, avg, avg_sq), state)
+    raise AssertionError("a sub-partition failed the list check but not its own")
+
+
+def _all_flat(refs: list[Any]) -> bool:
+    """Every one of ``refs`` passes :func:`_is_flat` (decided on the few distinct shapes)."""
+    if set(map(type, refs)) - {TensorRef}:
+        return False
+    shapes = set(map(attrgetter("shape", "stride"), refs))
+    return all(len(shape) == 1 and (stride[0] == 1 or shape[0] <= 1) for shape, stride in shapes)
 
 
 def _is_flat(ref: Any) -> bool:
