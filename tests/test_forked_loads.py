@@ -201,3 +201,24 @@ def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) ->
         [(r.job.name, r.job.kind, r.digest) for r in here.records]
     assert (tmp_path / "forked" / "state.json").read_bytes() == \
         (tmp_path / "here" / "state.json").read_bytes()
+
+
+@in_a_fresh_process
+def test_files_a_dead_child_took_are_read_here(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from exporter.neox.zero import load_partition_files
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"f{i}.pt")
+        torch.save({"i": i, "w": torch.full((4,), float(i))}, paths[-1])
+    forked = _start(paths)
+    try:
+        os.kill(forked._pid, signal.SIGKILL)  # whatever it took, it never sends
+        loaded = load_partition_files(paths, forked)
+    finally:
+        forked.close()
+    assert [tf.obj["i"] for tf in loaded] == list(range(6))
+    assert [tf.path for tf in loaded] == paths
