@@ -177,11 +177,13 @@ def test_the_two_processes_share_the_files_as_they_claim_them(tmp_path: Path) ->
 
 @in_a_fresh_process
 def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) -> None:
+    from exporter.neox import zero
     from exporter.pipeline import export as export_module
     from exporter.pipeline.export import ExportOptions, export_checkpoint
     from exporter.samples import TINY, RunConfig, write_checkpoint
 
     write_checkpoint(tmp_path / "src", TINY, step=8, dp=4, config=RunConfig(max_elements_per_comm=64))
+    zero.FORK_FROM_STORAGES = 0  # the tiny model's pickles: forked all the same
     started: list[object] = []
     real = ForkedLoads.start
 
@@ -194,6 +196,7 @@ def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) ->
         forked = export_checkpoint(tmp_path / "src", tmp_path / "forked", ExportOptions())
     finally:
         export_module.ForkedLoads.start = real  # type: ignore[method-assign]
+        zero.FORK_FROM_STORAGES = 16_000
     assert len(started) == 1 and started[0] is not None
     here = export_checkpoint(tmp_path / "src", tmp_path / "here", ExportOptions())
     assert forked.file_sha256 == here.file_sha256
@@ -222,3 +225,25 @@ def test_files_a_dead_child_took_are_read_here(tmp_path: Path) -> None:
         forked.close()
     assert [tf.obj["i"] for tf in loaded] == list(range(6))
     assert [tf.path for tf in loaded] == paths
+
+
+def test_small_partition_pickles_are_read_without_a_fork(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.neox import zero
+    from exporter.neox.checkpoint import scan_checkpoint
+    from exporter.samples import TINY, RunConfig, write_checkpoint
+    from exporter.torchfile.zipdir import member_count
+
+    write_checkpoint(tmp_path / "one", TINY, step=8, dp=2)
+    write_checkpoint(tmp_path / "many", TINY, step=8, dp=2,
+                     config=RunConfig(max_elements_per_comm=64))
+    one, many = scan_checkpoint(tmp_path / "one"), scan_checkpoint(tmp_path / "many")
+    counts = {name: sum(member_count(p) or 0 for p in files.optim_files.values())
+              for name, files in (("one", one), ("many", many))}
+    # The end records count one member per storage: the many-interval files hold more.
+    assert counts["many"] > 3 * counts["one"] > 0
+    assert zero.shared_files(many) == []  # a tiny model: below the default
+    monkeypatch.setattr(zero, "FORK_FROM_STORAGES", counts["one"] + 1)
+    assert zero.shared_files(one) == []
+    assert zero.shared_files(many) == [many.optim_files[(r, 0)] for r in range(2)]
+    assert member_count(tmp_path / "missing.pt") is None
