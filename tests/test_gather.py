@@ -129,3 +129,26 @@ def test_a_file_cut_short_while_gathering_is_named(tmp_path: Path) -> None:
     os.truncate(tmp_path / "rank1.pt", refs[1][0].file_offset + 8)
     with pytest.raises(CheckpointFormatError, match=r"rank1\.pt: short read"):
         list(chunks)
+
+
+def _resolved(table: gather.SpanTable) -> list[tuple[object, ...]]:
+    return [(table.paths[f], table.dtypes[d], int(p), int(n)) for f, d, p, n in
+            zip(table.file.tolist(), table.dtype_ids.tolist(), table.pos, table.sizes,
+                strict=True)]
+
+
+def test_a_table_made_rank_by_rank_equals_one_made_across_the_ranks(tmp_path: Path) -> None:
+    # Three files of 40 tensors each; the second file's dtypes come in another order, so each
+    # list numbers its dtypes differently.
+    lists = []
+    for f, dtypes in enumerate(([torch.float32], [torch.float16, torch.float32],
+                                [torch.float32, torch.bfloat16])):
+        tensors = [torch.arange(i + 1, dtype=dtypes[i % len(dtypes)]) for i in range(40)]
+        torch.save(tensors, tmp_path / f"rank{f}.pt")
+        lists.append(load_torch_file(tmp_path / f"rank{f}.pt").obj)
+    layout = FlatLayout.whole([ref for group in zip(*lists, strict=True) for ref in group])
+    across = gather.SpanTable(layout)
+    by_rank = gather.SpanTable(layout, lists)
+    assert _resolved(by_rank) == _resolved(across)
+    assert [ref.path for ref in (lists[0][0], lists[1][0], lists[2][0])] == \
+        [by_rank.paths[f] for f in by_rank.file[:3].tolist()]

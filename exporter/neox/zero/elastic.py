@@ -35,6 +35,7 @@ from exporter.neox.zero.common import (
     flat_partition,
     partition_state_dicts,
 )
+from exporter.neox.zero.gather import span_table
 from exporter.torchfile import TensorRef, TorchFile
 
 ADAM_STEP_SOURCE = "derived: 1 + global_steps - skipped_steps (stage 1 elastic files omit it)"
@@ -94,7 +95,8 @@ def read_elastic(
         for rank in range(dp):
             if len(fp32[rank][g]) != comms or len(states[rank][g]) != comms:
                 raise LayoutError(f"{files[rank].path}: group {g} has a different number of comm intervals")
-        pieces = _sub_partitions(files, fp32, states, g, comms)
+        turns = _sub_partitions(files, fp32, states, g, comms)
+        pieces = {kind: _in_turns(lists) for kind, lists in turns.items()}
         lengths = [p.numel for p in pieces["master"]]
         for kind in ("exp_avg", "exp_avg_sq"):
             if [p.numel for p in pieces[kind]] != lengths:
@@ -109,6 +111,8 @@ def read_elastic(
         _check_padding(osds, files, g, comms, lengths)
         offset = 0
         layouts = {kind: FlatLayout.whole(refs) for kind, refs in pieces.items()}
+        for kind, layout in layouts.items():
+            span_table(layout, turns[kind])  # rank by rank, while the records are at hand
         for name, shape in shapes[g].items():
             param = ParamSlices(name, tuple(shape), g)
             n = param.numel()
@@ -124,23 +128,23 @@ def read_elastic(
 
 
 def _sub_partitions(files: list[TorchFile], fp32: list[list[list[Any]]],
-                    states: list[list[list[Any]]], g: int, comms: int) -> dict[str, list[TensorRef]]:
-    """Group ``g``'s sub-partitions of each kind in ``k`` order: sub-partition k is rank
-    k % dp's comm interval k // dp.
+                    states: list[list[list[Any]]], g: int, comms: int
+                    ) -> dict[str, list[list[TensorRef]]]:
+    """Group ``g``'s sub-partitions of each kind, rank by rank (sub-partition k of the flat
+    group is rank k % dp's comm interval k // dp: :func:`_in_turns`).
 
     Thousands per group with a small bucket: taken and checked list by list (C-level maps
     over shared shape tuples); the checks are made one by one only to name what fails.
     """
     dp = len(files)
-    masters = [ref for group in zip(*(fp32[r][g] for r in range(dp)), strict=True) for ref in group]
-    state_list = [state for group in zip(*(states[r][g] for r in range(dp)), strict=True)
-                  for state in group]
+    masters = [fp32[r][g] for r in range(dp)]
     try:
-        avgs = list(map(itemgetter("exp_avg"), state_list))
-        avg_sqs = list(map(itemgetter("exp_avg_sq"), state_list))
+        avgs = [list(map(itemgetter("exp_avg"), states[r][g])) for r in range(dp)]
+        avg_sqs = [list(map(itemgetter("exp_avg_sq"), states[r][g])) for r in range(dp)]
     except (TypeError, KeyError, IndexError):
         avgs = avg_sqs = []
-    if len(avgs) == len(masters) == dp * comms and all(map(_all_flat, (masters, avgs, avg_sqs))):
+    lists = [*masters, *avgs, *avg_sqs]
+    if len(lists) == 3 * dp and all(len(refs) == comms and _all_flat(refs) for refs in lists):
         return {"master": masters, "exp_avg": avgs, "exp_avg_sq": avg_sqs}
     for comm in range(comms):
         for rank in range(dp):
@@ -153,6 +157,11 @@ def _sub_partitions(files: list[TorchFile], fp32: list[list[list[Any]]],
             if not (_is_flat(master) and _is_flat(avg) and _is_flat(avg_sq)):
                 _refuse_partition(files[rank], g, comm, (master, avg, avg_sq), state)
     raise AssertionError("a sub-partition failed the list check but not its own")
+
+
+def _in_turns(lists: list[list[Any]]) -> list[Any]:
+    """The first of each list, then the second of each, ...: the group's k order."""
+    return [item for group in zip(*lists, strict=True) for item in group]
 
 
 def _all_flat(refs: list[Any]) -> bool:

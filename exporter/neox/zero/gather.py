@@ -21,7 +21,7 @@ import bisect
 import os
 from collections.abc import Callable, Iterator
 from operator import attrgetter, itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from exporter.torchfile.records import read_exact
 
 if TYPE_CHECKING:
     from exporter.neox.zero.common import FlatLayout, Segments
+    from exporter.torchfile import TensorRef
 
 #: Bytes between two segments of one file that are read (into a scratch buffer) rather than
 #: skipped with a second system call: copying 16 KiB costs about what a call does.
@@ -41,39 +42,90 @@ IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
 class SpanTable:
     """A :class:`FlatLayout`'s spans as arrays: where each span starts in the flat sequence,
-    how many elements it has, and the file, byte offset and dtype of its first element."""
+    how many elements it has, and the file, byte offset and dtype of its first element.
+
+    ``turns``: the layout is :meth:`FlatLayout.whole` of these lists' tensors taken in turns
+    (the first of each list, then the second of each, ...: DeeperSpeed's sub-partitions, the
+    ranks taking turns). The lists are then read one by one, in the order their tensors were
+    made, and the columns interleaved with numpy: the records of one file lie together in
+    memory, and reading them in that order takes half the time of reading across the files.
+    """
 
     __slots__ = ("starts", "flat", "sizes", "pos", "file", "dtype_ids", "paths", "dtypes")
 
-    def __init__(self, layout: FlatLayout) -> None:
+    def __init__(self, layout: FlatLayout, turns: list[list[TensorRef]] | None = None) -> None:
         # C-level maps over the spans: a many-interval layout has tens of thousands, and a
         # Python loop over them costs about 1 µs a span.
-        spans, n = layout.spans, len(layout.spans)
-        refs = list(map(itemgetter(0), spans))
-        storages = list(map(attrgetter("storage"), refs))
-        path_ids = list(map(id, map(attrgetter("path"), storages)))  # one object per file
-        files = {key: i for i, key in enumerate(dict.fromkeys(path_ids))}
-        self.paths = [storages[path_ids.index(key)].path for key in files]
-        dtypes = list(map(attrgetter("dtype"), storages))
-        self.dtypes = list(dict.fromkeys(dtypes))
-        dtype_ids = {dtype: i for i, dtype in enumerate(self.dtypes)}
-        sizes = np.array([dtype.itemsize for dtype in self.dtypes], dtype=np.int64)
+        spans = layout.spans
+        if turns is None:
+            columns = [_columns(list(map(itemgetter(0), spans)))]
+            starts = np.fromiter(map(itemgetter(1), spans), np.int64, len(spans))
+        else:
+            columns = [_columns(refs) for refs in turns]
+            starts = np.zeros(len(spans), dtype=np.int64)
+
+        def joined(i: int) -> np.ndarray:
+            parts = [c[i] for c in columns]
+            return parts[0] if turns is None else np.stack(parts, axis=1).ravel()
+
+        paths: dict[int, Any] = {}
+        dtypes: dict[torch.dtype, int] = {}
+        for column in columns:
+            paths.update(column[4])
+            for dtype in column[5]:
+                dtypes.setdefault(dtype, len(dtypes))
+        path_ids = np.array(list(paths), dtype=np.int64)
+        order = np.argsort(path_ids)
+        file_of_id = joined(0)
+        self.paths = [paths[key] for key in path_ids[order].tolist()]
+        self.file = np.searchsorted(path_ids[order], file_of_id).astype(np.int32)
+        self.dtypes = list(dtypes)
+        self.dtype_ids = _dtype_index(joined(1), columns, self.dtypes)
+        itemsizes = np.array([dtype.itemsize for dtype in self.dtypes], dtype=np.int64)
         self.starts = layout.starts
         self.flat = np.array(layout.starts, dtype=np.int64)
-        self.sizes = np.fromiter(map(itemgetter(2), spans), np.int64, n)
-        self.file = np.fromiter(map(files.__getitem__, path_ids), np.int32, n)
-        self.dtype_ids = np.fromiter(map(dtype_ids.__getitem__, dtypes), np.int32, n)
-        elements = (np.fromiter(map(attrgetter("offset"), refs), np.int64, n)
-                    + np.fromiter(map(itemgetter(1), spans), np.int64, n))
-        self.pos = (np.fromiter(map(attrgetter("file_offset"), storages), np.int64, n)
-                    + elements * sizes[self.dtype_ids])
+        self.sizes = np.fromiter(map(itemgetter(2), spans), np.int64, len(spans))
+        self.pos = joined(3) + (joined(2) + starts) * itemsizes[self.dtype_ids]
 
 
-def span_table(layout: FlatLayout) -> SpanTable:
-    """The layout's span table, made on first use and kept with the layout."""
+def _columns(refs: list[TensorRef]) -> tuple[Any, ...]:
+    """For each of ``refs``: the id of its file's path, its dtype's index in the returned
+    dtypes, its storage offset and its storage's file offset; then the paths by id and the
+    dtypes seen (in order)."""
+    storages = list(map(attrgetter("storage"), refs))
+    path_objects = list(map(attrgetter("path"), storages))
+    ids = np.fromiter(map(id, path_objects), np.int64, len(refs))
+    dtype_list = list(map(attrgetter("dtype"), storages))
+    seen = list(dict.fromkeys(dtype_list))
+    index = {dtype: i for i, dtype in enumerate(seen)}
+    dtype_index = np.fromiter(map(index.__getitem__, dtype_list), np.int32, len(refs))
+    offsets = np.fromiter(map(attrgetter("offset"), refs), np.int64, len(refs))
+    file_offsets = np.fromiter(map(attrgetter("file_offset"), storages), np.int64, len(refs))
+    return ids, dtype_index, offsets, file_offsets, dict(zip(map(id, path_objects),
+                                                            path_objects, strict=True)), seen
+
+
+def _dtype_index(local: np.ndarray, columns: list[tuple[Any, ...]], dtypes: list[Any]) -> np.ndarray:
+    """Indices into ``dtypes`` from each list's own dtype indices (``local``, interleaved as
+    the spans are), where the lists saw their dtypes in different orders."""
+    if all(column[5] == dtypes[: len(column[5])] for column in columns):
+        return local  # every list saw the dtypes in the common order: the same indices
+    where = {dtype: i for i, dtype in enumerate(dtypes)}
+    width = len(columns)
+    out = np.empty_like(local)
+    for j, column in enumerate(columns):
+        remap = np.array([where[d] for d in column[5]], dtype=np.int32)
+        part = local[j::width] if width > 1 else local
+        out[j::width] = remap[part]
+    return out
+
+
+def span_table(layout: FlatLayout, turns: list[list[TensorRef]] | None = None) -> SpanTable:
+    """The layout's span table, made on first use (from ``turns`` if given: see
+    :class:`SpanTable`) and kept with the layout."""
     table = layout.__dict__.get("_table")
     if table is None:
-        table = layout.__dict__["_table"] = SpanTable(layout)
+        table = layout.__dict__["_table"] = SpanTable(layout, turns)
     return table
 
 
