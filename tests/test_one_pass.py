@@ -109,6 +109,29 @@ def test_parallel_files_equal_files_written_one_by_one(tmp_path: Path) -> None:
         assert data == (tmp_path / "serial" / written.path).read_bytes()
 
 
+def test_a_steps_large_files_are_written_at_once_whatever_the_cores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    converter = Converter(chunk_bytes=4096)
+    # The four files meet inside their writes: none waits for another to be done.
+    meeting = threading.Barrier(4, timeout=30)
+    real = Converter._write_one
+
+    def write_one(self, task, root, cancel):  # type: ignore[no-untyped-def]
+        meeting.wait()
+        return real(self, task, root, cancel)
+
+    monkeypatch.setattr(Converter, "_write_one", write_one)
+    names = ("model", "master", "exp_avg", "exp_avg_sq")
+    records = converter.write_files(
+        [FileTask(tmp_path / f"{name}.safetensors", _jobs(name, [5000])) for name in names],
+        tmp_path)
+    assert [r.file for r in records] == [f"{name}.safetensors" for name in names]
+
+
 def test_a_failing_file_stops_the_others_and_leaves_nothing(tmp_path: Path) -> None:
     def broken(max_bytes: int):
         yield torch.zeros(10)

@@ -20,7 +20,10 @@ exp_avg, exp_avg_sq) are independent, so each is written by a thread of its own,
 at a time (file I/O, hashlib, blake3, numpy reductions and torch casts release the GIL).
 Measured on the 2-core machine, side by side, writing the 2.2 GB checkpoint of
 ``benchmarks/RESULTS.md`` after planning: 4.4 s with two file threads against 6.9-8.6 s with
-one, for the same CPU time. The design before ran each stage of a file in a thread of its own
+one, for the same CPU time. At least :data:`FILES_AT_ONCE`, whatever the cores: with two
+threads for the three optimizer files, the third was written alone once the first two were
+done, one core idle (the export of that checkpoint in-process: 2.36-2.51 s with two, 2.10-2.19
+with three or four; its many-interval twin 5.10-5.29 s and 4.84-4.89). The design before ran each stage of a file in a thread of its own
 with queues between them: 46,727 futex calls per export and 9.0-9.3 CPU s on a quiet machine
 (issue 14); this design took 6.1-9.3 CPU s on a loaded one.
 """
@@ -46,6 +49,9 @@ from exporter.convert.stats import StatsAccumulator
 from exporter.errors import ExporterError
 from exporter.records import NO_STATS, TensorJob, TensorStats, WrittenFile, WrittenRecord
 
+#: Files :meth:`Converter.write_files` writes at once at least: a step's large files (model,
+#: master, exp_avg, exp_avg_sq), so that none is left to be written alone.
+FILES_AT_ONCE = 4
 CHUNK_BYTES = 1 << 20  # read size on the CPU: small enough for the passes to find it in cache
 DEVICE_CHUNK_BYTES = 8 << 20  # read size when a GPU casts: larger transfers
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
@@ -71,7 +77,7 @@ class Converter:
         chunk_bytes: read size (default: 1 MiB on the CPU, 8 MiB with a GPU).
         statistics: compute each tensor's statistics (False leaves them null in the index).
         workers: files written at once by :meth:`write_files` (default: one per core, at
-            least two).
+            least :data:`FILES_AT_ONCE`).
         direct_io: write around the page cache (``O_DIRECT``) where the file system allows.
         progress: called with the number of source bytes processed, as they are (from the
             writing threads, one call at a time).
@@ -101,7 +107,7 @@ class Converter:
         if self.chunk_bytes < 1:
             raise ValueError(f"Converter.chunk_bytes must be positive, got {self.chunk_bytes}")
         if self.workers is None:
-            self.workers = max(2, os.cpu_count() or 1)
+            self.workers = max(FILES_AT_ONCE, os.cpu_count() or 1)
         if self.workers < 1:
             raise ValueError(f"Converter.workers must be positive, got {self.workers}")
 
