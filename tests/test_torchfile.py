@@ -171,3 +171,38 @@ def test_tensor_ref_is_not_a_live_tensor(tmp_path: Path) -> None:
     ref = load_torch_file(tmp_path / "x.pt").obj["w"]
     assert isinstance(ref, TensorRef)
     assert (ref.dtype, ref.shape, ref.nbytes) == (torch.float32, (3,), 12)
+
+
+def test_storages_are_found_in_one_table_and_faults_still_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file of many storages looks each one up in the table of the zip's storage members
+    # (TorchZip.storage_spans), not through a checked look-up per storage; a storage the table
+    # lacks (a compressed member, a key no torch writer makes) is refused by the checked path.
+    from exporter.torchfile.container import TorchZip
+    from tests.zip_builders import members_of, rezip, torch_bytes
+
+    checked: list[str] = []
+    real = TorchZip.storage_span
+
+    def spy(self: TorchZip, key: str) -> tuple[int, int]:
+        checked.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(TorchZip, "storage_span", spy)
+    values = [torch.full((3,), float(i)) for i in range(50)]
+    torch.save(values, tmp_path / "many.pt")
+    refs = load_torch_file(tmp_path / "many.pt").obj
+    assert checked == []
+    assert [ref.read().tolist() for ref in refs] == [v.tolist() for v in values]
+    assert len({ref.storage.file_offset for ref in refs}) == 50
+
+    members = members_of(torch_bytes([torch.ones(4), torch.zeros(2)]))
+    (tmp_path / "deflated.pt").write_bytes(rezip(members, compress="archive/data/1"))
+    with pytest.raises(CheckpointFormatError, match="'archive/data/1' is compressed"):
+        load_torch_file(tmp_path / "deflated.pt")
+    assert checked == ["0", "1"] or checked == ["1"]
+    # A member whose size disagrees with the pickle's element count.
+    resized = [(n, b + b"\0" * 4 if n == "archive/data/0" else b) for n, b in members]
+    (tmp_path / "resized.pt").write_bytes(rezip(resized))
+    with pytest.raises(CheckpointFormatError, match="storage '0' should hold 16 bytes"):
+        load_torch_file(tmp_path / "resized.pt")

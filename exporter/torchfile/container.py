@@ -47,6 +47,8 @@ _REFUSALS = {
     PAST_END: "member '{}' runs past the end of the file (file truncated?)",
 }
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
+#: Storage keys joined by NUL, when every one of them is valid (one search for all).
+_ALL_KEYS = re.compile(r"(?:[A-Za-z0-9_.]{1,128}(?:\x00[A-Za-z0-9_.]{1,128})*)?")
 
 #: Largest ``data.pkl`` we read. Real ones hold no tensor data (a few MB at most).
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
@@ -110,6 +112,7 @@ class TorchZip:
         self._data_offset = array("q")
         self._sizes = array("q")
         self._status: bytes | None = None
+        self._spans: dict[str, tuple[int, int]] | None = None
         self._fd: int | None = None
 
     @contextmanager
@@ -189,6 +192,24 @@ class TorchZip:
             raise CheckpointFormatError(f"{self.path}: invalid storage key {key!r}")
         row = self._row(self._storage_prefix + key)
         return self._data_offset[row], self._sizes[row]
+
+    def storage_spans(self) -> dict[str, tuple[int, int]]:
+        """``key -> (data_offset, size)`` of every storage member :meth:`storage_span` would
+        accept (valid key, stored, in bounds), made once: unpickling looks up one per tensor,
+        and a dict look-up is a fraction of :meth:`storage_span`'s checks. Keys it lacks are
+        left to :meth:`storage_span`, which says why it refuses them."""
+        if self._spans is None:
+            if self._status is None:
+                self._read_local_headers()
+            prefix, cut = self._storage_prefix, len(self._storage_prefix)
+            rows = {name[cut:]: row for name, row in self._index.items() if name.startswith(prefix)}
+            if not _ALL_KEYS.fullmatch("\x00".join(rows)):  # names no torch writer makes
+                rows = {key: row for key, row in rows.items() if _STORAGE_KEY.match(key)}
+            status, offsets, sizes = self._status, self._data_offset, self._sizes
+            assert status is not None
+            self._spans = {key: (offsets[row], sizes[row]) for key, row in rows.items()
+                           if status[row] == OK}
+        return self._spans
 
     def _member(self, filename: str) -> Member:
         row = self._row(filename)

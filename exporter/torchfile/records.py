@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,6 +125,15 @@ class StorageRef:
         self.location = location
         self.file_offset = data_offset
 
+    @classmethod
+    def at(cls, path: Path, key: str, dtype: torch.dtype, numel: int, location: str,
+           file_offset: int) -> StorageRef:
+        """A record of values the caller checked (the reader's fast path, the forked reader)."""
+        ref = cls.__new__(cls)
+        ref.path, ref.key, ref.dtype, ref.numel = path, key, dtype, numel
+        ref.location, ref.file_offset = location, file_offset
+        return ref
+
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError("a pickle tried to modify a storage record")
 
@@ -167,7 +177,8 @@ class TensorRef:
                 shape, stride = _int_tuple(shape, storage, "shape"), _int_tuple(stride, storage, "stride")
                 _check_offset(offset, storage)
             numel, last = n, offset + (n - 1) * step
-            shape, stride = _shared(shape), _shared(stride)
+            shape = _SHAPES.get(shape) or _shared(shape)
+            stride = _SHAPES.get(stride) or _shared(stride)
         else:
             shape = _int_tuple(shape, storage, "shape")
             stride = _int_tuple(stride, storage, "stride")

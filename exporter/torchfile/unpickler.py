@@ -28,6 +28,7 @@ from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
 from exporter.torchfile.prescan import prescan
 from exporter.torchfile.records import (
+    MAX_INT64,
     PickledObject,
     StorageRef,
     TensorRef,
@@ -91,6 +92,10 @@ class StorageType:
 
     name: str
     dtype: torch.dtype
+    itemsize: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "itemsize", self.dtype.itemsize)
 
     def __setstate__(self, state: object) -> None:
         raise UnsafePickleError("a pickle tried to modify a storage type")
@@ -258,6 +263,8 @@ class _SafeUnpickler(pickle.Unpickler):
         self.globals: dict[str, bool] = {}
         self._classes: dict[str, type[PickledObject]] = {}
         self._storages: dict[str, StorageRef] = {}
+        self._spans = zip_.storage_spans() if zip_ is not None else None
+        self._path = zip_.path if zip_ is not None else None
 
     def find_class(self, module: str, name: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
@@ -290,6 +297,22 @@ class _SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         # torch/serialization.py _load.persistent_load:
         # ('storage', storage_type, key, location, numel)
+        # Once per storage (tens of thousands in a ZeRO file of many comm intervals): first
+        # the case torch.save writes, a new storage of a member that holds its bytes, in
+        # plain comparisons; anything else takes the checks below, which name the fault.
+        if type(pid) is tuple and len(pid) == 5:
+            tag, storage_type, key, location, numel = pid
+            if (tag == "storage" and type(storage_type) is StorageType and type(key) is str
+                    and type(location) is str and type(numel) is int
+                    and key not in self._storages and 0 <= numel <= MAX_INT64):
+                span = self._spans.get(key) if self._spans is not None else None
+                if span is not None and span[1] == numel * storage_type.itemsize:
+                    ref = self._storages[key] = StorageRef.at(
+                        self._path, key, storage_type.dtype, numel, location, span[0])
+                    return ref
+        return self._persistent_load(pid)
+
+    def _persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointFormatError(f"unsupported persistent id {short_repr(pid)}")
         _, storage_type, key, location, numel = pid
