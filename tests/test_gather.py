@@ -152,3 +152,30 @@ def test_a_table_made_rank_by_rank_equals_one_made_across_the_ranks(tmp_path: Pa
     assert _resolved(by_rank) == _resolved(across)
     assert [ref.path for ref in (lists[0][0], lists[1][0], lists[2][0])] == \
         [by_rank.paths[f] for f in by_rank.file[:3].tolist()]
+
+
+def test_many_small_spans_are_gathered_a_block_of_chunks_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small spans cost a look-up and a read each: the chunks asked for are cut from blocks of
+    # BLOCK_BYTES gathered at once; a parameter of large spans is still read chunk by chunk.
+    monkeypatch.setattr(gather, "BLOCK_BYTES", 16384)
+    fills: list[int] = []
+    real = gather._Reader.fill
+
+    def counted(self: gather._Reader, view: memoryview, *args: object) -> None:
+        fills.append(view.nbytes)
+        real(self, view, *args)
+
+    monkeypatch.setattr(gather._Reader, "fill", counted)
+    refs = _partitions(tmp_path, 3)
+    small = FlatLayout([(ref, 0, ref.numel) for group in zip(*refs, strict=True) for ref in group])
+    chunks = list(gather_chunks(small.covering(0, small.total, "p"), "p")(1024))
+    assert [c.numel() for c in chunks[:-1]] == [256] * (len(chunks) - 1)
+    assert torch.equal(torch.cat(chunks), _reference(small, 0, small.total))
+    assert fills[:-1] == [16384] * (len(fills) - 1) and len(fills) == -(-small.total * 4 // 16384)
+    fills.clear()
+    torch.save([torch.arange(100_000, dtype=torch.float32)], tmp_path / "large.pt")
+    large = FlatLayout([(load_torch_file(tmp_path / "large.pt").obj[0], 0, 100_000)])
+    chunks = list(gather_chunks(large.covering(0, 100_000, "w"), "w")(1024))
+    assert fills == [c.numel() * 4 for c in chunks] and len(chunks) == 391
+    assert torch.equal(torch.cat(chunks), torch.arange(100_000.0))

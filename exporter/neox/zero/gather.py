@@ -11,7 +11,9 @@ Here the segments of one chunk are found with numpy from the layout's span table
 ``preadv``: its buffers are each segment's place in the chunk, and a scratch buffer for the
 bytes between two segments (zip headers, or the other moment's interval, when they are close:
 up to :data:`MAX_GAP` bytes). ``os.preadv`` takes at most ``IOV_MAX`` buffers; a run is cut
-there. A read that comes back short is read again segment by segment, whose error names the
+there. A parameter of many small spans is gathered a block of several chunks at a time
+(:data:`BLOCK_BYTES`), the chunks then cut from it: with chunks of a megabyte, finding the
+pieces and reading them cost as much again as the bytes. A read that comes back short is read again segment by segment, whose error names the
 file (a file truncated while it is read).
 """
 
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
 #: Bytes between two segments of one file that are read (into a scratch buffer) rather than
 #: skipped with a second system call: copying 16 KiB costs about what a call does.
 MAX_GAP = 16384
+#: A parameter whose spans average fewer bytes than this is gathered in blocks of
+#: :data:`BLOCK_BYTES` (a whole number of chunks), each cut into the chunks asked for.
+FRAGMENT_BYTES = 256 << 10
+BLOCK_BYTES = 2 << 20
 #: Buffers per ``preadv`` (POSIX's IOV_MAX; Linux allows 1024).
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
@@ -137,20 +143,28 @@ def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[tor
         if not segments:
             return
         table = span_table(segments.layout)
-        first = bisect.bisect_right(table.starts, segments.begin) - 1
+        begin, end = segments.begin, segments.begin + segments.count
+        first = bisect.bisect_right(table.starts, begin) - 1
         dtype_id = int(table.dtype_ids[first])
         dtype = table.dtypes[dtype_id]
         size = dtype.itemsize
         per_chunk = max(1, max_bytes // size)
+        # Many small spans: gathered a block of several chunks at a time, so that the cost of
+        # finding the pieces and of each read is spread over more bytes.
+        spans = bisect.bisect_left(table.starts, end) - first
+        per_block = per_chunk
+        if spans * FRAGMENT_BYTES > (end - begin) * size:
+            per_block = max(per_chunk, BLOCK_BYTES // size // per_chunk * per_chunk)
         reader = _Reader(table)
         try:
-            begin, end = segments.begin, segments.begin + segments.count
             while begin < end:
-                count = min(per_chunk, end - begin)
+                count = min(per_block, end - begin)
                 out = torch.empty(count * size, dtype=torch.uint8)
                 reader.fill(memoryview(out.numpy()), begin, begin + count, dtype_id, what)
                 begin += count
-                yield out.view(dtype)
+                block = out.view(dtype)
+                for at in range(0, count, per_chunk):
+                    yield block[at : at + per_chunk]
         finally:
             reader.close()
 
