@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -114,9 +115,11 @@ class FlatLayout:
     def whole(cls, refs: list[TensorRef]) -> FlatLayout:
         """Every element of each of ``refs``, back to back."""
         layout = cls.__new__(cls)
-        layout.spans = [(ref, 0, ref.numel) for ref in refs]
-        layout.starts = list(itertools.accumulate((ref.numel for ref in refs[:-1]), initial=0))
-        layout.total = layout.starts[-1] + refs[-1].numel if refs else 0
+        # C-level maps: a many-interval group has tens of thousands of sub-partitions.
+        sizes = list(map(attrgetter("numel"), refs))
+        layout.spans = list(zip(refs, itertools.repeat(0), sizes))
+        layout.starts = list(itertools.accumulate(sizes[:-1], initial=0))
+        layout.total = layout.starts[-1] + sizes[-1] if refs else 0
         layout._missing = []
         return layout
 
