@@ -79,6 +79,8 @@ def test_a_forked_read_equals_a_read_here(tmp_path: Path) -> None:
         "dtype": torch.float16,
         "args": argparse.Namespace(lr=0.1, betas=(0.9, 0.95)),
         "big": 2**80,
+        "subs": [base[:4], base[4:8], base[:4]],
+        "by_number": {1: torch.zeros(2), 2: torch.ones(2)},
     }
     paths = []
     for i in range(3):
@@ -247,3 +249,39 @@ def test_small_partition_pickles_are_read_without_a_fork(
     assert zero.shared_files(one) == []
     assert zero.shared_files(many) == [many.optim_files[(r, 0)] for r in range(2)]
     assert member_count(tmp_path / "missing.pt") is None
+
+
+def test_lists_and_dicts_of_tensors_travel_as_one_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The sub-partitions and moments of a ZeRO file of many intervals: rebuilt with C-level
+    # maps, not a decoding call per tensor; the same records as the file read here.
+    import marshal
+
+    from exporter.torchfile import forked
+
+    base = torch.arange(8, dtype=torch.float32)
+    subs = [base[i : i + 2] for i in range(6)]
+    state = {"subs": [*subs, subs[0]],
+             "moments": [{"exp_avg": torch.zeros(3), "exp_avg_sq": torch.ones(3)}
+                         for _ in range(300)],
+             "mixed": [torch.zeros(1), 3], "numbered": {0: torch.ones(1)}}
+    torch.save(state, tmp_path / "f.pt")
+    here = load_torch_file(tmp_path / "f.pt")
+    encoded, refs, storages, _ = forked._Encoder().encode_file(here)
+    calls: list[object] = []
+    real = forked._Decoder.decode
+
+    def counted(self: forked._Decoder, value: object) -> object:
+        calls.append(value)
+        return real(self, value)
+
+    monkeypatch.setattr(forked._Decoder, "decode", counted)
+    message = marshal.loads(marshal.dumps((encoded, refs, storages)))
+    got = forked._Decoder(tmp_path / "f.pt", message[1], message[2]).decode(message[0])
+    assert len(calls) < 320  # a call per container, none per tensor of the lists and dicts
+    assert to_json(got) == to_json(here.obj)
+    pairs = list(zip(_tensors(got), _tensors(here.obj), strict=True))
+    assert [(a.file_offset, a.shape, a.stride, a.numel) for a, _ in pairs] \
+        == [(b.file_offset, b.shape, b.stride, b.numel) for _, b in pairs]
+    assert got["subs"][0] is got["subs"][6] and got["subs"][0].storage is got["subs"][1].storage
+    assert type(got["numbered"]) is dict and torch.equal(got["numbered"][0].read(), torch.ones(1))

@@ -49,6 +49,7 @@ MAX_SHARED = 16_000
 _HEADER = struct.Struct("<IQ")  # file index, message size
 _INDEX = struct.Struct("<I")
 _ERRORS = {"CheckpointFormatError": CheckpointFormatError, "UnsafePickleError": UnsafePickleError}
+_REFS, _STRS = {TensorRef}, {str}
 _DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
@@ -241,6 +242,15 @@ class _Encoder:
             return ("T", self._ref(value))
         if value is None or kind in (bool, int, float, str, bytes, complex):
             return value
+        if (kind is list or kind is dict) and value and set(map(type, value.values() if kind
+                                                              is dict else value)) == _REFS:
+            # Lists and str-keyed dicts of tensors only (the sub-partitions and the Adam
+            # moments of a ZeRO file, tens of thousands): one node, rebuilt with C-level maps.
+            self.left -= len(value)
+            if kind is list:
+                return ("TL", [self._ref(v) for v in value])
+            if set(map(type, value)) == _STRS:
+                return ("TD", list(value), [self._ref(v) for v in value.values()])
         if id(value) in self.active:
             raise _Unsendable  # a cycle
         self.active.add(id(value))
@@ -296,26 +306,9 @@ class _Encoder:
 class _Decoder:
     def __init__(self, path: Path, refs: list[Any], storages: list[Any]) -> None:
         self.path = path
-        self.shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self.storages = [self._storage(*s) for s in storages]
-        self.refs = [self._tensor(*r) for r in refs]
+        self.storages = _storages(path, storages)
+        self.refs = _tensors(refs, self.storages)
         self.classes: dict[tuple[str, str], type[PickledObject]] = {}
-
-    def _storage(self, key: str, dtype: str, numel: int, location: str,
-                 file_offset: int) -> StorageRef:
-        storage = StorageRef.__new__(StorageRef)
-        storage.path, storage.key, storage.dtype = self.path, key, _DTYPES[dtype]
-        storage.numel, storage.location, storage.file_offset = numel, location, file_offset
-        return storage
-
-    def _tensor(self, storage: int, offset: int, shape: tuple[int, ...],
-                stride: tuple[int, ...], requires_grad: bool, numel: int) -> TensorRef:
-        ref = TensorRef.__new__(TensorRef)
-        shape = self.shapes.setdefault(shape, shape)  # one tuple per shape, as the reader keeps
-        stride = self.shapes.setdefault(stride, stride)
-        ref.storage, ref.offset, ref.shape, ref.stride = self.storages[storage], offset, shape, stride
-        ref.requires_grad, ref.numel = requires_grad, numel
-        return ref
 
     def decode(self, value: Any) -> Any:
         kind = type(value)
@@ -328,6 +321,10 @@ class _Decoder:
         tag = value[0]
         if tag == "T":
             return self.refs[value[1]]
+        if tag == "TL":
+            return list(map(self.refs.__getitem__, value[1]))
+        if tag == "TD":
+            return dict(zip(value[1], map(self.refs.__getitem__, value[2]), strict=True))
         if tag == "t":
             return tuple(self.decode(v) for v in value[1])
         if tag == "O":
@@ -346,3 +343,28 @@ class _Decoder:
                                 entries=[self.decode(e) for e in entries])
             return obj
         raise CheckpointFormatError(f"{self.path}: unknown record from the reading process")
+
+
+def _storages(path: Path, rows: list[Any]) -> list[StorageRef]:
+    # Loops rather than a call per record: tens of thousands in a ZeRO file of many intervals.
+    out = []
+    new, dtypes = object.__new__, _DTYPES
+    for key, dtype, numel, location, file_offset in rows:
+        storage = new(StorageRef)
+        storage.path, storage.key, storage.dtype = path, key, dtypes[dtype]
+        storage.numel, storage.location, storage.file_offset = numel, location, file_offset
+        out.append(storage)
+    return out
+
+
+def _tensors(rows: list[Any], storages: list[StorageRef]) -> list[TensorRef]:
+    out = []
+    new = object.__new__
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per shape, as the reader keeps
+    for storage, offset, shape, stride, requires_grad, numel in rows:
+        ref = new(TensorRef)
+        ref.storage, ref.offset = storages[storage], offset
+        ref.shape, ref.stride = shapes.setdefault(shape, shape), shapes.setdefault(stride, stride)
+        ref.requires_grad, ref.numel = requires_grad, numel
+        out.append(ref)
+    return out
