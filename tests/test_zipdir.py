@@ -351,3 +351,23 @@ def test_local_headers_read_in_any_grouping(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(zipdir, "_READ_GAP", gap)
     _, _, members = _agree(path, fast_path=True)
     assert members == _one_by_one(path)
+
+
+def test_ascii_names_are_decoded_without_a_table_per_byte(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's names are ASCII: sliced and decoded together; names with other bytes (flagged
+    # UTF-8) are decoded byte table by byte table, and both agree with zipfile.
+    from exporter.torchfile import zipdir
+
+    tables: list[int] = []
+    real = zipdir._names
+    monkeypatch.setattr(zipdir, "_names", lambda data, *args: tables.append(1) or real(data, *args))
+    path = tmp_path / "x.pt"
+    torch.save([torch.ones(2) for _ in range(50)], path)
+    _, _, members = _agree(path, fast_path=True)
+    assert tables == [] and len(members) > 50
+    accented = [(name.replace("/data/0", "/data/é") if name.endswith("/data/0") else name, body)
+                for name, body in members_of(torch_bytes([torch.ones(2)]))]
+    (tmp_path / "accented.pt").write_bytes(rezip(accented))
+    names = list(_agree(tmp_path / "accented.pt", fast_path=True)[2])
+    assert tables and "archive/data/é" in names

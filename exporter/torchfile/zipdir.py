@@ -167,7 +167,9 @@ def fast_directory(fd: int, file_size: int) -> Directory | None:
     if (((heads["flags"] | _KNOWN_FLAGS) != _KNOWN_FLAGS).any() or (heads["disk"] != 0).any()
             or ((heads["needed"] & 0xFF) > _MAX_EXTRACT_VERSION).any()):
         return None
-    names = _names(data, starts + _CENTRAL_SIZE, name_len, heads["flags"])
+    names = _ascii_names(raw, starts + _CENTRAL_SIZE, name_len)
+    if names is None:
+        names = _names(data, starts + _CENTRAL_SIZE, name_len, heads["flags"])
     if names is None:
         return None
     sizes = heads["size"].astype(np.uint64)
@@ -248,6 +250,19 @@ def _gather(data: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     Indexing a sliding window view copies the rows in one pass, without an index per byte.
     """
     return sliding_window_view(data, width)[starts]
+
+
+def _ascii_names(raw: bytes, starts: np.ndarray, lengths: np.ndarray) -> list[str] | None:
+    """The member names when all of them are ASCII without a NUL byte (what torch writes):
+    sliced out of the directory and decoded together; None otherwise (:func:`_names` decides).
+
+    ASCII decodes the same under cp437 and UTF-8, whatever a name's UTF-8 flag says.
+    """
+    joined = b"\x00".join(map(raw.__getitem__, map(slice, starts.tolist(),
+                                                     (starts + lengths).tolist())))
+    if not joined.isascii() or joined.count(0) != len(lengths) - 1:
+        return None
+    return joined.decode("ascii").split("\x00")
 
 
 def _names(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
