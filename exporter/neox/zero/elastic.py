@@ -168,6 +168,9 @@ def _all_flat(refs: list[Any]) -> bool:
     """Every one of ``refs`` passes :func:`_is_flat` (decided on the few distinct shapes)."""
     if set(map(type, refs)) - {TensorRef}:
         return False
+    strides = set(map(attrgetter("stride"), refs))
+    if strides == {(1,)}:  # the common case: one shared tuple, no pair made per tensor
+        return all(len(shape) == 1 for shape in set(map(attrgetter("shape"), refs)))
     shapes = set(map(attrgetter("shape", "stride"), refs))
     return all(len(shape) == 1 and (stride[0] == 1 or shape[0] <= 1) for shape, stride in shapes)
 
