@@ -51,6 +51,7 @@ _INDEX = struct.Struct("<I")
 _ERRORS = {"CheckpointFormatError": CheckpointFormatError, "UnsafePickleError": UnsafePickleError}
 _REFS, _STRS = {TensorRef}, {str}
 _DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}  # str(dtype) costs a microsecond
 
 
 class _Unsendable(Exception):
@@ -295,7 +296,7 @@ class _Encoder:
             s_index = self.storage_index.get(id(storage))
             if s_index is None:
                 s_index = self.storage_index[id(storage)] = len(self.storages)
-                self.storages.append((storage.key, str(storage.dtype), storage.numel,
+                self.storages.append((storage.key, _DTYPE_NAMES[storage.dtype], storage.numel,
                                       storage.location, storage.file_offset))
             index = self.ref_index[id(ref)] = len(self.refs)
             self.refs.append((s_index, ref.offset, ref.shape, ref.stride, ref.requires_grad,
