@@ -48,7 +48,7 @@ _REFUSALS = {
 }
 _STORAGE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 #: Storage keys joined by NUL, when every one of them is valid (one search for all).
-_ALL_KEYS = re.compile(r"(?:[A-Za-z0-9_.]{1,128}(?:\x00[A-Za-z0-9_.]{1,128})*)?")
+_ALL_KEYS = re.compile(r"(?:[A-Za-z0-9_.]{1,128}+(?:\x00[A-Za-z0-9_.]{1,128}+)*+)?")  # no backtracking
 
 #: Largest ``data.pkl`` we read. Real ones hold no tensor data (a few MB at most).
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
