@@ -16,12 +16,11 @@ import argparse
 import io
 import json
 import pickletools
-import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from measure import best_of
 
 from exporter.torchfile import prescan
 from exporter.torchfile.opscan import proves_safe
@@ -41,15 +40,6 @@ def _data_pkl(archive: bytes) -> bytes:
         return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
 
 
-def _best(run: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def measure(name: str, data: bytes, repeats: int) -> dict[str, object]:
     def fast() -> bool:
         return proves_safe(data, prescan.MAX_OPCODES, prescan.MAX_DEPTH, prescan.MAX_HASH_WORK)
@@ -63,10 +53,10 @@ def measure(name: str, data: bytes, repeats: int) -> dict[str, object]:
         "bytes": len(data),
         "opcodes": sum(1 for _ in pickletools.genops(data)),
         "fast_path_decided": fast(),
-        "fast_path_s": round(_best(fast, repeats), 4),
-        "exact_walk_s": round(_best(lambda: prescan.walk(data), max(1, repeats // 2)), 4),
-        "genops_only_s": round(_best(genops, max(1, repeats // 2)), 4),
-        "prescan_s": round(_best(lambda: prescan.prescan(data), repeats), 4),
+        "fast_path_s": round(best_of(fast, repeats), 4),
+        "exact_walk_s": round(best_of(lambda: prescan.walk(data), max(1, repeats // 2)), 4),
+        "genops_only_s": round(best_of(genops, max(1, repeats // 2)), 4),
+        "prescan_s": round(best_of(lambda: prescan.prescan(data), repeats), 4),
     }
 
 

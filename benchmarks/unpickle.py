@@ -24,11 +24,11 @@ import argparse
 import gc
 import io
 import pickle
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from measure import best_of
 
 from exporter.torchfile import load_torch_file
 from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
@@ -53,15 +53,6 @@ class _Trivial(pickle.Unpickler):
         return pid
 
 
-def _best(repeats: int, run: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path)
@@ -77,11 +68,11 @@ def main() -> None:
     gc.disable()
     try:
         rows = {
-            "prescan": _best(args.repeats, lambda: prescan(data)),
-            "prescan + reader": _best(args.repeats, reader),
-            "C unpickler, trivial callbacks": _best(
-                args.repeats, lambda: _Trivial(io.BytesIO(data)).load()),
-            "load_torch_file": _best(args.repeats, lambda: load_torch_file(args.file)),
+            "prescan": best_of(lambda: prescan(data), args.repeats),
+            "prescan + reader": best_of(reader, args.repeats),
+            "C unpickler, trivial callbacks": best_of(
+                lambda: _Trivial(io.BytesIO(data)).load(), args.repeats),
+            "load_torch_file": best_of(lambda: load_torch_file(args.file), args.repeats),
         }
     finally:
         gc.enable()
