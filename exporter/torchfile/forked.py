@@ -247,10 +247,11 @@ class _Encoder:
                                                               is dict else value)) == _REFS:
             # Lists and str-keyed dicts of tensors only (the sub-partitions and the Adam
             # moments of a ZeRO file, tens of thousands): one node, rebuilt with C-level maps.
-            self.left -= len(value)
             if kind is list:
+                self.left -= len(value)
                 return ("TL", [self._ref(v) for v in value])
             if set(map(type, value)) == _STRS:
+                self.left -= len(value)
                 return ("TD", list(value), [self._ref(v) for v in value.values()])
         if id(value) in self.active:
             raise _Unsendable  # a cycle

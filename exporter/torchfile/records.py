@@ -128,7 +128,8 @@ class StorageRef:
     @classmethod
     def at(cls, path: Path, key: str, dtype: torch.dtype, numel: int, location: str,
            file_offset: int) -> StorageRef:
-        """A record of values the caller checked (the reader's fast path, the forked reader)."""
+        """A record of values the caller checked (the reader's path for the storages
+        ``torch.save`` writes)."""
         ref = cls.__new__(cls)
         ref.path, ref.key, ref.dtype, ref.numel = path, key, dtype, numel
         ref.location, ref.file_offset = location, file_offset

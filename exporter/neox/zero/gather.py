@@ -13,8 +13,9 @@ bytes between two segments (zip headers, or the other moment's interval, when th
 up to :data:`MAX_GAP` bytes). ``os.preadv`` takes at most ``IOV_MAX`` buffers; a run is cut
 there. A parameter of many small spans is gathered a block of several chunks at a time
 (:data:`BLOCK_BYTES`), the chunks then cut from it: with chunks of a megabyte, finding the
-pieces and reading them cost as much again as the bytes. A read that comes back short is read again segment by segment, whose error names the
-file (a file truncated while it is read).
+pieces and reading them cost as much again as the bytes. A read that comes back short is
+read again segment by segment, whose error names the file (a file truncated while it is
+read).
 """
 
 from __future__ import annotations
