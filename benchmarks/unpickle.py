@@ -12,6 +12,9 @@ garbage collector paused as the reader pauses it, seconds for:
 - ``C unpickler, trivial callbacks``: :class:`pickle.Unpickler` with a ``persistent_load``
   and a tensor rebuild that only return their arguments, and inert classes: what reading the
   pickle costs before any check or record;
+- ``C unpickler, no Python callbacks``: the same with C callables in their place (a
+  ``functools.partial`` for the tensor rebuild and for ``persistent_load``): what the
+  callbacks' Python calls cost, as the difference from the row above;
 - ``load_torch_file``: the whole read (zip directory and local headers included).
 
 This is a measurement tool: the trivial unpickler executes nothing either (every global
@@ -21,6 +24,7 @@ becomes an empty class or returns its arguments), but it checks nothing and is n
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import io
 import pickle
@@ -53,6 +57,18 @@ class _Trivial(pickle.Unpickler):
         return pid
 
 
+class _CLevel(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        # Set on the instance: the C unpickler then calls it without a Python frame.
+        self.persistent_load = functools.partial(functools.partial, _arguments)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name.startswith("_rebuild"):
+            return functools.partial
+        return _Trivial.find_class(self, module, name)  # type: ignore[arg-type]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("file", type=Path)
@@ -72,6 +88,8 @@ def main() -> None:
             "prescan + reader": best_of(reader, args.repeats),
             "C unpickler, trivial callbacks": best_of(
                 lambda: _Trivial(io.BytesIO(data)).load(), args.repeats),
+            "C unpickler, no Python callbacks": best_of(
+                lambda: _CLevel(data).load(), args.repeats),
             "load_torch_file": best_of(lambda: load_torch_file(args.file), args.repeats),
         }
     finally:
