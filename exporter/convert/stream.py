@@ -23,8 +23,8 @@ Measured on the 2-core machine, side by side, writing the 2.2 GB checkpoint of
 one, for the same CPU time. At least :data:`FILES_AT_ONCE`, whatever the cores: with two
 threads for the three optimizer files, the third was written alone once the first two were
 done, one core idle (the export of that checkpoint in-process: 2.36-2.51 s with two, 2.10-2.19
-with three or four; its many-interval twin 5.10-5.29 s and 4.84-4.89). The design before ran each stage of a file in a thread of its own
-with queues between them: 46,727 futex calls per export and 9.0-9.3 CPU s on a quiet machine
+with three or four; its many-interval twin 5.10-5.29 s and 4.84-4.89). The design before ran
+each stage of a file in a thread of its own with queues between them: 46,727 futex calls per export and 9.0-9.3 CPU s on a quiet machine
 (issue 14); this design took 6.1-9.3 CPU s on a loaded one.
 """
 
