@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -262,9 +263,8 @@ def _ratios(one: Result, other: Result) -> tuple[float, float]:
     the fastest repeats of two methods may come from quiet moments of different repeats; the
     paired median does not, and a target counts as met only when both meet it."""
     best = one.throughput / other.throughput
-    pairs = sorted((one.input_bytes / a.seconds) / (other.input_bytes / b.seconds)
-                   for a, b in zip(one.runs, other.runs, strict=True))
-    return best, (pairs[(len(pairs) - 1) // 2] + pairs[len(pairs) // 2]) / 2
+    return best, statistics.median((one.input_bytes / a.seconds) / (other.input_bytes / b.seconds)
+                                   for a, b in zip(one.runs, other.runs, strict=True))
 
 
 def _per_step(start: Result, export: Result, many: Result | None) -> str:
@@ -284,8 +284,7 @@ def _per_step(start: Result, export: Result, many: Result | None) -> str:
         return text + " (too small a shape to tell steps from start-up)."
     # As the target compares them: throughput, bytes of input per second.
     bytes_ratio = export.input_bytes / many.input_bytes
-    paired = sorted(bytes_ratio * b / a for a, b in steps)
-    median = (paired[(len(paired) - 1) // 2] + paired[len(paired) // 2]) / 2
+    median = statistics.median(bytes_ratio * b / a for a, b in steps)
     whole, whole_paired = _ratios(export, many)
     return (text + f": {bytes_ratio * many_step / step:.2f}x slower per step of a build "
             f"(paired: {median:.2f}x), where the whole processes compare at {whole:.2f}x "
