@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
-from exporter.torchfile.records import _int_tuple, short_repr
+from exporter.torchfile.records import int_tuple, short_repr
 
 
 class NumpyDtype:
@@ -54,7 +54,7 @@ class NumpyArray:
         if not isinstance(dtype, NumpyDtype):
             raise CheckpointFormatError("pickled numpy array with an unsupported dtype")
         resolved = dtype.resolve()
-        shape = _int_tuple(shape, "numpy array", "shape")
+        shape = int_tuple(shape, "numpy array", "shape")
         if isinstance(data, str):
             data = data.encode("latin-1")
         if not isinstance(data, (bytes, bytearray)):

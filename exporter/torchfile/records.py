@@ -175,14 +175,14 @@ class TensorRef:
             n, step = shape[0], stride[0]
             if not (type(n) is int and type(step) is int and 0 <= n <= MAX_INT64
                     and 0 <= step <= MAX_INT64 and 0 <= offset <= MAX_INT64):
-                shape, stride = _int_tuple(shape, storage, "shape"), _int_tuple(stride, storage, "stride")
+                shape, stride = int_tuple(shape, storage, "shape"), int_tuple(stride, storage, "stride")
                 _check_offset(offset, storage)
             numel, last = n, offset + (n - 1) * step
             shape = _SHAPES.get(shape) or _shared(shape)
             stride = _SHAPES.get(stride) or _shared(stride)
         else:
-            shape = _int_tuple(shape, storage, "shape")
-            stride = _int_tuple(stride, storage, "stride")
+            shape = int_tuple(shape, storage, "shape")
+            stride = int_tuple(stride, storage, "stride")
             if len(shape) != len(stride):
                 raise CheckpointFormatError(
                     f"{_where(storage)}: shape {shape} and stride {stride} differ in rank"
@@ -303,7 +303,7 @@ def _where(storage: StorageRef) -> str:
     return f"{storage.path}: tensor on storage {storage.key!r}"
 
 
-def _int_tuple(value: Any, where: StorageRef | str, what: str) -> tuple[int, ...]:
+def int_tuple(value: Any, where: StorageRef | str, what: str) -> tuple[int, ...]:
     """``value`` as a tuple of int64-sized non-negative ints (``bool`` is not an int here)."""
     if type(value) is tuple and len(value) == 1:
         item = value[0]
