@@ -5,6 +5,7 @@ gathered into full chunks with the same output as their one-interval twin."""
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from exporter.archive.schema import TENSOR_SCHEMA
 from exporter.convert.digest import index_digest, tensor_digest
-from exporter.convert.stream import Converter, FileTask
+from exporter.convert.stream import FILES_AT_ONCE, Converter, FileTask
 from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.zero.common import FlatLayout, Segment
 from exporter.pipeline.export import ExportOptions, export_checkpoint
@@ -143,6 +144,18 @@ def test_a_failing_file_stops_the_others_and_leaves_nothing(tmp_path: Path) -> N
     with pytest.raises(ExporterError, match="disk on fire"):
         Converter(chunk_bytes=1024, workers=2).write_files(tasks, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_at_once_follow_the_cores_this_process_may_run_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container's cpuset or taskset leaves the process 6, then 2, of the machine's 64 cores:
+    # one file thread per core it may run on (at least FILES_AT_ONCE), not one per core there is.
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert Converter().workers == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert Converter().workers == FILES_AT_ONCE == 4
+    assert Converter(workers=1).workers == 1
 
 
 def test_without_statistics_the_index_columns_are_null(tmp_path: Path) -> None:

@@ -57,6 +57,14 @@ DEVICE_CHUNK_BYTES = 8 << 20  # read size when a GPU casts: larger transfers
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``,
+    a scheduler's pinning), not every core of the machine as ``os.cpu_count`` says."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class FileTask:
     """One safetensors file to write: where, which tensors, and its header metadata."""
@@ -76,8 +84,8 @@ class Converter:
             casts and statistics run.
         chunk_bytes: read size (default: 1 MiB on the CPU, 8 MiB with a GPU).
         statistics: compute each tensor's statistics (False leaves them null in the index).
-        workers: files written at once by :meth:`write_files` (default: one per core, at
-            least :data:`FILES_AT_ONCE`).
+        workers: files written at once by :meth:`write_files` (default: one per core this
+            process may run on, :func:`available_cores`, and at least :data:`FILES_AT_ONCE`).
         direct_io: write around the page cache (``O_DIRECT``) where the file system allows.
         progress: called with the number of source bytes processed, as they are (from the
             writing threads, one call at a time).
@@ -107,7 +115,7 @@ class Converter:
         if self.chunk_bytes < 1:
             raise ValueError(f"Converter.chunk_bytes must be positive, got {self.chunk_bytes}")
         if self.workers is None:
-            self.workers = max(FILES_AT_ONCE, os.cpu_count() or 1)
+            self.workers = max(FILES_AT_ONCE, available_cores())
         if self.workers < 1:
             raise ValueError(f"Converter.workers must be positive, got {self.workers}")
 

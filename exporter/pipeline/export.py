@@ -46,7 +46,7 @@ from exporter.archive.layout import (
     model_shard_files,
 )
 from exporter.convert.sharding import plan_shards
-from exporter.convert.stream import Converter, FileTask
+from exporter.convert.stream import Converter, FileTask, available_cores
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import partial_dir, write_json_atomic
 from exporter.neox.arch import model_config, model_notes
@@ -234,7 +234,7 @@ def _plan_and_write(
     def write_model() -> list[WrittenRecord]:
         # While the optimizer is planned, on a core of its own: with two, once the forked
         # reader is done (three busy threads on two cores only slowed the reading).
-        if forked is not None and _cores() <= 2:
+        if forked is not None and available_cores() <= 2:
             forked.wait_ended()
         return converter.write_files(model_tasks, tmp, cancel)
 
@@ -275,11 +275,6 @@ def _first_error(early: Future[Any], error: BaseException) -> BaseException:
     if stopped and early.exception() is not None:
         return early.exception()  # type: ignore[return-value]
     return error
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _model_tasks(tmp: Path, cfg: dict[str, Any], model: ModelPlan, options: ExportOptions,
