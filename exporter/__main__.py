@@ -1,7 +1,5 @@
 """``python -m exporter``: the ``neox-export`` command."""
 
-import sys
+from exporter.cli import run
 
-from exporter.cli import main
-
-sys.exit(main())
+run()

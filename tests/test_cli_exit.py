@@ -1,0 +1,102 @@
+"""How the installed command ends: its status, its output written out, ``atexit`` handlers
+and running threads seen to, and the interpreter's teardown skipped (``exporter.cli.run``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from exporter.cli.main import run
+
+# A child process that runs the command as the console script does, after making what a
+# normal exit would see to: an atexit handler, a finalizer of the interpreter's teardown
+# (a global whose __del__ runs only then), and optionally a thread still running.
+_CHILD = textwrap.dedent("""
+    import atexit, sys, threading, time
+    atexit.register(lambda: print("atexit ran", flush=True))
+
+    class Teardown:
+        def __del__(self):
+            print("teardown ran", flush=True)
+
+    keep = Teardown()
+    if "--thread" in sys.argv:
+        sys.argv.remove("--thread")
+        def late():
+            time.sleep(0.3)
+            print("thread finished", flush=True)
+        threading.Thread(target=late).start()
+    from exporter.cli import run
+    sys.argv[0] = "neox-export"
+    run()
+""")
+
+
+def _command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_finished_command_skips_the_teardown_but_not_atexit() -> None:
+    ran = _command("--help")
+    assert ran.returncode == 0, ran.stderr
+    assert "Usage: neox-export" in ran.stdout
+    assert "atexit ran" in ran.stdout
+    assert "teardown ran" not in ran.stdout  # the half-second teardown did not run
+
+
+@pytest.mark.parametrize(("args", "status", "message"), [
+    (["--version"], 0, ""),
+    (["no-such-command"], 2, "No such command"),
+    (["verify", "/no/such/folder"], 2, "does not exist"),
+])
+def test_the_exit_status_and_the_error_line_are_kept(args: list[str], status: int,
+                                                    message: str) -> None:
+    ran = _command(*args)
+    assert ran.returncode == status, ran.stderr
+    assert message in ran.stderr
+    assert "atexit ran" in ran.stdout
+
+
+def test_an_exporter_error_exits_1_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    ran = _command("inspect", str(tmp_path))
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.startswith("neox-export: error:")
+    assert "atexit ran" in ran.stdout
+
+
+def test_a_thread_still_running_is_waited_for() -> None:
+    ran = _command("--thread", "--version")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.index("thread finished") < ran.stdout.index("atexit ran")
+
+
+def test_output_is_written_out_when_stdout_is_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "help.txt"
+    with open(out, "w") as fh:  # a file: block-buffered, nothing written until flushed
+        ran = subprocess.run([sys.executable, "-m", "exporter", "--help"], stdout=fh,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    text = out.read_text()
+    assert text.startswith("Usage: neox-export") and "convert" in text
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_output_that_cannot_be_written_is_not_a_success() -> None:
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run([sys.executable, "-m", "exporter", "--help"], stdout=full,
+                             stderr=subprocess.PIPE, timeout=300)
+    assert ran.returncode != 0
+
+
+def test_the_installed_command_is_run() -> None:
+    import importlib.metadata
+
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    (entry,) = [e for e in scripts if e.name == "neox-export"]
+    assert entry.load() is run
