@@ -257,7 +257,7 @@ def test_lists_and_dicts_of_tensors_travel_as_one_node(
     # maps, not a decoding call per tensor; the same records as the file read here.
     import marshal
 
-    from exporter.torchfile import forked
+    from exporter.torchfile import sendable
 
     base = torch.arange(8, dtype=torch.float32)
     subs = [base[i : i + 2] for i in range(6)]
@@ -267,17 +267,17 @@ def test_lists_and_dicts_of_tensors_travel_as_one_node(
              "mixed": [torch.zeros(1), 3], "numbered": {0: torch.ones(1)}}
     torch.save(state, tmp_path / "f.pt")
     here = load_torch_file(tmp_path / "f.pt")
-    encoded, refs, storages, _ = forked._Encoder().encode_file(here)
+    encoded, refs, storages, _ = sendable.Encoder().encode_file(here)
     calls: list[object] = []
-    real = forked._Decoder.decode
+    real = sendable.Decoder.decode
 
-    def counted(self: forked._Decoder, value: object) -> object:
+    def counted(self: sendable.Decoder, value: object) -> object:
         calls.append(value)
         return real(self, value)
 
-    monkeypatch.setattr(forked._Decoder, "decode", counted)
+    monkeypatch.setattr(sendable.Decoder, "decode", counted)
     message = marshal.loads(marshal.dumps((encoded, refs, storages)))
-    got = forked._Decoder(tmp_path / "f.pt", message[1], message[2]).decode(message[0])
+    got = sendable.Decoder(tmp_path / "f.pt", message[1], message[2]).decode(message[0])
     assert len(calls) < 320  # a call per container, none per tensor of the lists and dicts
     assert to_json(got) == to_json(here.obj)
     pairs = list(zip(_tensors(got), _tensors(here.obj), strict=True))
