@@ -99,17 +99,27 @@ def _columns(refs: list[TensorRef]) -> tuple[Any, ...]:
     """For each of ``refs``: the id of its file's path, its dtype's index in the returned
     dtypes, its storage offset and its storage's file offset; then the paths by id and the
     dtypes seen (in order)."""
+    count = len(refs)
     storages = list(map(attrgetter("storage"), refs))
     path_objects = list(map(attrgetter("path"), storages))
-    ids = np.fromiter(map(id, path_objects), np.int64, len(refs))
-    dtype_list = list(map(attrgetter("dtype"), storages))
-    seen = list(dict.fromkeys(dtype_list))
-    index = {dtype: i for i, dtype in enumerate(seen)}
-    dtype_index = np.fromiter(map(index.__getitem__, dtype_list), np.int32, len(refs))
-    offsets = np.fromiter(map(attrgetter("offset"), refs), np.int64, len(refs))
-    file_offsets = np.fromiter(map(attrgetter("file_offset"), storages), np.int64, len(refs))
-    return ids, dtype_index, offsets, file_offsets, dict(zip(map(id, path_objects),
-                                                            path_objects, strict=True)), seen
+    # The common case, one file's records of one dtype: no column of ids or dtypes to make.
+    if len(set(map(id, path_objects))) == 1:
+        paths = {id(path_objects[0]): path_objects[0]}
+        ids = np.full(count, id(path_objects[0]), dtype=np.int64)
+    else:
+        paths = dict(zip(map(id, path_objects), path_objects, strict=True))
+        ids = np.fromiter(map(id, path_objects), np.int64, count)
+    seen = list(set(map(attrgetter("dtype"), storages)))
+    if len(seen) == 1:
+        dtype_index = np.zeros(count, dtype=np.int32)
+    else:
+        dtype_list = list(map(attrgetter("dtype"), storages))
+        seen = list(dict.fromkeys(dtype_list))
+        index = {dtype: i for i, dtype in enumerate(seen)}
+        dtype_index = np.fromiter(map(index.__getitem__, dtype_list), np.int32, count)
+    offsets = np.fromiter(map(attrgetter("offset"), refs), np.int64, count)
+    file_offsets = np.fromiter(map(attrgetter("file_offset"), storages), np.int64, count)
+    return ids, dtype_index, offsets, file_offsets, paths, seen
 
 
 def _dtype_index(local: np.ndarray, columns: list[tuple[Any, ...]], dtypes: list[Any]) -> np.ndarray:
