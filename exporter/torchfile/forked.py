@@ -30,6 +30,7 @@ import gc
 import marshal
 import os
 import signal
+import socket
 import struct
 import threading
 from pathlib import Path
@@ -52,17 +53,17 @@ class ForkedLoads:
     Create with :meth:`start` (None where no child can be forked); call :meth:`close` when done.
     """
 
-    def __init__(self, pid: int, fd: int, claims: int, paths: list[Path]) -> None:
+    def __init__(self, pid: int, channel: socket.socket, claims: int, paths: list[Path]) -> None:
         self._pid = pid
         self._paths = paths
         self._index = {path: i for i, path in reversed(list(enumerate(paths)))}
         self._claims = claims
         self._mine: set[int] = set()
         self._last = -1  # the last index this process took
-        self._messages: dict[int, bytes] = {}
+        self._messages: dict[int, bytearray] = {}
         self._ended = False
         self._ready = threading.Condition()
-        self._reader = threading.Thread(target=self._drain, args=(fd,), daemon=True,
+        self._reader = threading.Thread(target=self._drain, args=(channel,), daemon=True,
                                         name="forked-loads")
         self._reader.start()
 
@@ -83,13 +84,13 @@ class ForkedLoads:
         if not paths:
             os.close(claims_read)
             return None
-        read_end, write_end = os.pipe()
+        here, there = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the child: never returns
-            os.close(read_end)
-            _child(paths, claims_read, write_end)
-        os.close(write_end)
-        return cls(pid, read_end, claims_read, paths)
+            here.close()
+            _child(paths, claims_read, there)
+        there.close()
+        return cls(pid, here, claims_read, paths)
 
     @property
     def paths(self) -> list[Path]:
@@ -115,15 +116,21 @@ class ForkedLoads:
         self._last = got
         return got == index
 
-    def _drain(self, fd: int) -> None:
-        # Reads the pipe as the child writes, so the child never waits for this process.
-        with os.fdopen(fd, "rb") as pipe:
+    def _drain(self, channel: socket.socket) -> None:
+        # Receives each message whole as the child sends it, so the child never waits for
+        # this process. A socket, not a pipe: a pipe passes 64 KiB a read, and this thread
+        # had to take the GIL back from the reading thread after each (up to the switch
+        # interval, 5 ms, each time: 0.1-0.2 s per file of tens of thousands of tensors, the
+        # child waiting), where MSG_WAITALL receives a whole message in one call.
+        with channel:
             while True:
-                header = pipe.read(_HEADER.size)
-                if len(header) < _HEADER.size:
+                header = _receive(channel, _HEADER.size)
+                if header is None:
                     break
                 index, size = _HEADER.unpack(header)
-                body = pipe.read(size)
+                body = _receive(channel, size)
+                if body is None:
+                    break
                 with self._ready:
                     self._messages[index] = body
                     self._ready.notify_all()
@@ -174,13 +181,25 @@ class ForkedLoads:
             self._claims = -1
 
 
+def _receive(channel: socket.socket, size: int) -> bytearray | None:
+    """The next ``size`` bytes from ``channel``, or None when it ends before them."""
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size:
+        n = channel.recv_into(view[got:], size - got, socket.MSG_WAITALL)
+        if n == 0:
+            return None
+        got += n
+    return data
+
+
 def _read_index(fd: int) -> int | None:
     """The next index of the claims pipe, or None when all are taken."""
     data = os.read(fd, _INDEX.size)
     return _INDEX.unpack(data)[0] if len(data) == _INDEX.size else None
 
 
-def _child(paths: list[Path], claims: int, fd: int) -> None:
+def _child(paths: list[Path], claims: int, channel: socket.socket) -> None:
     """Read each file it claims and send it; exits the process without returning."""
     code = 0
     try:
@@ -191,7 +210,7 @@ def _child(paths: list[Path], claims: int, fd: int) -> None:
         gc.disable()
         from exporter.torchfile import load_torch_file
 
-        with os.fdopen(fd, "wb") as pipe:
+        with channel:
             while (index := _read_index(claims)) is not None:
                 try:
                     tf = load_torch_file(paths[index])
@@ -201,8 +220,7 @@ def _child(paths: list[Path], claims: int, fd: int) -> None:
                 except (Unsendable, RecursionError):
                     message = ("fallback",)
                 body = marshal.dumps(message)
-                pipe.write(_HEADER.pack(index, len(body)) + body)
-                pipe.flush()
+                channel.sendall(_HEADER.pack(index, len(body)) + body)
     except BaseException:  # noqa: BLE001 - the parent reads what the child could not send
         code = 1
     finally:
