@@ -62,6 +62,18 @@ def test_the_exit_status_and_the_error_line_are_kept(args: list[str], status: in
     assert "atexit ran" in ran.stdout
 
 
+def test_a_status_a_command_exits_with_is_kept(tmp_path: Path) -> None:
+    # `build --keep-going` ends with ctx.exit(1) when a step failed: Click, not standalone,
+    # returns that status from main() rather than raising it.
+    (tmp_path / "run" / "step0").mkdir(parents=True)
+    (tmp_path / "run" / "step0" / "mp_rank_00_model_states.pt").write_bytes(b"not a zip")
+    ran = _command("-q", "build", str(tmp_path / "run"), "--out", str(tmp_path / "archive"),
+                   "--keep-going")
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert "step 0" in ran.stderr
+    assert "atexit ran" in ran.stdout
+
+
 def test_an_exporter_error_exits_1_with_its_line(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     ran = _command("inspect", str(tmp_path))

@@ -85,8 +85,7 @@ def run() -> NoReturn:
     :func:`main` turns every expected error into one line) exits normally with its traceback.
     """
     try:
-        main()
-        code: object = 0
+        code: object = main()  # Click returns a command's ctx.exit(n) status (not standalone)
     except SystemExit as exc:
         code = exc.code
     if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
