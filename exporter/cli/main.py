@@ -78,11 +78,12 @@ def run() -> NoReturn:
     Tearing it down (every module of torch, pyarrow and the package, and every object still
     alive) takes about half a second, after the work is done and its output written: as
     long as the rest of ``neox-export --help``, a tenth of a one-step export. Here the exit
-    does what a normal one must, in its order — waits for threads still running, runs the
-    ``atexit`` handlers (logging's flush, Ray's shutdown, ``weakref.finalize``), flushes
-    stdout and stderr — and then ends the process (:func:`os._exit`). Where another thread
-    still runs, the exit is the normal one. An exception other than ``SystemExit`` (a bug:
-    :func:`main` turns every expected error into one line) exits normally with its traceback.
+    does what a normal one must, in its order: where a thread other than daemons still runs,
+    it is the normal exit (which waits for it); else it runs the ``atexit`` handlers
+    (logging's flush, Ray's shutdown, ``weakref.finalize``), flushes stdout and stderr and
+    ends the process (:func:`os._exit`) with the status the command gave. An exception other
+    than ``SystemExit`` (a bug: :func:`main` turns every expected error into one line) exits
+    normally with its traceback.
     """
     try:
         code: object = main()  # Click returns a command's ctx.exit(n) status (not standalone)
