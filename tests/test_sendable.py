@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from exporter.torchfile import TensorRef, load_torch_file, to_json
+from exporter.torchfile import load_torch_file, to_json
 from exporter.torchfile.sendable import Decoder, Encoder
+from exporter.torchfile.tree import iter_tensors
 
 
 def _round_trip(path: Path) -> tuple[Any, Any, Any]:
@@ -23,21 +24,9 @@ def _round_trip(path: Path) -> tuple[Any, Any, Any]:
 
 
 def _records(tree: Any) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, TensorRef):
-            out.append((value.storage.key, value.dtype, value.file_offset, value.offset,
-                        value.shape, value.stride, value.numel, value.requires_grad))
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(tree)
-    return out
+    # Each record once, under its first path: a shared record sent as two differs here.
+    return [(path, ref.storage.key, ref.dtype, ref.file_offset, ref.offset, ref.shape,
+             ref.stride, ref.numel, ref.requires_grad) for path, ref in iter_tensors(tree)]
 
 
 def _same(here: Any, got: Any) -> None:
