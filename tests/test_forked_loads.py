@@ -229,6 +229,30 @@ def test_files_a_dead_child_took_are_read_here(tmp_path: Path) -> None:
     assert [tf.path for tf in loaded] == paths
 
 
+@in_a_fresh_process
+def test_a_channel_that_fails_ends_the_child_s_share(tmp_path: Path) -> None:
+    # A receive error (the connection reset, say) counts as the child's end: the files it
+    # took are read here, and no wait for them hangs.
+    from exporter.neox.zero import load_partition_files
+    from exporter.torchfile import forked as module
+
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"f{i}.pt")
+        torch.save({"i": i}, paths[-1])
+    with pytest.MonkeyPatch.context() as patch:
+        def reset(channel: object, size: int) -> None:
+            raise ConnectionResetError("reset by peer")
+
+        patch.setattr(module, "_receive", reset)
+        forked = _start(paths)
+        try:
+            loaded = load_partition_files(paths, forked)
+        finally:
+            forked.close()
+    assert [tf.obj["i"] for tf in loaded] == list(range(4))
+
+
 def test_small_partition_pickles_are_read_without_a_fork(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter.neox import zero

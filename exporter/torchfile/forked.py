@@ -17,8 +17,9 @@ nothing that a checkpoint's content went into. The child sends each file's objec
 :mod:`marshal` data (which builds only plain values: no class is looked up, nothing is
 called), with every tuple and every non-plain value tagged, and the tensor records as plain
 tuples of the numbers the child checked (:mod:`exporter.torchfile.sendable`); this process
-rebuilds the records without reading the pickle again. Files whose trees hold anything else, and every error, are
-read here instead, so results and messages are those of :func:`load_torch_file`.
+rebuilds the records without reading the pickle again. Files whose trees hold anything
+else, and every error, are read here instead, so results and messages are those of
+:func:`load_torch_file`.
 
 A child is forked only from a process running one thread (a fork copies no other thread, and
 a lock another thread held would stay locked in the child).
@@ -124,11 +125,14 @@ class ForkedLoads:
         # child waiting), where MSG_WAITALL receives a whole message in one call.
         with channel:
             while True:
-                header = _receive(channel, _HEADER.size)
-                if header is None:
+                try:
+                    header = _receive(channel, _HEADER.size)
+                    if header is None:
+                        break
+                    index, size = _HEADER.unpack(header)
+                    body = _receive(channel, size)
+                except OSError:  # the child is gone: what it did not send is read here
                     break
-                index, size = _HEADER.unpack(header)
-                body = _receive(channel, size)
                 if body is None:
                     break
                 with self._ready:
