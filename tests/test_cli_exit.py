@@ -106,3 +106,16 @@ def test_the_installed_command_is_run() -> None:
     scripts = importlib.metadata.entry_points(group="console_scripts")
     (entry,) = [e for e in scripts if e.name == "neox-export"]
     assert entry.load() is run
+
+
+def test_without_cpython_s_exit_functions_the_exit_is_the_normal_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import atexit
+    import importlib
+
+    cli_main = importlib.import_module("exporter.cli.main")  # the module, not the function
+    monkeypatch.delattr(atexit, "_run_exitfuncs")
+    monkeypatch.setattr(cli_main, "main", lambda: 3)
+    with pytest.raises(SystemExit) as ended:  # not os._exit: this process goes on
+        run()
+    assert ended.value.code == 3

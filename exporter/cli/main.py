@@ -79,7 +79,8 @@ def run() -> NoReturn:
     alive) takes about half a second, after the work is done and its output written: as
     long as the rest of ``neox-export --help``, a tenth of a one-step export. Here the exit
     does what a normal one must, in its order: where a thread other than daemons still runs,
-    it is the normal exit (which waits for it); else it runs the ``atexit`` handlers
+    it is the normal exit (which waits for it), as it is on an interpreter without CPython's
+    ``atexit._run_exitfuncs``; else it runs the ``atexit`` handlers
     (logging's flush, Ray's shutdown, ``weakref.finalize``), flushes stdout and stderr and
     ends the process (:func:`os._exit`) with the status the command gave. An exception other
     than ``SystemExit`` (a bug: :func:`main` turns every expected error into one line) exits
@@ -89,7 +90,9 @@ def run() -> NoReturn:
         code: object = main()  # Click returns a command's ctx.exit(n) status (not standalone)
     except SystemExit as exc:
         code = exc.code
-    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's, undocumented
+    if run_exitfuncs is None or any(t is not threading.main_thread() and not t.daemon
+                                    for t in threading.enumerate()):
         sys.exit(code)
     if code is None:
         status = 0
@@ -98,7 +101,7 @@ def run() -> NoReturn:
     else:  # sys.exit("message"): printed, exit status 1, as the interpreter does
         print(code, file=sys.stderr)
         status = 1
-    atexit._run_exitfuncs()
+    run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
