@@ -68,6 +68,34 @@ def check_kind(kind: str, where: str) -> str:
 
 Chunks = Callable[[int], Iterator[torch.Tensor]]
 
+#: Memory a chunk source may read its next chunk of ``nbytes`` into: a uint8 tensor where the
+#: writer would otherwise copy that chunk to, or None (read into a new tensor then).
+Place = Callable[[int], torch.Tensor | None]
+
+
+def reads_into(chunks: Callable[..., Iterator[torch.Tensor]]) -> Callable[..., Iterator[torch.Tensor]]:
+    """Mark a ``chunks`` callable as taking ``place=`` (:data:`Place`) after ``max_bytes``.
+
+    What such a source promises: it reads into ``place(n)`` only bytes it yields next, as
+    one chunk or as consecutive chunks in order, asks ``place`` again only once every chunk
+    read into the last region is yielded, and keeps none of them. The writer can then take a
+    yielded chunk where it lies (:meth:`exporter.convert.direct.DirectFile.place`), which saves
+    copying every byte once more.
+    """
+    chunks.reads_into = True  # type: ignore[attr-defined]
+    return chunks
+
+
+def takes_place(chunks: Callable[..., Iterator[torch.Tensor]]) -> bool:
+    """Whether ``chunks`` was marked with :func:`reads_into` (bound methods included)."""
+    return getattr(chunks, "reads_into", False) is True
+
+
+def chunk_buffer(nbytes: int, place: Place | None) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` to read a chunk into: from ``place`` where it gives one."""
+    found = place(nbytes) if place is not None and nbytes else None
+    return found if found is not None else torch.empty(nbytes, dtype=torch.uint8)
+
 
 @dataclass
 class TensorJob:

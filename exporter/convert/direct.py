@@ -13,7 +13,14 @@ Why by hand: neither the standard library nor a maintained package writes a byte
 arbitrary length through ``O_DIRECT``. :class:`DirectFile` copies what it is given into one of
 two page-aligned buffers (anonymous ``mmap``), and a background thread writes each full one
 with ``os.pwrite`` (which releases the GIL) while the other fills. The last, partial block is
-written padded with zeros and the file is then cut to its length (``ftruncate``). A file
+written padded with zeros and the file is then cut to its length (``ftruncate``).
+
+The copy into the buffer is one more pass over every byte (0.4-0.5 CPU s of an export of
+2.15 GB on the 2-core machine), so a reader may take the memory first: :meth:`DirectFile.place`
+hands out the next bytes of the current buffer, and :meth:`DirectFile.write` given data that
+already lies there only counts it. When the bytes asked for do not fit in what is left of the
+buffer, its whole blocks go out early and its last partial block moves to the start of the
+other buffer, so that a chunk never straddles the two. A
 system that refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some network and FUSE file systems)
 is detected when the file is opened, and the caller falls back to an ordinary file.
 """
@@ -46,9 +53,11 @@ class DirectFile:
         self._fd = fd
         self._maps = [mmap.mmap(-1, staging_bytes) for _ in range(2)]
         self._arrays = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
+        self._bases = [a.ctypes.data for a in self._arrays]
         self._current = 0
         self._fill = 0  # bytes in the current buffer
         self._flushed = 0  # file offset of the current buffer's first byte (block aligned)
+        self.copied_bytes = 0  # written bytes copied into a buffer (not read into place)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
         self._pending: Future[None] | None = None
         self.closed = False
@@ -89,21 +98,52 @@ class DirectFile:
     def tell(self) -> int:
         return self._flushed + self._fill
 
+    def place(self, nbytes: int) -> np.ndarray | None:
+        """The next ``nbytes`` of the file's buffer, to read data into before it is written
+        with :meth:`write` (which then copies nothing); None when ``nbytes`` is more than a
+        buffer can take. Valid until the next call to ``place`` or a write of other data."""
+        capacity = self._arrays[0].size
+        if not 0 < nbytes <= capacity - BLOCK:
+            return None
+        if self._fill + nbytes > capacity:
+            self._rotate()
+        return self._arrays[self._current][self._fill : self._fill + nbytes]
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         source = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
         size, done = source.size, 0
         capacity = self._arrays[0].size
+        if (size and self._fill + size <= capacity
+                and source.ctypes.data == self._bases[self._current] + self._fill):
+            # Read into place (:meth:`place`): the bytes are where they go.
+            self._fill += size
+            if self._fill == capacity:
+                self._next_buffer(capacity)
+            return size
         while done < size:
             take = min(size - done, capacity - self._fill)
             self._arrays[self._current][self._fill : self._fill + take] = source[done : done + take]
             self._fill += take
             done += take
             if self._fill == capacity:
-                self._submit(capacity)
-                self._flushed += capacity
-                self._fill = 0
-                self._current ^= 1
+                self._next_buffer(capacity)
+        self.copied_bytes += size
         return size
+
+    def _next_buffer(self, nbytes: int) -> None:
+        """Write the current buffer's first ``nbytes`` (whole blocks) and go on in the other;
+        the bytes after them move to its start."""
+        tail = self._fill - nbytes
+        self._submit(nbytes)
+        self._flushed += nbytes
+        old, self._current = self._current, self._current ^ 1
+        if tail:
+            self._arrays[self._current][:tail] = self._arrays[old][nbytes : self._fill]
+        self._fill = tail
+
+    def _rotate(self) -> None:
+        """Go on in the other buffer now, the current one's whole blocks written."""
+        self._next_buffer(self._fill // BLOCK * BLOCK)
 
     def _submit(self, nbytes: int) -> None:
         """Write the current buffer's first ``nbytes`` at ``_flushed`` in the background,

@@ -5,11 +5,12 @@ yields its elements as 1-D chunks in row-major order. Memory is bounded by a few
 whether a tensor is read straight from a file, from ZeRO partition slices, or merged from
 tensor-parallel shards (:func:`exporter.neox.model.merged_chunks`).
 
-One pass over each byte, in one thread per file: a chunk is read (into a new buffer, one copy
-out of the page cache), cast (CPU, or GPU via :mod:`exporter.convert.device`), written (into
-an aligned buffer that goes to disk around the page cache, :mod:`exporter.convert.direct`),
-and
-while it is still in the CPU's cache hashed for its file (sha256, the Hub's LFS id, kept in
+One pass over each byte, in one thread per file: a chunk is read (one copy out of the page
+cache: straight into the aligned buffer that goes to disk around the page cache,
+:mod:`exporter.convert.direct`, when the tensor is not cast and its source can,
+:func:`exporter.records.reads_into`; else into a new buffer), cast (CPU, or GPU via
+:mod:`exporter.convert.device`), written (copied into that aligned buffer, unless it is there),
+and while it is still in the CPU's cache hashed for its file (sha256, the Hub's LFS id, kept in
 :attr:`Converter.written_files` so nothing reads the output back), hashed for its tensor
 (BLAKE3, :mod:`exporter.convert.digest`) and summarised (:mod:`exporter.convert.stats`, or
 skipped with ``statistics=False``). Chunks are 1 MiB so that the passes after the read can
@@ -47,7 +48,14 @@ from exporter.convert.engines import CastEngine, CpuCastEngine
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
 from exporter.convert.stats import StatsAccumulator
 from exporter.errors import ExporterError
-from exporter.records import NO_STATS, TensorJob, TensorStats, WrittenFile, WrittenRecord
+from exporter.records import (
+    NO_STATS,
+    TensorJob,
+    TensorStats,
+    WrittenFile,
+    WrittenRecord,
+    takes_place,
+)
 
 #: Files :meth:`Converter.write_files` writes at once at least: a step's large files (model,
 #: master, exp_avg, exp_avg_sq), so that none is left to be written alone.
@@ -231,7 +239,11 @@ class Converter:
         stats = StatsAccumulator()
         summarise = self.statistics and not engine.computes_stats
         digest = new_hasher(TENSOR_DIGEST)
-        source = _Counted(job.chunks(self.chunk_bytes), self._report if self.progress else None)
+        if spec.dtype == job.dtype and isinstance(engine, CpuCastEngine) and takes_place(job.chunks):
+            chunks = job.chunks(self.chunk_bytes, writer.place)  # read where it is written
+        else:
+            chunks = job.chunks(self.chunk_bytes)
+        source = _Counted(chunks, self._report if self.progress else None)
         for values, release in engine.cast(source, spec.dtype, stats):
             if cancel.is_set():
                 raise _Cancelled
@@ -293,6 +305,18 @@ class _Writer(SafetensorsWriter):
     def header(self) -> bytes:
         """The bytes in front of the tensor data (length prefix and JSON header)."""
         return self._header
+
+    def place(self, nbytes: int) -> torch.Tensor | None:
+        """Memory to read the current tensor's next ``nbytes`` into (:data:`exporter.records.
+        Place`): the staging buffer's, when the file is direct and the bytes go to an offset
+        aligned for the tensor's dtype."""
+        fh = self._fh
+        if not isinstance(fh, DirectFile) or self._index >= len(self.specs):
+            return None
+        if fh.tell() % self.specs[self._index].dtype.itemsize:
+            return None
+        region = fh.place(nbytes)
+        return None if region is None else torch.from_numpy(region)
 
     def write(self, name: str, data: bytes | memoryview | bytearray) -> None:
         super().write(name, data)

@@ -35,7 +35,7 @@ from exporter.neox.names import (
     resolve_merge,
     split_module_name,
 )
-from exporter.records import SAFETENSORS_DTYPES, TensorJob
+from exporter.records import SAFETENSORS_DTYPES, Place, TensorJob, reads_into, takes_place
 from exporter.torchfile import TensorRef, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ def merged_chunks(
     if len(shards) == 1 or merge is Merge.FIRST:
         return shards[0].chunks
     if merge is Merge.CONCAT_DIM0:
-        def concat0(max_bytes: int) -> Iterator[torch.Tensor]:
+        def concat0(max_bytes: int, place: Place | None = None) -> Iterator[torch.Tensor]:
             for shard in shards:
-                yield from shard.chunks(max_bytes)
+                yield from shard.chunks(max_bytes, place) if place else shard.chunks(max_bytes)
 
-        return concat0
+        return reads_into(concat0) if all(takes_place(s.chunks) for s in shards) else concat0
     size = shards[0].element_size
     if merge is Merge.CONCAT_DIM1:
         rows = shards[0].shape[0]

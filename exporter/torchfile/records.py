@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
+from exporter.records import Place, chunk_buffer, reads_into
 
 if TYPE_CHECKING:
     from exporter.torchfile.container import TorchZip
@@ -258,12 +259,15 @@ class TensorRef:
         size = self.element_size
         return read_tensor(self.path, self.file_offset + start * size, count * size, self.dtype)
 
-    def iter_chunks(self, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+    @reads_into
+    def iter_chunks(self, max_bytes: int = 64 << 20, place: Place | None = None,
+                    ) -> Iterator[torch.Tensor]:
         """The elements in row-major order as 1-D tensors of at most ``max_bytes`` each.
 
         Contiguous tensors are read piece by piece, so memory stays at one chunk whatever the
         tensor's size; others are read whole first. Each chunk is a new tensor the bytes were
-        read into (:func:`read_exact`), so callers may keep it.
+        read into (:func:`read_exact`), so callers may keep it; or, given ``place``, memory
+        from it where it gives some (:func:`exporter.records.reads_into`).
         """
         if not self.is_contiguous:
             yield self.read().reshape(-1)
@@ -272,7 +276,7 @@ class TensorRef:
         start, end = self.file_offset, self.file_offset + self.nbytes
         with open(self.path, "rb", buffering=0) as fh:
             for pos in range(start, end, step):
-                out = torch.empty(min(step, end - pos), dtype=torch.uint8)
+                out = chunk_buffer(min(step, end - pos), place)
                 read_exact(fh.fileno(), memoryview(out.numpy()), pos, self.path)
                 yield out.view(self.dtype)
 

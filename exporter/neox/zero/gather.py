@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from exporter.errors import LayoutError
+from exporter.records import Place, chunk_buffer, reads_into
 from exporter.torchfile.records import read_exact
 
 if TYPE_CHECKING:
@@ -150,7 +151,8 @@ def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[tor
     """Chunks of about ``max_bytes`` of a parameter's elements (``segments``), each gathered
     from the segments it spans; ``what`` names the parameter in errors."""
 
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+    @reads_into
+    def gen(max_bytes: int, place: Place | None = None) -> Iterator[torch.Tensor]:
         if not segments:
             return
         table = span_table(segments.layout)
@@ -170,7 +172,7 @@ def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[tor
         try:
             while begin < end:
                 count = min(per_block, end - begin)
-                out = torch.empty(count * size, dtype=torch.uint8)
+                out = chunk_buffer(count * size, place)
                 reader.fill(memoryview(out.numpy()), begin, begin + count, dtype_id, what)
                 begin += count
                 block = out.view(dtype)
