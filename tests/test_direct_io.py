@@ -112,3 +112,28 @@ def test_a_failed_background_write_fails_the_file_and_leaves_nothing(
     with pytest.raises(OSError, match="No space left"):
         Converter().write_files([FileTask(tmp_path / "w.safetensors", [job])], tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.bin"]
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_file_whose_last_bytes_fail_to_reach_the_disk_is_not_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool) -> None:
+    """The final flush and fsync run as the writer closes, after every tensor was handed over:
+    their failure must remove the file, not rename it into place."""
+    if direct_io:
+        _direct_or_skip(tmp_path / "probe.bin").close()
+        (tmp_path / "probe.bin").unlink()
+
+    def full_disk(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if direct_io:
+        monkeypatch.setattr(DirectFile, "flush", full_disk)
+    else:
+        monkeypatch.setattr(os, "fsync", full_disk)
+    values = torch.arange(1000, dtype=torch.float32)
+    job = TensorJob(name="w", kind="model", dtype=values.dtype, shape=(1000,),
+                    chunks=chunks_of(values))
+    with pytest.raises(OSError, match="No space left"):
+        Converter(direct_io=direct_io).write_files(
+            [FileTask(tmp_path / "w.safetensors", [job])], tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -146,6 +146,7 @@ class SafetensorsWriter:
         tb: TracebackType | None,
     ) -> None:
         assert self._fh is not None
+        complete = False
         try:
             if exc_type is None and self._index != len(self.specs):
                 missing = self.specs[self._index].name
@@ -153,10 +154,18 @@ class SafetensorsWriter:
             if exc_type is None:
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
+                complete = True
         finally:
-            self._fh.close()
-            self._fh = None
-            if exc_type is None and self._index == len(self.specs):
-                os.replace(self._tmp, self.path)
-            else:
-                self._tmp.unlink(missing_ok=True)
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except BaseException:
+                complete = False
+                raise
+            finally:
+                # Renamed into place only once every byte is on disk and the file closed: a
+                # flush, fsync or close that fails (a full disk) leaves nothing under the name.
+                if complete:
+                    os.replace(self._tmp, self.path)
+                else:
+                    self._tmp.unlink(missing_ok=True)
