@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 1 << 12
-STAGING_BYTES = 4 << 20  # per buffer; two per file
+STAGING_BYTES = 8 << 20  # per buffer; two per file (a 4 MiB chunk fits either whole)
 
 
 class DirectFile:

@@ -13,8 +13,12 @@ cache: straight into the aligned buffer that goes to disk around the page cache,
 and while it is still in the CPU's cache hashed for its file (sha256, the Hub's LFS id, kept in
 :attr:`Converter.written_files` so nothing reads the output back), hashed for its tensor
 (BLAKE3, :mod:`exporter.convert.digest`) and summarised (:mod:`exporter.convert.stats`, or
-skipped with ``statistics=False``). Chunks are 1 MiB so that the passes after the read can
-find them in cache (on the 2-core machine 1 and 8 MiB measured alike, within noise).
+skipped with ``statistics=False``). Chunks are 4 MiB: each costs some Python around the
+passes, whose threads then queue for the GIL, and the statistics' dot products run on longer
+rows. Measured on the 2-core machine, in-process, interleaved, with chunks read into place:
+the 2.15 GB export of ``benchmarks/RESULTS.md`` took 2.72-3.07 s with 4 MiB chunks,
+3.11-3.70 with 2 MiB and 3.10-4.17 with 1 MiB; its many-interval twin 7.22-7.48 s against
+7.85-9.67 with 1 MiB (8 MiB measured as 4).
 
 Threads and why (:meth:`Converter.write_files`): the large files of a step (model, master,
 exp_avg, exp_avg_sq) are independent, so each is written by a thread of its own, ``workers``
@@ -60,7 +64,7 @@ from exporter.records import (
 #: Files :meth:`Converter.write_files` writes at once at least: a step's large files (model,
 #: master, exp_avg, exp_avg_sq), so that none is left to be written alone.
 FILES_AT_ONCE = 4
-CHUNK_BYTES = 1 << 20  # read size on the CPU: small enough for the passes to find it in cache
+CHUNK_BYTES = 4 << 20  # read size on the CPU (module docstring: why this size)
 DEVICE_CHUNK_BYTES = 8 << 20  # read size when a GPU casts: larger transfers
 WRITEBACK_BYTES = 64 << 20  # written bytes between writeback hints
 
@@ -90,7 +94,7 @@ class Converter:
         dtype: output dtype for floating tensors of kind ``model`` (None keeps the source's).
         device: ``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (CUDA when available): where
             casts and statistics run.
-        chunk_bytes: read size (default: 1 MiB on the CPU, 8 MiB with a GPU).
+        chunk_bytes: read size (default: 4 MiB on the CPU, 8 MiB with a GPU).
         statistics: compute each tensor's statistics (False leaves them null in the index).
         workers: files written at once by :meth:`write_files` (default: one per core this
             process may run on, :func:`available_cores`, and at least :data:`FILES_AT_ONCE`).
