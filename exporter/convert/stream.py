@@ -15,10 +15,10 @@ and while it is still in the CPU's cache hashed for its file (sha256, the Hub's 
 (BLAKE3, :mod:`exporter.convert.digest`) and summarised (:mod:`exporter.convert.stats`, or
 skipped with ``statistics=False``). Chunks are 4 MiB: each costs some Python around the
 passes, whose threads then queue for the GIL, and the statistics' dot products run on longer
-rows. Measured on the 2-core machine, in-process, interleaved, with chunks read into place:
-the 2.15 GB export of ``benchmarks/RESULTS.md`` took 2.72-3.07 s with 4 MiB chunks,
-3.11-3.70 with 2 MiB and 3.10-4.17 with 1 MiB; its many-interval twin 7.22-7.48 s against
-7.85-9.67 with 1 MiB (8 MiB measured as 4).
+rows. Measured on the 2-core machine with chunks read into place, six runs of each size in
+rotating order, whole process: the 2.15 GB export of ``benchmarks/RESULTS.md`` took 4.37-5.24
+s (median 4.5) with 4 MiB chunks, 4.28-4.97 (4.77) with 2 MiB and 4.81-5.42 (5.0) with 1 MiB;
+in-process, eight runs each, 2.66-3.42 s against 3.04-3.65 with 1 MiB.
 
 Threads and why (:meth:`Converter.write_files`): the large files of a step (model, master,
 exp_avg, exp_avg_sq) are independent, so each is written by a thread of its own, ``workers``
