@@ -74,9 +74,13 @@ class TensorCache:
         # Replaces what is there (readers store only what they found missing or damaged); a
         # unique temporary name, since threads may store the same digest at once.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # a full disk leaves no partial entry behind
+            raise
         return path
 
     def ref_path(self, repo_id: str, revision: str) -> Path:
