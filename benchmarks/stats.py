@@ -1,6 +1,6 @@
 """Statistics throughput: ``StatsAccumulator.update`` now against an earlier version, per dtype.
 
-    python benchmarks/stats.py [--baseline REV] [--chunk-mib 1] [--mib 256] [--pool-mib 4]
+    python benchmarks/stats.py [--baseline REV] [--chunk-mib 4] [--mib 256] [--pool-mib 8]
                                [--repeats 5] [--dtypes float32,float16,bfloat16] [--threads 1,2]
                                [--values weights,positive]
 
@@ -122,9 +122,9 @@ def measure(modules: dict[str, ModuleType], dtype: torch.dtype, values: str, thr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default=PAIRWISE, help="git revision to compare against")
-    parser.add_argument("--chunk-mib", type=float, default=1.0)
+    parser.add_argument("--chunk-mib", type=float, default=4.0, help="the export's chunk size")
     parser.add_argument("--mib", type=int, default=256, help="MiB of input per thread")
-    parser.add_argument("--pool-mib", type=int, default=4,
+    parser.add_argument("--pool-mib", type=int, default=8,
                         help="MiB of distinct data per thread, cycled (0: all distinct)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
