@@ -99,6 +99,7 @@ class DeviceCastEngine:
     """
 
     computes_stats = True
+    passes_through = False  # chunks go to the GPU while the next ones are read
 
     def __init__(
         self,

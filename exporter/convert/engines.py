@@ -26,9 +26,13 @@ class CastEngine(Protocol):
     ``cast`` yields ``(chunk, release)`` pairs in order; the caller calls ``release`` (when not
     None) once it no longer needs the chunk's memory. Engines with ``computes_stats`` fill
     ``stats`` with the statistics of the output values by the time the iterator is exhausted.
+    Engines with ``passes_through`` yield a chunk already of ``dtype`` as it is, before taking
+    the next: its memory may then be where the writer puts it
+    (:func:`exporter.records.reads_into`).
     """
 
     computes_stats: bool
+    passes_through: bool
 
     def cast(
         self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
@@ -40,6 +44,7 @@ class CpuCastEngine:
     cast); statistics are left to the caller. One engine per thread: it is not shared."""
 
     computes_stats = False
+    passes_through = True
 
     def __init__(self, buffers: int = CAST_BUFFERS) -> None:
         self._free: queue.Queue[torch.Tensor] = queue.Queue()

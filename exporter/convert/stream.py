@@ -243,7 +243,7 @@ class Converter:
         stats = StatsAccumulator()
         summarise = self.statistics and not engine.computes_stats
         digest = new_hasher(TENSOR_DIGEST)
-        if spec.dtype == job.dtype and isinstance(engine, CpuCastEngine) and takes_place(job.chunks):
+        if spec.dtype == job.dtype and engine.passes_through and takes_place(job.chunks):
             chunks = job.chunks(self.chunk_bytes, writer.place)  # read where it is written
         else:
             chunks = job.chunks(self.chunk_bytes)
