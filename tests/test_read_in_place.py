@@ -177,3 +177,17 @@ def test_a_chunk_buffer_without_a_place_is_new_memory() -> None:
     assert chunk_buffer(8, lambda n: None).data_ptr() != memory.data_ptr()
     assert chunk_buffer(8, None).numel() == 8
     assert chunk_buffer(0, lambda n: memory[:n]).numel() == 0
+
+
+def test_an_engine_that_holds_chunks_gets_no_staging_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that takes the next chunk before the last is written (the GPU's, which
+    pipelines its copies) must not be fed chunks in memory the next read would overwrite."""
+    _direct(tmp_path / "probe.bin", BLOCK).close()
+    from exporter.convert.engines import CpuCastEngine
+
+    monkeypatch.setattr(CpuCastEngine, "passes_through", False)
+    refs = _saved(tmp_path, {"w": torch.randn(9000)})
+    jobs = [TensorJob("w", "model", torch.float32, (9000,), refs["w"].iter_chunks)]
+    placed, opened = _write(tmp_path / "direct", jobs, direct_io=True)
+    assert opened[0].copied_bytes == len(placed)
