@@ -105,8 +105,8 @@ class DirectFile:
         capacity = self._arrays[0].size
         if not 0 < nbytes <= capacity - BLOCK:
             return None
-        if self._fill + nbytes > capacity:
-            self._rotate()
+        if self._fill + nbytes > capacity:  # go on in the other buffer, whole blocks written
+            self._next_buffer(self._fill // BLOCK * BLOCK)
         return self._arrays[self._current][self._fill : self._fill + nbytes]
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -140,10 +140,6 @@ class DirectFile:
         if tail:
             self._arrays[self._current][:tail] = self._arrays[old][nbytes : self._fill]
         self._fill = tail
-
-    def _rotate(self) -> None:
-        """Go on in the other buffer now, the current one's whole blocks written."""
-        self._next_buffer(self._fill // BLOCK * BLOCK)
 
     def _submit(self, nbytes: int) -> None:
         """Write the current buffer's first ``nbytes`` at ``_flushed`` in the background,
