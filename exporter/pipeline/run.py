@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from exporter.pipeline.steps import check_step_spec, parse_steps
 from exporter.pipeline.summary import BuildSummary
 from exporter.records import StepOutcome, UploadTarget
 from exporter.sources import Source
+from exporter.torchfile.forked import kept_reader
 
 if TYPE_CHECKING:
     from exporter.hub.publish import PushEvent
@@ -166,12 +168,21 @@ def build(source: Source, root: str | os.PathLike[str], options: BuildOptions | 
     try:
         # Held from before the start-up clean-up: that clean-up removes partial steps, which
         # are another build's work in progress if one is running.
-        with archive_lock(root, wait=options.wait, command=f"build from {source.uri}"):
+        with archive_lock(root, wait=options.wait, command=f"build from {source.uri}"), \
+                _reader_for(options):
             return _build(source, root, options)
     except BaseException:
         if created:
             _remove_if_empty(root)
         raise
+
+
+def _reader_for(options: BuildOptions) -> AbstractContextManager[object]:
+    """A forked reader of partition pickles for the steps this process converts, forked now,
+    before the build's threads start (:func:`exporter.torchfile.forked.kept_reader`)."""
+    if options.executor == "local" and options.workers <= 1 and "optimizer" in options.export.include:
+        return kept_reader()
+    return nullcontext()
 
 
 def _check_root(root: Path) -> None:

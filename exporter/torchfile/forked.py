@@ -7,10 +7,11 @@ files or more per step: measured on the 2-core machine, 0.36 s per file, 2.9 s p
 one core while the other waits. A child forked from this process (torch and the reader
 already imported: no start-up) reads files while this process reads others.
 
-Who reads which file is decided as they go: the files' indices wait in a pipe, in the order
-this process needs them, and each process takes the next one when it is free (a read of 4
-bytes from a pipe takes them whole). The child never waits; this process, which also writes
-the model's files meanwhile, reads fewer files when it is slower.
+Who reads which file is decided as they go: the files of a batch (one step's partition files)
+have their indices wait in a pipe, in the order this process needs them, and each process
+takes the next one when it is free (a read of 4 bytes from a pipe takes them whole). The child
+never waits; this process, which also writes the model's files meanwhile, reads fewer files
+when it is slower.
 
 Why by hand: :mod:`multiprocessing` returns results as pickles, and this package unpickles
 nothing that a checkpoint's content went into. The child sends each file's object tree as
@@ -22,7 +23,12 @@ else, and every error, are read here instead, so results and messages are those 
 :func:`load_torch_file`.
 
 A child is forked only from a process running one thread (a fork copies no other thread, and
-a lock another thread held would stay locked in the child).
+a lock another thread held would stay locked in the child). A single export forks one for its
+own batch (:meth:`ForkedLoads.start`); a build, whose fetch, upload and progress threads run
+while its steps convert, forks one before it starts any (:func:`kept_reader`), and that child
+reads every step's batch in turn. It closes every file descriptor it inherited but its two
+sockets (a lock, a pipe or a connection of this process stays this process's alone), and
+ends when this process closes the reader or exits.
 """
 
 from __future__ import annotations
@@ -34,68 +40,181 @@ import signal
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.sendable import Decoder, Encoder, Unsendable
 
-#: Files one child can share (their indices fill a pipe's 64 KiB buffer at most).
+#: Files one batch can share (their indices fill a pipe's 64 KiB buffer at most).
 MAX_SHARED = 16_000
+#: How long closing a batch waits for the child to finish the file it is reading, after which
+#: the child is stopped (a file takes about a second at most; the wait only bounds a fault).
+END_WAIT_SECONDS = 60.0
 _HEADER = struct.Struct("<IQ")  # file index, message size
 _INDEX = struct.Struct("<I")
+_END = 0xFFFFFFFF  # the index of the message that ends a batch
 _ERRORS = {"CheckpointFormatError": CheckpointFormatError, "UnsafePickleError": UnsafePickleError}
 
 
-class ForkedLoads:
-    """Torch files shared with a forked child: :meth:`claim` says which process reads one,
-    :meth:`get` waits for one the child read.
+class ForkedReader:
+    """A forked child that reads torch files for this process, one batch after another.
 
-    Create with :meth:`start` (None where no child can be forked); call :meth:`close` when done.
+    Create with :meth:`fork` (None where no child can be forked), hand it batches with
+    :meth:`share`, one at a time; :meth:`close` stops it.
     """
 
-    def __init__(self, pid: int, channel: socket.socket, claims: int, paths: list[Path]) -> None:
-        self._pid = pid
-        self._paths = paths
+    def __init__(self, pid: int, control: socket.socket, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel  # the child's files come back here
+        self._control = control  # batches go out here
+        self._lock = threading.Lock()
+        self._busy = False
+        self._closed = False
+
+    @classmethod
+    def fork(cls) -> ForkedReader | None:
+        """Fork the child now, if this process runs one thread."""
+        if not hasattr(os, "fork") or threading.active_count() != 1:
+            return None
+        control, control_there = socket.socketpair()
+        channel, channel_there = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            control.close()
+            channel.close()
+            _serve(control_there, channel_there)
+        control_there.close()
+        channel_there.close()
+        return cls(pid, control, channel)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def share(self, paths: list[Any]) -> ForkedLoads | None:
+        """Hand the child a batch of ``paths`` to read as it claims them (None when it is gone,
+        reading another batch, or no path could be shared)."""
+        with self._lock:
+            if self._closed or self._busy or not paths:
+                return None
+            claims_read, claims_write = os.pipe()
+            os.set_blocking(claims_write, False)
+            try:  # as many as the pipe holds (64 KiB on Linux): the rest are read here
+                written = os.write(claims_write, b"".join(
+                    _INDEX.pack(i) for i in range(min(len(paths), MAX_SHARED))))
+            except BlockingIOError:
+                written = 0
+            os.close(claims_write)  # both processes see the end once every index is taken
+            shared = [Path(p) for p in paths][: written // _INDEX.size]
+            body = marshal.dumps([os.fspath(p) for p in shared])
+            try:
+                if not shared:
+                    raise BlockingIOError
+                socket.send_fds(self._control, [_HEADER.pack(len(shared), len(body))],
+                                [claims_read])
+                self._control.sendall(body)
+            except OSError:
+                os.close(claims_read)
+                if shared:  # the child is gone, or its socket broke: it reads nothing more
+                    self._stop()
+                return None
+            self._busy = True
+        return ForkedLoads(self, claims_read, shared)
+
+    def batch_ended(self, cleanly: bool) -> None:
+        """The batch handed out is over; a batch that did not end with the child's end message
+        leaves the child in an unknown state, so it is stopped."""
+        with self._lock:
+            self._busy = False
+            if not cleanly:
+                self._stop()
+
+    def close(self) -> None:
+        """Stop the child and reap it."""
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self._control.close()
+        self.channel.close()
+
+
+_kept: ForkedReader | None = None
+
+
+@contextmanager
+def kept_reader() -> Iterator[ForkedReader | None]:
+    """Fork a reader now, while this process runs one thread, for every export made inside the
+    block (:meth:`ForkedLoads.start` hands it their batches); None where none can be forked."""
+    global _kept
+    if _kept is not None and _kept.alive:
+        yield _kept
+        return
+    reader = _kept = ForkedReader.fork()
+    try:
+        yield reader
+    finally:
+        _kept = None
+        if reader is not None:
+            reader.close()
+
+
+class ForkedLoads:
+    """One batch of torch files shared with a forked child: :meth:`claim` says which process
+    reads one, :meth:`get` waits for one the child read.
+
+    Create with :meth:`start` (None where no child can read them); call :meth:`close` when done.
+    """
+
+    def __init__(self, reader: ForkedReader, claims: int, paths: list[Path]) -> None:
+        self._reader = reader
+        self._pid = reader.pid
+        self._owns_reader = False
         self._index = {path: i for i, path in reversed(list(enumerate(paths)))}
         self._claims = claims
         self._mine: set[int] = set()
         self._last = -1  # the last index this process took
         self._messages: dict[int, bytearray] = {}
         self._ended = False
+        self._clean_end = False
         self._ready = threading.Condition()
-        self._reader = threading.Thread(target=self._drain, args=(channel,), daemon=True,
-                                        name="forked-loads")
-        self._reader.start()
+        self._drainer = threading.Thread(target=self._drain, args=(reader.channel,),
+                                         daemon=True, name="forked-loads")
+        self._drainer.start()
 
     @classmethod
     def start(cls, paths: list[Any]) -> ForkedLoads | None:
-        """Fork a child that reads ``paths`` (in this order) as it claims them."""
-        if not paths or not hasattr(os, "fork") or threading.active_count() != 1:
-            return None
-        claims_read, claims_write = os.pipe()
-        os.set_blocking(claims_write, False)
-        try:  # as many as the pipe holds (64 KiB on Linux): the rest are read here
-            written = os.write(claims_write, b"".join(
-                _INDEX.pack(i) for i in range(min(len(paths), MAX_SHARED))))
-        except BlockingIOError:
-            written = 0
-        os.close(claims_write)  # both processes see the end once every index is taken
-        paths = [Path(p) for p in paths][: written // _INDEX.size]
+        """Share ``paths`` (in this order) with the reader :func:`kept_reader` keeps, or else
+        with a child forked for them alone."""
         if not paths:
-            os.close(claims_read)
             return None
-        here, there = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            here.close()
-            _child(paths, claims_read, there)
-        there.close()
-        return cls(pid, here, claims_read, paths)
-
-    @property
-    def paths(self) -> list[Path]:
-        return list(self._paths)
+        if _kept is not None:
+            loads = _kept.share(paths)
+            if loads is not None:
+                return loads
+        reader = ForkedReader.fork()
+        if reader is None:
+            return None
+        loads = reader.share(paths)
+        if loads is None:
+            reader.close()
+            return None
+        loads._owns_reader = True
+        return loads
 
     def claim(self, path: Any) -> bool:
         """Whether this process reads ``path`` (else the child does: :meth:`get` it).
@@ -110,12 +229,15 @@ class ForkedLoads:
             return False
         got = _read_index(self._claims)
         if got is None:  # every index is taken, this one by the child
-            os.close(self._claims)
-            self._claims = -1
+            self._close_claims()
             return False
         self._mine.add(got)
         self._last = got
         return got == index
+
+    def _close_claims(self) -> None:
+        os.close(self._claims)
+        self._claims = -1
 
     def _drain(self, channel: socket.socket) -> None:
         # Receives each message whole as the child sends it, so the child never waits for
@@ -123,23 +245,27 @@ class ForkedLoads:
         # had to take the GIL back from the reading thread after each (up to the switch
         # interval, 5 ms, each time: 0.1-0.2 s per file of tens of thousands of tensors, the
         # child waiting), where MSG_WAITALL receives a whole message in one call.
-        with channel:
-            while True:
-                try:
-                    header = _receive(channel, _HEADER.size)
-                    if header is None:
-                        break
-                    index, size = _HEADER.unpack(header)
-                    body = _receive(channel, size)
-                except OSError:  # the child is gone: what it did not send is read here
+        clean = False
+        while True:
+            try:
+                header = _receive(channel, _HEADER.size)
+                if header is None:
                     break
-                if body is None:
+                index, size = _HEADER.unpack(header)
+                if index == _END:
+                    clean = True
                     break
-                with self._ready:
-                    self._messages[index] = body
-                    self._ready.notify_all()
+                body = _receive(channel, size)
+            except OSError:  # the child is gone: what it did not send is read here
+                break
+            if body is None:
+                break
+            with self._ready:
+                self._messages[index] = body
+                self._ready.notify_all()
         with self._ready:
-            self._ended = True  # the child is done (or died)
+            self._ended = True  # the child is done with the batch (or died)
+            self._clean_end = clean
             self._ready.notify_all()
 
     def get(self, path: Any) -> Any:
@@ -170,19 +296,20 @@ class ForkedLoads:
             self._ready.wait_for(lambda: self._ended)
 
     def close(self) -> None:
-        """Stop the child if it still runs, and reap it."""
-        try:
-            os.kill(self._pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(self._pid, 0)
-        except ChildProcessError:
-            pass
-        self._reader.join(timeout=5)
+        """End the batch: the indices the child has not taken are taken here, so it stops after
+        the file it reads; the child is stopped if it does not end the batch (or this batch
+        had it forked for it alone)."""
         if self._claims >= 0:
-            os.close(self._claims)
-            self._claims = -1
+            while _read_index(self._claims) is not None:
+                pass
+            self._close_claims()
+        with self._ready:
+            self._ready.wait_for(lambda: self._ended, timeout=END_WAIT_SECONDS)
+            clean = self._ended and self._clean_end
+        self._reader.batch_ended(clean)
+        if self._owns_reader:
+            self._reader.close()
+        self._drainer.join(timeout=5)
 
 
 def _receive(channel: socket.socket, size: int) -> bytearray | None:
@@ -203,28 +330,65 @@ def _read_index(fd: int) -> int | None:
     return _INDEX.unpack(data)[0] if len(data) == _INDEX.size else None
 
 
-def _child(paths: list[Path], claims: int, channel: socket.socket) -> None:
-    """Read each file it claims and send it; exits the process without returning."""
+def _next_batch(control: socket.socket) -> tuple[list[str], int] | None:
+    """The next batch's paths and claims pipe, or None when this process closed the reader."""
+    header, fds, _, _ = socket.recv_fds(control, _HEADER.size, 1)
+    if len(header) < _HEADER.size and header:
+        rest = _receive(control, _HEADER.size - len(header))
+        header = header + rest if rest is not None else b""
+    body = _receive(control, _HEADER.unpack(header)[1]) if len(header) == _HEADER.size else None
+    if body is None or len(fds) != 1:
+        return None
+    return marshal.loads(body), fds[0]
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every descriptor above stderr that this process inherited, but ``keep``."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: the child ends with this process all the same
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _serve(control: socket.socket, channel: socket.socket) -> None:
+    """Read each batch's files as it claims them and send them; exits the process without
+    returning, when this process closes the reader or exits."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        # The child makes no cycles and exits when done: a collection would only walk every
-        # object of the parent's heap and the trees read (measured: 0.22 s against 0.05 s to
-        # encode a file of 36,000 tensors).
+        _close_inherited({control.fileno(), channel.fileno()})
+        # The objects copied from this process are never collected here (gc.freeze), and a
+        # file's tree is freed by reference counts once sent: a collection after each batch
+        # walks only what a pickle left in cycles. (Collecting while reading measured 0.22 s
+        # against 0.05 s to encode a file of 36,000 tensors.)
         gc.disable()
+        gc.freeze()
         from exporter.torchfile import load_torch_file
 
-        with channel:
-            while (index := _read_index(claims)) is not None:
+        with control, channel:
+            while (batch := _next_batch(control)) is not None:
+                paths, claims = batch
                 try:
-                    tf = load_torch_file(paths[index])
-                    message: tuple[Any, ...] = ("ok", *Encoder().encode_file(tf))
-                except (CheckpointFormatError, UnsafePickleError) as exc:
-                    message = ("error", type(exc).__name__, str(exc))
-                except (Unsendable, RecursionError):
-                    message = ("fallback",)
-                body = marshal.dumps(message)
-                channel.sendall(_HEADER.pack(index, len(body)) + body)
+                    while (index := _read_index(claims)) is not None:
+                        try:
+                            tf = load_torch_file(paths[index])
+                            message: tuple[Any, ...] = ("ok", *Encoder().encode_file(tf))
+                        except (CheckpointFormatError, UnsafePickleError) as exc:
+                            message = ("error", type(exc).__name__, str(exc))
+                        except (Unsendable, RecursionError):
+                            message = ("fallback",)
+                        body = marshal.dumps(message)
+                        channel.sendall(_HEADER.pack(index, len(body)) + body)
+                finally:
+                    os.close(claims)
+                channel.sendall(_HEADER.pack(_END, 0))
+                gc.collect()
     except BaseException:  # noqa: BLE001 - the parent reads what the child could not send
         code = 1
     finally:
