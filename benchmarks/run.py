@@ -1,7 +1,8 @@
 """Side-by-side export benchmark (``make bench``).
 
     python benchmarks/run.py [--shape wide4|160m|410m] [--bucket-elements N] [--quick]
-                             [--repeats N] [--compression] [--workdir DIR] [--results FILE]
+                             [--repeats N] [--build-steps N] [--compression] [--workdir DIR]
+                             [--results FILE]
 
 Writes two checkpoints of the same model in the Pythia-era layout with the sample generator
 (``benchmarks/sample.py``; synthetic values): the Pythia layout (each optimizer param group
@@ -21,7 +22,9 @@ timing), the repeats interleaved (so background load hits every method alike), b
   file), and the same with ``--no-stats``;
 * the naive path and the export on the many-interval twin;
 * the start-up alone (``neox-export --help``: Python, torch and the package imported), so that
-  the report can say what a step of a build costs without it, for both layouts.
+  the report can say what a step of a build costs without it, for both layouts;
+* ``neox-export build`` of a run of ``--build-steps`` steps (default 2; 0 skips it) of each
+  layout (``builds.py``).
 
 Reports seconds, GB/s of input, CPU seconds, peak RSS, ratios and the acceptance points; the
 CPU cost of each stage run alone (``components.py``); with ``--compression``, byte-shuffled
@@ -52,6 +55,7 @@ sys.path.insert(0, str(HERE))
 # This process measures its children and must stay small (see measure.py): nothing here
 # imports torch; the checkpoint, the stage profile and the compression report are made by
 # child processes.
+import builds  # noqa: E402
 from measure import Run, machine, measure  # noqa: E402
 
 DP = {"160m": 8, "410m": 32, "wide4": 8, "quick": 2}
@@ -98,7 +102,7 @@ def _helper(script: str, *args: str) -> Any:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _methods(src: Path, many: Path | None, dst: Path) -> list[Method]:
+def _methods(src: Path, many: Path | None, dst: Path, build_steps: int) -> list[Method]:
     py = sys.executable
     cli = Path(py).parent / "neox-export"
     export = [str(cli)] if cli.exists() else [py, "-m", "exporter"]
@@ -123,6 +127,10 @@ def _methods(src: Path, many: Path | None, dst: Path) -> list[Method]:
     # What every export pays before it reads a byte (Python, torch and the package imported),
     # measured in the same runs: subtracted, it leaves what each further step of a build costs.
     methods.append(Method(START, [*export, "--help"], src))
+    if build_steps:
+        folders = {"": src, **({MANY: many} if many is not None else {})}
+        methods += [Method(label, command, run)
+                    for label, command, run in builds.commands(export, folders, dst, build_steps)]
     return methods
 
 
@@ -230,6 +238,10 @@ def _report(shape: str, dp: int, samples: dict[str, Any], results: list[Result],
         ]
     if start is not None:
         lines += ["", _per_step(start, export, many)]
+    built = [r for r in results if builds.is_build(r.method.label)]
+    if len(built) == 2:
+        steps = round(built[0].input_bytes / export.input_bytes)
+        lines += ["", builds.summary(built[0], built[1], _ratios, steps)]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
     lines += [
@@ -323,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the many-interval twin's bucket (default {MANY_BUCKET}; 0 skips it)")
     parser.add_argument("--quick", action="store_true", help="small shape, one repeat")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--build-steps", type=int, default=2,
+                        help="steps of the builds measured (default 2; 0 skips them)")
     parser.add_argument("--compression", action="store_true", help="also measure compression")
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "neox-exporter-bench")
@@ -347,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     src = Path(samples["pythia"]["folder"])
     many = Path(samples["many"]["folder"]) if "many" in samples else None
     sizes = {Path(s["folder"]): s["bytes"] for s in samples.values()}
+    methods = _methods(src, many, args.workdir / "out", args.build_steps)
+    for method in methods:  # a build's run folder: links to a checkpoint's files, per step
+        if method.source not in sizes:
+            sizes[method.source] = sum(p.stat().st_size for p in method.source.rglob("*")
+                                       if p.is_file())
     _compile_package()
-    results = _run_all(_methods(src, many, args.workdir / "out"), sizes, args.workdir, repeats)
+    results = _run_all(methods, sizes, args.workdir, repeats)
     print("profiling the stages ...", flush=True)
     costs = _helper("components.py", str(src))
     compression = None
