@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import subprocess
 import sys
 import threading
@@ -39,7 +40,7 @@ def in_a_fresh_process(test: Callable[[Path], None]) -> Callable[[Path], None]:
         if threading.active_count() == 1:
             test(tmp_path)
             return
-        node = f"{__file__}::{test.__name__}"
+        node = f"{inspect.getfile(test)}::{test.__name__}"
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                node], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
