@@ -164,3 +164,31 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
                              for p in (tmp_path / "two").rglob("*.safetensors"))
     for path in written:
         assert (tmp_path / "two" / path).read_bytes() == (tmp_path / "one" / path).read_bytes()
+
+
+@in_a_fresh_process
+def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Path) -> None:
+    # The Pythia layout: the first step's files say so, and the build forks nothing (a fork
+    # costs copy-on-write faults for the whole build); with files worth sharing, it forks one.
+    from exporter.neox import zero
+    from exporter.pipeline.export import ExportOptions
+    from exporter.pipeline.run import BuildOptions, build
+    from exporter.samples import TINY, write_run
+    from exporter.sources import open_source
+
+    write_run(tmp_path / "run", TINY, steps=(0, 4), dp=2)
+    forks: list[object] = []
+    real = module.ForkedReader.fork.__func__  # type: ignore[attr-defined]
+
+    def fork(cls: type) -> object:
+        forks.append(real(cls))
+        return forks[-1]
+
+    options = BuildOptions(export=ExportOptions(include=("model", "optimizer")), quiet=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module.ForkedReader, "fork", classmethod(fork))
+        build(open_source(str(tmp_path / "run")), tmp_path / "small", options)
+        assert forks == []
+        patch.setattr(zero, "FORK_FROM_STORAGES", 0)
+        build(open_source(str(tmp_path / "run")), tmp_path / "shared", options)
+    assert len(forks) == 1 and forks[0] is not None

@@ -12,6 +12,12 @@ from tqdm import tqdm
 tqdm.monitor_interval = 0
 
 
+def step_bar(total: int, done: int, disable: bool = False) -> tqdm:
+    """A bar over a build's steps, ``done`` of ``total`` complete already."""
+    return tqdm(total=total, initial=done, desc="steps", unit="step",
+                disable=True if disable else None, dynamic_ncols=True)
+
+
 @contextmanager
 def byte_bar(label: str, total: int | None = None, disable: bool = False) -> Iterator[Callable[[int], None]]:
     """A bar over bytes; yields the function to call with each increment."""

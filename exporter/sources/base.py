@@ -68,5 +68,9 @@ class Source(abc.ABC):
         """The size of a step's files, if known before fetching (used to bound disk use)."""
         return None
 
+    def local_folder(self, step: int) -> Path | None:
+        """The folder of step ``step`` when it is on this machine without fetching, else None."""
+        return None
+
     def __iter__(self) -> Iterator[int]:
         return iter(self.steps())

@@ -59,6 +59,9 @@ class LocalSource(Source):
     def steps(self) -> list[int]:
         return sorted(self._folders)
 
+    def local_folder(self, step: int) -> Path | None:
+        return self._folders.get(step)
+
     def step_bytes(self, step: int) -> int | None:
         return sum(p.stat().st_size for p in self._folders[step].rglob("*") if p.is_file())
 
