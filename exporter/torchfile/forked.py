@@ -344,9 +344,13 @@ def _next_batch(control: socket.socket) -> tuple[list[str], int] | None:
 
 def _close_inherited(keep: set[int]) -> None:
     """Close every descriptor above stderr that this process inherited, but ``keep``."""
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # no /proc: the child ends with this process all the same
+    for listing in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
+        try:
+            fds = [int(name) for name in os.listdir(listing)]
+            break
+        except (OSError, ValueError):
+            continue
+    else:  # no listing: the child ends with this process all the same
         return
     for fd in fds:
         if fd > 2 and fd not in keep:
