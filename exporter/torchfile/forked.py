@@ -109,17 +109,17 @@ class ForkedReader:
                 written = 0
             os.close(claims_write)  # both processes see the end once every index is taken
             shared = [Path(p) for p in paths][: written // _INDEX.size]
+            if not shared:
+                os.close(claims_read)
+                return None
             body = marshal.dumps([os.fspath(p) for p in shared])
             try:
-                if not shared:
-                    raise BlockingIOError
                 socket.send_fds(self._control, [_HEADER.pack(len(shared), len(body))],
                                 [claims_read])
                 self._control.sendall(body)
-            except OSError:
+            except OSError:  # the child is gone, or its socket broke: it reads nothing more
                 os.close(claims_read)
-                if shared:  # the child is gone, or its socket broke: it reads nothing more
-                    self._stop()
+                self._stop()
                 return None
             self._busy = True
         return ForkedLoads(self, claims_read, shared)
