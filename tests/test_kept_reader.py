@@ -192,3 +192,37 @@ def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Pat
         patch.setattr(zero, "FORK_FROM_STORAGES", 0)
         build(open_source(str(tmp_path / "run")), tmp_path / "shared", options)
     assert len(forks) == 1 and forks[0] is not None
+
+
+def test_steps_not_fetched_yet_get_a_reader_and_other_builds_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Hub source's steps are not on this machine before their download: the build keeps a
+    # reader for them. Builds that write no optimizer state, or convert in worker processes
+    # or Ray tasks, keep none.
+    from contextlib import nullcontext
+
+    from exporter.pipeline import run
+    from exporter.pipeline.export import ExportOptions
+    from exporter.sources.base import Source
+
+    class Remote(Source):
+        uri = "hf://org/remote"
+
+        def steps(self) -> list[int]:
+            return [1000, 2000]
+
+        def fetch(self, step: int) -> object:
+            raise AssertionError("nothing is fetched to decide")
+
+    kept: list[int] = []
+    monkeypatch.setattr(run, "kept_reader", lambda: kept.append(1) or nullcontext())
+    for options, want in [
+        (run.BuildOptions(), 1),
+        (run.BuildOptions(export=ExportOptions(include=("model",))), 0),
+        (run.BuildOptions(workers=2), 0),
+        (run.BuildOptions(executor="ray"), 0),
+    ]:
+        kept.clear()
+        with run._reader_for(Remote(), options):
+            pass
+        assert len(kept) == want, options
