@@ -55,7 +55,7 @@ def summary(pythia: Any, many: Any, ratios: Callable[[Any, Any], tuple[float, fl
     """One sentence: both builds, per step, and how much slower the many-interval one is."""
     per_step = [r.best.seconds / steps for r in (pythia, many)]
     slower, paired = ratios(pythia, many)
-    spread = statistics.median(r.seconds for r in many.runs) / steps
+    median = statistics.median(r.seconds for r in many.runs) / steps
     return (f"Builds of {steps} steps: {per_step[0]:.2f} s a step for the Pythia layout, "
-            f"{per_step[1]:.2f} s for its many-interval twin (median {spread:.2f} s): "
+            f"{per_step[1]:.2f} s for its many-interval twin (median {median:.2f} s): "
             f"{slower:.2f}x slower (paired: {paired:.2f}x), start-up included once per build.")

@@ -333,13 +333,12 @@ def _read_index(fd: int) -> int | None:
 def _next_batch(control: socket.socket) -> tuple[list[str], int] | None:
     """The next batch's paths and claims pipe, or None when this process closed the reader."""
     header, fds, _, _ = socket.recv_fds(control, _HEADER.size, 1)
-    if len(header) < _HEADER.size and header:
-        rest = _receive(control, _HEADER.size - len(header))
-        header = header + rest if rest is not None else b""
-    body = _receive(control, _HEADER.unpack(header)[1]) if len(header) == _HEADER.size else None
-    if body is None or len(fds) != 1:
+    if header and len(header) < _HEADER.size:
+        header += _receive(control, _HEADER.size - len(header)) or b""
+    if len(header) != _HEADER.size or len(fds) != 1:
         return None
-    return marshal.loads(body), fds[0]
+    body = _receive(control, _HEADER.unpack(header)[1])
+    return None if body is None else (marshal.loads(body), fds[0])
 
 
 def _close_inherited(keep: set[int]) -> None:
