@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,10 +127,11 @@ def _leftovers(archive: Path, steps: list[int]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("run160m")
     write_run(folder, PYTHIA_160M, steps=(0,), dp=1)
-    return folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)  # 2 GB: not kept for the rest of the suite
 
 
 @pytest.mark.slow

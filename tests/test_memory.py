@@ -11,8 +11,10 @@ at fork time into the child's peak (and the test process holds torch and more).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,10 +36,11 @@ print(json.dumps({"code": os.waitstatus_to_exitcode(status), "max_rss": usage.ru
 
 
 @pytest.fixture(scope="module")
-def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("memory") / "checkpoint"
-    write_checkpoint(folder, SHAPE, dp=2)
-    return folder
+def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("memory")
+    write_checkpoint(root / "checkpoint", SHAPE, dp=2)
+    yield root / "checkpoint"
+    shutil.rmtree(root, ignore_errors=True)  # 1.5 GB: not kept for the rest of the suite
 
 
 def _peak_rss_of_convert(checkpoint: Path, out: Path, *options: str) -> int:
