@@ -1,5 +1,5 @@
 """``python -m exporter``: the ``neox-export`` command."""
 
-from exporter.cli import run
+from exporter.launcher import run
 
 run()

@@ -1,5 +1,6 @@
 """How the installed command ends: its status, its output written out, ``atexit`` handlers
-and running threads seen to, and the interpreter's teardown skipped (``exporter.cli.run``)."""
+and running threads seen to, and the interpreter's teardown skipped (``exporter.cli.run``);
+and how it starts (``exporter.launcher``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter import launcher
 from exporter.cli.main import run
 
 # A child process that runs the command as the console script does, after making what a
@@ -30,7 +32,7 @@ _CHILD = textwrap.dedent("""
             time.sleep(0.3)
             print("thread finished", flush=True)
         threading.Thread(target=late).start()
-    from exporter.cli import run
+    from exporter.launcher import run
     sys.argv[0] = "neox-export"
     run()
 """)
@@ -105,7 +107,7 @@ def test_the_installed_command_is_run() -> None:
 
     scripts = importlib.metadata.entry_points(group="console_scripts")
     (entry,) = [e for e in scripts if e.name == "neox-export"]
-    assert entry.load() is run
+    assert entry.load() is launcher.run
 
 
 def test_without_cpython_s_exit_functions_the_exit_is_the_normal_one(
@@ -119,3 +121,50 @@ def test_without_cpython_s_exit_functions_the_exit_is_the_normal_one(
     with pytest.raises(SystemExit) as ended:  # not os._exit: this process goes on
         run()
     assert ended.value.code == 3
+
+
+# The launcher's start, seen from inside: the collections made while the command is imported
+# and run, the objects left frozen, the collector's state and the environment at the end.
+_START = textwrap.dedent("""
+    import atexit, gc, json, os, sys
+    collections = []
+    gc.callbacks.append(lambda phase, info: phase == "start"
+                        and collections.append(info["generation"]))
+    atexit.register(lambda: print(json.dumps({
+        "collections": collections, "frozen": gc.get_freeze_count(),
+        "enabled": gc.isenabled(), "blas": os.environ.get("OPENBLAS_NUM_THREADS")})))
+    from exporter.launcher import run
+    sys.argv = ["neox-export", "--help"]
+    run()
+""")
+
+
+def _start(env: dict[str, str] | None = None) -> dict[str, object]:
+    import json
+    import os
+
+    ran = subprocess.run([sys.executable, "-c", _START], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **(env or {})})
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout.splitlines()[-1])
+
+
+def test_the_command_s_imports_are_not_walked_by_the_collector() -> None:
+    started = _start()
+    # Importing torch and the rest triggers hundreds of collections, two of them full, when
+    # the collector runs meanwhile; after it, what they made is frozen out of its walks.
+    assert started["collections"].count(2) == 0, started
+    assert len(started["collections"]) < 20, started
+    assert started["frozen"] > 100_000, started
+    assert started["enabled"] is True
+
+
+def test_blas_runs_on_the_calling_thread_unless_the_environment_says() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    ran = subprocess.run([sys.executable, "-c", _START], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert '"blas": "1"' in ran.stdout.splitlines()[-1]
+    assert _start({"OPENBLAS_NUM_THREADS": "2"})["blas"] == "2"
