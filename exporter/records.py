@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -52,6 +52,12 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name the index and the files' metadata give ``dtype`` (``float32``, not
+    ``torch.float32``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -29,7 +29,6 @@ import torch
 from safetensors import safe_open
 
 from exporter.archive.header import check_row, read_safetensors_header
-from exporter.archive.index import dtype_name
 from exporter.archive.layout import (
     CONFIG,
     KIND_FILES,
@@ -59,6 +58,7 @@ from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
+from exporter.records import dtype_name
 
 
 @dataclass

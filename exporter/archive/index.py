@@ -14,11 +14,7 @@ from exporter.archive.schema import CHECKPOINT_SCHEMA, TENSOR_SCHEMA
 from exporter.archive.trust import resolve_inside
 from exporter.archive.validate import read_shard
 from exporter.files import write_bytes_atomic
-from exporter.records import WrittenRecord
-
-
-def dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
+from exporter.records import WrittenRecord, dtype_name
 
 
 def tensor_rows(step: int, records: Sequence[WrittenRecord], prefix: str) -> list[dict[str, Any]]:

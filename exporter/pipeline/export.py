@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import yaml
 
-from exporter.archive.index import dtype_name
 from exporter.archive.layout import (
     BUFFERS,
     CONFIG,
@@ -55,7 +54,7 @@ from exporter.neox.config import read_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
 from exporter.neox.zero import OptimizerPlan, plan_optimizer, shared_files
-from exporter.records import TensorJob, WrittenRecord, element_size
+from exporter.records import TensorJob, WrittenRecord, dtype_name, element_size
 from exporter.torchfile import paused_collector
 from exporter.torchfile.forked import ForkedLoads
 
