@@ -166,6 +166,8 @@ class TensorStats:
 
 #: The statistics of a tensor exported without them (``--no-stats``): every column null.
 NO_STATS = TensorStats(None, None, None, None, None, None, None, None, None)
+#: The statistics of a tensor, in the index's column order (:class:`TensorStats`' fields).
+STATISTICS = ("min", "max", "mean", "std", "l2", "absmax", "nan_count", "inf_count", "zero_count")
 
 
 @dataclass

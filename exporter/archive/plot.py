@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from exporter.archive.schema import STATISTICS
 from exporter.archive.text import plot_text
 from exporter.errors import ArchiveError
 from exporter.files import write_bytes_atomic
+from exporter.records import STATISTICS
 
 #: above this many lines a colour bar replaces the legend
 MAX_LEGEND = 12

@@ -17,7 +17,6 @@ import pyarrow as pa
 FORMAT_VERSION = 1
 
 #: The statistic columns of the tensor index, as ``stats`` and ``plot`` name them.
-STATISTICS = ("min", "max", "mean", "std", "l2", "absmax", "nan_count", "inf_count", "zero_count")
 
 #: Nullable columns added to the index after archives of this format version were first
 #: written: a shard without one reads it as nulls (``digest``/``digest_algorithm`` replace an

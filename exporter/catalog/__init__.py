@@ -19,11 +19,14 @@ if TYPE_CHECKING:
     from exporter.catalog.deltas import DeltaResult, compute_deltas
     from exporter.catalog.reader import Catalog, open_catalog
 
-# Imported on first use (PEP 562): the command line imports catalog.plot for its choices, and
-# the readers below bring torch and pyarrow.dataset with them.
+# Imported on first use (PEP 562): the command line takes GROUP_BY from here, and the
+# readers below bring torch and pyarrow.dataset with them.
 _HOME = {"CatalogUpdate": "build", "build_catalog": "build", "CompareResult": "compare",
          "compare_runs": "compare", "DeltaResult": "deltas", "compute_deltas": "deltas",
          "Catalog": "reader", "open_catalog": "reader"}
+
+#: What a cross-run plot may draw one line per (``neox-export plot --group-by``).
+GROUP_BY = ("seed", "run", "variant", "model_size")
 
 __all__ = ["Catalog", "CatalogUpdate", "CompareResult", "DeltaResult", "build_catalog",
            "compare_runs", "compute_deltas", "open_catalog"]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from exporter.catalog import GROUP_BY
 from exporter.errors import CatalogError
 from exporter.files import write_bytes_atomic
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from exporter.catalog.reader import Catalog
 
 #: Metadata a plot may group runs by.
-GROUP_BY = ("seed", "run", "variant", "model_size")
 FAMILY_COLUMNS = ("model_size", "variant", "seed")
 
 

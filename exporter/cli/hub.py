@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from exporter.archive.schema import STATISTICS
-from exporter.catalog.plot import GROUP_BY
+from exporter.catalog import GROUP_BY
 from exporter.cli.logs import is_quiet, say, verbosity_options
 from exporter.cli.options import check_token
 from exporter.errors import OptionsError
-from exporter.records import KINDS
+from exporter.records import KINDS, STATISTICS
 
 if TYPE_CHECKING:
     from exporter.hub.publish import PushEvent
