@@ -231,10 +231,11 @@ def _plan_and_write(
     cancel = threading.Event()
 
     def write_model() -> list[WrittenRecord]:
-        # While the optimizer is planned, on a core of its own: with two, once the forked
-        # reader is done (three busy threads on two cores only slowed the reading).
+        # While the optimizer is planned, on a core of its own: with two, once a core is free
+        # of reading partition files, this process waiting for the child's last ones (three
+        # busy threads on two cores only slowed the reading).
         if forked is not None and available_cores() <= 2:
-            forked.wait_ended()
+            forked.wait_idle()
         return converter.write_files(model_tasks, tmp, cancel)
 
     frozen = gc.get_freeze_count()

@@ -10,8 +10,8 @@ already imported: no start-up) reads files while this process reads others.
 Who reads which file is decided as they go: the files of a batch (one step's partition files)
 have their indices wait in a pipe, in the order this process needs them, and each process
 takes the next one when it is free (a read of 4 bytes from a pipe takes them whole). The child
-never waits; this process, which also writes the model's files meanwhile, reads fewer files
-when it is slower.
+never waits; this process reads fewer files when it is slower, and once it has none left to
+read it waits for the child's (:meth:`ForkedLoads.wait_idle`: the core it frees can write).
 
 Why by hand: :mod:`multiprocessing` returns results as pickles, and this package unpickles
 nothing that a checkpoint's content went into. The child sends each file's object tree as
@@ -33,6 +33,7 @@ ends when this process closes the reader or exits.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import marshal
 import os
@@ -141,14 +142,10 @@ class ForkedReader:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
         self._control.close()
         self.channel.close()
 
@@ -185,9 +182,10 @@ class ForkedLoads:
         self._pid = reader.pid
         self._owns_reader = False
         self._index = {path: i for i, path in reversed(list(enumerate(paths)))}
-        self._claims = claims
+        self._claims, self._count = claims, len(paths)
         self._mine: set[int] = set()
         self._last = -1  # the last index this process took
+        self._idle = False  # every index taken, this process waits for the child's files
         self._messages: dict[int, bytearray] = {}
         self._ended = False
         self._clean_end = False
@@ -277,6 +275,9 @@ class ForkedLoads:
         if index is None or index in self._mine:
             return None
         with self._ready:
+            if self._claims < 0 or self._last == self._count - 1:
+                self._idle = True
+                self._ready.notify_all()
             self._ready.wait_for(lambda: index in self._messages or self._ended)
             body = self._messages.pop(index, None)
         if body is None:
@@ -290,10 +291,11 @@ class ForkedLoads:
         obj = Decoder(Path(path), refs, storages).decode(encoded)
         return TorchFile(Path(path), obj, globals_)
 
-    def wait_ended(self) -> None:
-        """Wait until the child has sent every file it took (or ended otherwise)."""
+    def wait_idle(self) -> None:
+        """Wait until this process has no file left to read but waits for the child's (in
+        :meth:`get`), or the child has sent every file it took (or ended otherwise)."""
         with self._ready:
-            self._ready.wait_for(lambda: self._ended)
+            self._ready.wait_for(lambda: self._ended or self._idle)
 
     def close(self) -> None:
         """End the batch: the indices the child has not taken are taken here, so it stops after
