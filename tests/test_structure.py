@@ -156,29 +156,28 @@ def test_only_the_layout_module_spells_archive_paths() -> None:
     assert offenders == {}
 
 
-def test_the_command_line_starts_without_the_readers_it_does_not_use() -> None:
-    # Every `neox-export` run pays its imports before any work: the catalog readers, plots,
-    # pandas and pyarrow.dataset load only when a command that needs them runs.
+def _loaded_after(imports: str, modules: list[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded once it ran ``import {imports}``."""
+    import ast
     import subprocess
     import sys
 
+    code = f"import sys, {imports}; print([m for m in {modules!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return ast.literal_eval(out.stdout.strip())
+
+
+def test_the_command_line_starts_without_the_readers_it_does_not_use() -> None:
+    # Every `neox-export` run pays its imports before any work: the catalog readers, plots,
+    # pandas and pyarrow.dataset load only when a command that needs them runs.
     heavy = ["pandas", "pyarrow.dataset", "exporter.catalog.reader", "exporter.archive.plot",
              "exporter.archive.loader", "matplotlib"]
-    code = ("import sys, exporter.cli.main; "
-            f"print([m for m in {heavy!r} if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]"
+    assert _loaded_after("exporter.cli.main", heavy) == []
 
 
 def test_exporting_a_checkpoint_imports_no_index_code() -> None:
     # `convert` writes no index: pyarrow (0.07 s), the index and its validation (pyarrow.compute
     # and parquet, 0.05 s more) would only lengthen its start.
-    import subprocess
-    import sys
-
     heavy = ["pyarrow", "pyarrow.compute", "pyarrow.parquet", "exporter.archive.index",
              "exporter.archive.validate", "exporter.archive.schema"]
-    code = ("import sys, exporter.cli.main, exporter.pipeline.export; "
-            f"print([m for m in {heavy!r} if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.strip() == "[]"
+    assert _loaded_after("exporter.cli.main, exporter.pipeline.export", heavy) == []
