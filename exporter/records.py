@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -166,8 +166,9 @@ class TensorStats:
 
 #: The statistics of a tensor exported without them (``--no-stats``): every column null.
 NO_STATS = TensorStats(None, None, None, None, None, None, None, None, None)
-#: The statistics of a tensor, in the index's column order (:class:`TensorStats`' fields).
-STATISTICS = ("min", "max", "mean", "std", "l2", "absmax", "nan_count", "inf_count", "zero_count")
+#: The statistic columns of the tensor index, as ``stats`` and ``plot`` name them (the fields
+#: of :class:`TensorStats`, in order).
+STATISTICS = tuple(field.name for field in fields(TensorStats))
 
 
 @dataclass

@@ -16,8 +16,6 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 
-#: The statistic columns of the tensor index, as ``stats`` and ``plot`` name them.
-
 #: Nullable columns added to the index after archives of this format version were first
 #: written: a shard without one reads it as nulls (``digest``/``digest_algorithm`` replace an
 #: older ``sha256`` column: exporter.archive.validate reads that one as the digest).
