@@ -28,6 +28,8 @@ def batch(tmp_path: Path):
     reader = SimpleNamespace(pid=-1, channel=here, batch_ended=lambda cleanly: None)
     loads = ForkedLoads(reader, claims, paths)  # type: ignore[arg-type]
     yield SimpleNamespace(paths=paths, loads=loads, claims=claims, child=child)
+    if loads._claims >= 0:  # not every index was read from the pipe
+        loads._close_claims()
     child.close()
     here.close()
 
