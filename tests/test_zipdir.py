@@ -9,10 +9,13 @@ zipfile. Hostile files are refused on the fast path with the messages of the zip
 
 from __future__ import annotations
 
+import errno
+import mmap
 import struct
 import zipfile
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -340,17 +343,30 @@ def test_mutated_files_read_alike_on_both_paths(tmp_path: Path, host: str,
     assert _without_path(_outcome(path)) == _without_path(_outcome(path, fast=False))
 
 
-@pytest.mark.parametrize("limit, gap", [(30, 0), (100, 0), (4096, 1 << 30), (1 << 20, 200)])
+@pytest.mark.parametrize("window", [1, 100, 5000, 1 << 20])
+@pytest.mark.parametrize("mapped", [True, False])
 def test_local_headers_read_in_any_grouping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           limit: int, gap: int) -> None:
-    """However the headers are grouped into reads (one each, a few together, all at once),
-    every data offset is the one its own header gives."""
+                                           window: int, mapped: bool) -> None:
+    """However the headers are grouped into windows (one each, a few together, all at once),
+    mapped or, where the file cannot be mapped, read, every data offset is the one its own
+    header gives."""
     path = tmp_path / "x.pt"
     torch.save({f"t{i}": torch.full((i % 50,), float(i)) for i in range(300)}, path)
-    monkeypatch.setattr(zipdir, "_READ_LIMIT", limit)
-    monkeypatch.setattr(zipdir, "_READ_GAP", gap)
+    monkeypatch.setattr(zipdir, "_MAP_WINDOW", window)
+    maps: list[int] = []
+    real = mmap.mmap
+
+    def fake_mmap(fd: int, length: int, **kwargs: Any) -> mmap.mmap:
+        maps.append(length)
+        if not mapped:
+            raise OSError(errno.ENODEV, "no maps here")
+        return real(fd, length, **kwargs)
+
+    monkeypatch.setattr(zipdir.mmap, "mmap", fake_mmap)
     _, _, members = _agree(path, fast_path=True)
     assert members == _one_by_one(path)
+    assert maps and max(maps) <= max(window, 4096 + 30)
+    assert (len(maps) > 300) == (window <= 100)
 
 
 def test_ascii_names_are_decoded_without_a_table_per_byte(
