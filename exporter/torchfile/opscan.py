@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.torchfile.opbounds import CODE, SUPPORTED, opcode_starts
+from exporter.torchfile.opbounds import CODE, SUPPORTED, Opcodes, opcode_starts
 from exporter.torchfile.opmemo import IS_GET, Sharing, memo_reads
 
 #: Largest pickle the fast path takes on: its arrays peak at about 20 bytes per byte of
@@ -115,11 +115,21 @@ _SPAN_STEPS = 64
 def proves_safe(data: bytes, max_opcodes: int, max_depth: int, max_hash_work: int) -> bool:
     """True if the exact walker, with these limits, would accept ``data``; False if this
     fast path cannot tell (the walker must then run)."""
+    return accepted_opcodes(data, max_opcodes, max_depth, max_hash_work) is not None
+
+
+def accepted_opcodes(data: bytes, max_opcodes: int, max_depth: int,
+                     max_hash_work: int) -> Opcodes | None:
+    """:func:`proves_safe`, giving the opcodes it parsed when it proves ``data`` safe."""
     if not 0 < len(data) <= MAX_BYTES:
-        return False
+        return None
     ops = opcode_starts(data, max_opcodes)
-    if ops is None:
-        return False
+    if ops is None or not _proves(ops, max_opcodes, max_depth, max_hash_work):
+        return None
+    return ops
+
+
+def _proves(ops: Opcodes, max_opcodes: int, max_depth: int, max_hash_work: int) -> bool:
     count = len(ops.codes)
     if count > max_opcodes or WORK_PER_VALUE * count > max_hash_work:
         return False
