@@ -13,13 +13,14 @@ import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
+from exporter.torchfile.repeats import REPEATS
 from exporter.torchfile.tree import iter_tensors, resolve_numpy, to_json
 from exporter.torchfile.unpickler import NUMPY_RECORD_GLOBALS, safe_unpickle
 
@@ -44,11 +45,14 @@ class TorchFile:
         obj: the root value; tensors are :class:`TensorRef`, unknown objects
             :class:`PickledObject`.
         globals: every global the pickle names -> whether the reader knows it.
+        encoded: the tree as :mod:`exporter.torchfile.sendable` encodes it, when the file was
+            rebuilt from one read before (:mod:`exporter.torchfile.repeats`).
     """
 
     path: Path
     obj: Any
     globals: dict[str, bool]
+    encoded: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     def tensors(self) -> list[tuple[str, TensorRef]]:
         """Every tensor with its dotted key path.
@@ -99,6 +103,9 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     Args:
         path: a file written by ``torch.save`` (torch >= 1.6 zip format).
 
+    Inside :func:`~exporter.torchfile.repeats.alike_files`, a file whose pickle is the one
+    read just before is rebuilt from that one's records.
+
     Returns:
         The file's object tree with tensors as :class:`TensorRef`.
 
@@ -111,6 +118,10 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
     if byteorder != "little":
         raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
     data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
+    with paused_collector():
+        rebuilt = REPEATS.rebuild(data, zip_)
+    if rebuilt is not None:
+        return TorchFile(zip_.path, *rebuilt)
     try:
         with paused_collector(), zip_.open():
             result = safe_unpickle(data, zip_)
@@ -121,4 +132,6 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         if str(zip_.path) in str(exc):
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc
-    return TorchFile(zip_.path, obj, result.globals)
+    tf = TorchFile(zip_.path, obj, result.globals)
+    REPEATS.remember(data, tf)
+    return tf

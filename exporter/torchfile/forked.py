@@ -1,10 +1,10 @@
 """Reading torch files in a forked child process too: a second core for many pickles.
 
 Why: reading a pickle holds the GIL (the C unpickler calls back into Python for every tensor),
-so threads cannot share the work. A ZeRO checkpoint written with a small
-``reduce_bucket_size`` has a pickle of tens of thousands of tensors per partition file, eight
-files or more per step: measured on the 2-core machine, 0.36 s per file, 2.9 s per step, on
-one core while the other waits. A child forked from this process (torch and the reader
+so threads cannot share the work. A ZeRO checkpoint written with a small ``reduce_bucket_size``
+has a pickle of tens of thousands of tensors per partition file, eight files or more per step:
+measured on the 2-core machine, 0.36 s per file, 2.9 s per step, on one core while the other
+waits. A child forked from this process (torch and the reader
 already imported: no start-up) reads files while this process reads others.
 
 Who reads which file is decided as they go: the files of a batch (one step's partition files)
@@ -15,20 +15,19 @@ read it waits for the child's (:meth:`ForkedLoads.wait_idle`: the core it frees 
 
 Why by hand: :mod:`multiprocessing` returns results as pickles, and this package unpickles
 nothing that a checkpoint's content went into. The child sends each file's object tree as
-:mod:`marshal` data (which builds only plain values: no class is looked up, nothing is
-called), with every tuple and every non-plain value tagged, and the tensor records as plain
-tuples of the numbers the child checked (:mod:`exporter.torchfile.sendable`); this process
-rebuilds the records without reading the pickle again. Files whose trees hold anything
-else, and every error, are read here instead, so results and messages are those of
-:func:`load_torch_file`.
+:mod:`marshal` data (which builds only plain values: no class is looked up, nothing is called),
+with every tuple and every non-plain value tagged, and the tensor records as plain tuples of the
+numbers the child checked (:mod:`exporter.torchfile.sendable`); this process rebuilds the
+records without reading the pickle again. Files whose trees hold anything else, and every
+error, are read here instead, so results and messages are those of :func:`load_torch_file`.
 
 A child is forked only from a process running one thread (a fork copies no other thread, and
 a lock another thread held would stay locked in the child). A single export forks one for its
 own batch (:meth:`ForkedLoads.start`); a build, whose fetch, upload and progress threads run
 while its steps convert, forks one before it starts any (:func:`kept_reader`), and that child
 reads every step's batch in turn. It closes every file descriptor it inherited but its two
-sockets (a lock, a pipe or a connection of this process stays this process's alone), and
-ends when this process closes the reader or exits.
+sockets (a lock, a pipe or a connection of this process stays this process's alone), and ends
+when this process closes the reader or exits.
 """
 
 from __future__ import annotations
@@ -47,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
-from exporter.torchfile.sendable import Decoder, Encoder, Unsendable
+from exporter.torchfile import TorchFile, load_torch_file
+from exporter.torchfile.repeats import alike_files, encode_once
+from exporter.torchfile.sendable import Decoder, Unsendable
 
 #: Files one batch can share (their indices fill a pipe's 64 KiB buffer at most).
 MAX_SHARED = 16_000
@@ -269,8 +270,6 @@ class ForkedLoads:
     def get(self, path: Any) -> Any:
         """The :class:`~exporter.torchfile.TorchFile` of ``path`` as the child read it, or None
         when this process should read it (it took it, the child could not send it, or failed)."""
-        from exporter.torchfile import TorchFile
-
         index = self._index.get(Path(path))
         if index is None or index in self._mine:
             return None
@@ -374,22 +373,21 @@ def _serve(control: socket.socket, channel: socket.socket) -> None:
         # against 0.05 s to encode a file of 36,000 tensors.)
         gc.disable()
         gc.freeze()
-        from exporter.torchfile import load_torch_file
-
         with control, channel:
             while (batch := _next_batch(control)) is not None:
                 paths, claims = batch
                 try:
-                    while (index := _read_index(claims)) is not None:
-                        try:
-                            tf = load_torch_file(paths[index])
-                            message: tuple[Any, ...] = ("ok", *Encoder().encode_file(tf))
-                        except (CheckpointFormatError, UnsafePickleError) as exc:
-                            message = ("error", type(exc).__name__, str(exc))
-                        except (Unsendable, RecursionError):
-                            message = ("fallback",)
-                        body = marshal.dumps(message)
-                        channel.sendall(_HEADER.pack(index, len(body)) + body)
+                    with alike_files():  # a batch: one step's partition files
+                        while (index := _read_index(claims)) is not None:
+                            try:
+                                tf = load_torch_file(paths[index])
+                                message: tuple[Any, ...] = ("ok", *encode_once(tf))
+                            except (CheckpointFormatError, UnsafePickleError) as exc:
+                                message = ("error", type(exc).__name__, str(exc))
+                            except (Unsendable, RecursionError):
+                                message = ("fallback",)
+                            body = marshal.dumps(message)
+                            channel.sendall(_HEADER.pack(index, len(body)) + body)
                 finally:
                     os.close(claims)
                 channel.sendall(_HEADER.pack(_END, 0))

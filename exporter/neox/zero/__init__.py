@@ -34,6 +34,7 @@ from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
 from exporter.torchfile.forked import ForkedLoads
+from exporter.torchfile.repeats import alike_files
 from exporter.torchfile.zipdir import member_count
 
 if TYPE_CHECKING:
@@ -97,9 +98,10 @@ def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) ->
     """Read the data-parallel partition files of one unit: here those this process claims
     from ``forked``, and the others as its child read them (meanwhile)."""
     loaded: dict[int, TorchFile] = {}
-    for i, path in enumerate(paths):
-        if forked is None or forked.claim(path):
-            loaded[i] = load_torch_file(path)
+    with alike_files():  # ranks whose partitions have one size: one pickle
+        for i, path in enumerate(paths):
+            if forked is None or forked.claim(path):
+                loaded[i] = load_torch_file(path)
     for i, path in enumerate(paths):
         if i not in loaded:
             assert forked is not None
