@@ -12,7 +12,7 @@ from test_forked_loads import in_a_fresh_process
 from zip_builders import members_of, rezip, torch_bytes
 
 from exporter.errors import CheckpointFormatError
-from exporter.torchfile import TorchFile, load_torch_file, to_json
+from exporter.torchfile import TorchFile, load_torch_file, repeats, to_json
 from exporter.torchfile.repeats import REMEMBER_FROM, alike_files
 
 
@@ -45,10 +45,16 @@ def _ranks(tmp_path: Path, count: int) -> list[Path]:
     return paths
 
 
-def test_a_file_of_the_same_pickle_is_rebuilt_as_a_read_gives_it(tmp_path: Path) -> None:
+def test_a_file_of_the_same_pickle_is_rebuilt_as_a_read_gives_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = _ranks(tmp_path, 3)
     want = [load_torch_file(p) for p in paths]
     assert all(w.encoded is None for w in want)  # outside the block: read in full
+
+    def no_placing(*_: object) -> None:
+        raise AssertionError("a zip of the same layout: its storages are where the first's are")
+
+    monkeypatch.setattr(repeats, "_placed", no_placing)
     with alike_files():
         got = [load_torch_file(p) for p in paths]
     assert [g.encoded is not None for g in got] == [False, True, True]
@@ -73,6 +79,26 @@ def test_storages_are_placed_where_the_new_file_holds_them(tmp_path: Path) -> No
     _same(got, want)
     assert _records(got) != [(*r[:1], str(first), *r[2:]) for r in _records(load_torch_file(first))]
     assert torch.equal(got.obj["parts"][0].read(), torch.full((7,), 1.0))
+
+
+def test_members_of_one_place_but_other_names_are_placed_by_name(tmp_path: Path) -> None:
+    """Two zips alike in every offset and size, two storages' names swapped: the storages are
+    placed by their names in the new file."""
+    members = members_of(torch_bytes(_partition(1)))
+    names = [name for name, _ in members]
+    a, b = names.index("archive/data/0"), names.index("archive/data/5")
+    assert len(members[a][1]) == len(members[b][1])
+    swapped = list(members)
+    swapped[a], swapped[b] = (names[b], members[a][1]), (names[a], members[b][1])
+    first, other = tmp_path / "first.pt", tmp_path / "other.pt"
+    first.write_bytes(rezip(members))
+    other.write_bytes(rezip(swapped))
+    want = load_torch_file(other)
+    with alike_files():
+        load_torch_file(first)
+        got = load_torch_file(other)
+    assert got.encoded is not None
+    _same(got, want)
 
 
 def test_a_storage_that_does_not_fit_is_read_in_full_for_the_readers_message(

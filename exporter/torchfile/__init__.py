@@ -133,5 +133,5 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc
     tf = TorchFile(zip_.path, obj, result.globals)
-    REPEATS.remember(data, tf)
+    REPEATS.remember(data, tf, zip_)
     return tf

@@ -211,6 +211,18 @@ class TorchZip:
                            if status[row] == OK}
         return self._spans
 
+    def layout(self) -> tuple[list[str], bytes, bytes, bytes]:
+        """Every member's name, data offset, size and outcome, in directory order: files of one
+        layout hold every member at the same place, and pass or fail the same checks. Names
+        are taken past the file's own ``<name>/`` prefix (torch names it after the file), as
+        ``/<rest>``: no member name starts with ``/`` (refused), so no other name reads alike."""
+        if self._status is None:
+            self._read_local_headers()
+        assert self._status is not None
+        prefix, cut = self.prefix, len(self.prefix)
+        names = ["/" + name[cut:] if name.startswith(prefix) else name for name in self._index]
+        return names, self._data_offset.tobytes(), self._sizes.tobytes(), self._status
+
     def _member(self, filename: str) -> Member:
         row = self._row(filename)
         return Member(filename, self._data_offset[row], self._sizes[row])
