@@ -37,6 +37,18 @@ def _same(got: TorchFile, want: TorchFile) -> None:
     assert _records(got) == _records(want)
 
 
+def _rebuilt_as_read(first: Path, other: Path) -> TorchFile:
+    """``other`` read right after ``first`` inside the block: rebuilt, and equal to a read in
+    full."""
+    want = load_torch_file(other)
+    with alike_files():
+        load_torch_file(first)
+        got = load_torch_file(other)
+    assert got.encoded is not None
+    _same(got, want)
+    return got
+
+
 def _ranks(tmp_path: Path, count: int) -> list[Path]:
     paths = []
     for rank in range(count):
@@ -71,12 +83,7 @@ def test_storages_are_placed_where_the_new_file_holds_them(tmp_path: Path) -> No
     members = members_of(torch_bytes(_partition(1)))
     moved = tmp_path / "moved.pt"
     moved.write_bytes(rezip([("archive/padding", b"x" * 5000), *members]))
-    want = load_torch_file(moved)
-    with alike_files():
-        load_torch_file(first)
-        got = load_torch_file(moved)
-    assert got.encoded is not None
-    _same(got, want)
+    got = _rebuilt_as_read(first, moved)
     assert _records(got) != [(*r[:1], str(first), *r[2:]) for r in _records(load_torch_file(first))]
     assert torch.equal(got.obj["parts"][0].read(), torch.full((7,), 1.0))
 
@@ -93,12 +100,7 @@ def test_members_of_one_place_but_other_names_are_placed_by_name(tmp_path: Path)
     first, other = tmp_path / "first.pt", tmp_path / "other.pt"
     first.write_bytes(rezip(members))
     other.write_bytes(rezip(swapped))
-    want = load_torch_file(other)
-    with alike_files():
-        load_torch_file(first)
-        got = load_torch_file(other)
-    assert got.encoded is not None
-    _same(got, want)
+    _rebuilt_as_read(first, other)
 
 
 def test_a_storage_that_does_not_fit_is_read_in_full_for_the_readers_message(
