@@ -4,8 +4,8 @@ Why: reading a pickle holds the GIL (the C unpickler calls back into Python for 
 so threads cannot share the work. A ZeRO checkpoint written with a small ``reduce_bucket_size``
 has a pickle of tens of thousands of tensors per partition file, eight files or more per step:
 measured on the 2-core machine, 0.36 s per file, 2.9 s per step, on one core while the other
-waits. A child forked from this process (torch and the reader
-already imported: no start-up) reads files while this process reads others.
+waits. A child forked from this process (torch and the reader already imported: no start-up)
+reads files while this process reads others.
 
 Who reads which file is decided as they go: the files of a batch (one step's partition files)
 have their indices wait in a pipe, in the order this process needs them, and each process
