@@ -190,8 +190,8 @@ def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) ->
     started: list[object] = []
     real = ForkedLoads.start
 
-    def start(paths: list[Path]) -> ForkedLoads | None:
-        started.append(real(paths))
+    def start(paths: list[Path], child_first: list[int]) -> ForkedLoads | None:
+        started.append(real(paths, child_first))
         return started[-1]
 
     export_module.ForkedLoads.start = start  # type: ignore[method-assign]
@@ -245,7 +245,7 @@ def test_a_channel_that_fails_ends_the_child_s_share(tmp_path: Path) -> None:
         def reset(channel: object, size: int) -> None:
             raise ConnectionResetError("reset by peer")
 
-        patch.setattr(module, "_receive", reset)
+        patch.setattr(module, "receive", reset)
         forked = _start(paths)
         try:
             loaded = load_partition_files(paths, forked)
@@ -259,7 +259,7 @@ def test_small_partition_pickles_are_read_without_a_fork(
     from exporter.neox import zero
     from exporter.neox.checkpoint import scan_checkpoint
     from exporter.samples import TINY, RunConfig, write_checkpoint
-    from exporter.torchfile.zipdir import member_count
+    from exporter.torchfile.peek import member_count
 
     write_checkpoint(tmp_path / "one", TINY, step=8, dp=2)
     write_checkpoint(tmp_path / "many", TINY, step=8, dp=2,

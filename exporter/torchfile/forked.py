@@ -8,10 +8,14 @@ waits. A child forked from this process (torch and the reader already imported: 
 reads files while this process reads others.
 
 Who reads which file is decided as they go: the files of a batch (one step's partition files)
-have their indices wait in a pipe, in the order this process needs them, and each process
-takes the next one when it is free (a read of 4 bytes from a pipe takes them whole). The child
-never waits; this process reads fewer files when it is slower, and once it has none left to
-read it waits for the child's (:meth:`ForkedLoads.wait_idle`: the core it frees can write).
+have their indices wait in two pipes, each in the order this process needs them, and each
+process takes the next one of its own pipe when it is free, then of the other's (a read of 4
+bytes from a pipe takes them whole). The child's pipe holds the files named to it first: those
+whose pickle differs from the one most files share (:mod:`exporter.torchfile.repeats` rebuilds
+a file whose pickle is the one read before, so one process reads that one once, and the other
+the odd ones). The child never waits; this process reads fewer files when it is slower, and
+once it has none left to read it waits for the child's (:meth:`ForkedLoads.wait_idle`: the
+core it frees can write).
 
 Why by hand: :mod:`multiprocessing` returns results as pickles, and this package unpickles
 nothing that a checkpoint's content went into. The child sends each file's object tree as
@@ -33,31 +37,28 @@ when this process closes the reader or exits.
 from __future__ import annotations
 
 import contextlib
-import gc
 import marshal
 import os
 import signal
 import socket
-import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
-from exporter.torchfile import TorchFile, load_torch_file
-from exporter.torchfile.repeats import alike_files, encode_once
-from exporter.torchfile.sendable import Decoder, Unsendable
+from exporter.torchfile import TorchFile
+from exporter.torchfile.forkchild import END as _END
+from exporter.torchfile.forkchild import HEADER as _HEADER
+from exporter.torchfile.forkchild import claims_pipe, read_index, receive, serve
+from exporter.torchfile.sendable import Decoder
 
 #: Files one batch can share (their indices fill a pipe's 64 KiB buffer at most).
 MAX_SHARED = 16_000
 #: How long closing a batch waits for the child to finish the file it is reading, after which
 #: the child is stopped (a file takes about a second at most; the wait only bounds a fault).
 END_WAIT_SECONDS = 60.0
-_HEADER = struct.Struct("<IQ")  # file index, message size
-_INDEX = struct.Struct("<I")
-_END = 0xFFFFFFFF  # the index of the message that ends a batch
 _ERRORS = {"CheckpointFormatError": CheckpointFormatError, "UnsafePickleError": UnsafePickleError}
 
 
@@ -87,7 +88,7 @@ class ForkedReader:
         if pid == 0:  # the child: never returns
             control.close()
             channel.close()
-            _serve(control_there, channel_there)
+            serve(control_there, channel_there)
         control_there.close()
         channel_there.close()
         return cls(pid, control, channel)
@@ -96,35 +97,33 @@ class ForkedReader:
     def alive(self) -> bool:
         return not self._closed
 
-    def share(self, paths: list[Any]) -> ForkedLoads | None:
-        """Hand the child a batch of ``paths`` to read as it claims them (None when it is gone,
-        reading another batch, or no path could be shared)."""
+    def share(self, paths: list[Any], child_first: Sequence[int] = ()) -> ForkedLoads | None:
+        """Hand the child a batch of ``paths`` to read as it claims them, those at the indices
+        ``child_first`` first (None when it is gone, reading another batch, or no path could
+        be shared)."""
         with self._lock:
             if self._closed or self._busy or not paths:
                 return None
-            claims_read, claims_write = os.pipe()
-            os.set_blocking(claims_write, False)
-            try:  # as many as the pipe holds (64 KiB on Linux): the rest are read here
-                written = os.write(claims_write, b"".join(
-                    _INDEX.pack(i) for i in range(min(len(paths), MAX_SHARED))))
-            except BlockingIOError:
-                written = 0
-            os.close(claims_write)  # both processes see the end once every index is taken
-            shared = [Path(p) for p in paths][: written // _INDEX.size]
-            if not shared:
-                os.close(claims_read)
-                return None
+            shared = [Path(p) for p in paths][:MAX_SHARED]
+            firsts = [i for i in dict.fromkeys(child_first) if 0 <= i < len(shared)]
+            taken = set(firsts)
+            queues = [firsts, [i for i in range(len(shared)) if i not in taken]]
+            pipes = [claims_pipe(queue) for queue in queues]
+            fds = [fd for fd, _ in pipes]
+            # Indices a pipe could not take are in neither: this process reads them.
+            queues = [queue[:count] for queue, (_, count) in zip(queues, pipes, strict=True)]
             body = marshal.dumps([os.fspath(p) for p in shared])
             try:
-                socket.send_fds(self._control, [_HEADER.pack(len(shared), len(body))],
-                                [claims_read])
+                socket.send_fds(self._control, [_HEADER.pack(len(shared), len(body))], fds)
                 self._control.sendall(body)
             except OSError:  # the child is gone, or its socket broke: it reads nothing more
-                os.close(claims_read)
+                for fd in fds:
+                    os.close(fd)
                 self._stop()
                 return None
             self._busy = True
-        return ForkedLoads(self, claims_read, shared)
+        # This process takes from the shared queue first, then from the child's.
+        return ForkedLoads(self, list(zip(fds[::-1], queues[::-1], strict=True)), shared)
 
     def batch_ended(self, cleanly: bool) -> None:
         """The batch handed out is over; a batch that did not end with the child's end message
@@ -178,14 +177,19 @@ class ForkedLoads:
     Create with :meth:`start` (None where no child can read them); call :meth:`close` when done.
     """
 
-    def __init__(self, reader: ForkedReader, claims: int, paths: list[Path]) -> None:
+    def __init__(self, reader: ForkedReader, claims: list[tuple[int, list[int]]],
+                 paths: list[Path]) -> None:
         self._reader = reader
         self._pid = reader.pid
         self._owns_reader = False
         self._index = {path: i for i, path in reversed(list(enumerate(paths)))}
-        self._claims, self._count = claims, len(paths)
+        # The claims pipes, each with the indices in it in order; where each index waits.
+        self._claims = [fd for fd, _ in claims]
+        self._queues = [queue for _, queue in claims]
+        self._where = {i: (q, at) for q, queue in enumerate(self._queues)
+                       for at, i in enumerate(queue)}
         self._mine: set[int] = set()
-        self._last = -1  # the last index this process took
+        self._last = [-1] * len(claims)  # per pipe, the place of the last index taken here
         self._idle = False  # every index taken, this process waits for the child's files
         self._messages: dict[int, bytearray] = {}
         self._ended = False
@@ -196,47 +200,61 @@ class ForkedLoads:
         self._drainer.start()
 
     @classmethod
-    def start(cls, paths: list[Any]) -> ForkedLoads | None:
-        """Share ``paths`` (in this order) with the reader :func:`kept_reader` keeps, or else
-        with a child forked for them alone."""
+    def start(cls, paths: list[Any], child_first: Sequence[int] = ()) -> ForkedLoads | None:
+        """Share ``paths`` (in this order; the child reads those at ``child_first`` first)
+        with the reader :func:`kept_reader` keeps, or else with a child forked for them
+        alone."""
         if not paths:
             return None
         if _kept is not None:
-            loads = _kept.share(paths)
+            loads = _kept.share(paths, child_first)
             if loads is not None:
                 return loads
         reader = ForkedReader.fork()
         if reader is None:
             return None
-        loads = reader.share(paths)
+        loads = reader.share(paths, child_first)
         if loads is None:
             reader.close()
             return None
         loads._owns_reader = True
         return loads
 
+    def order(self, paths: list[Any]) -> list[int]:
+        """The positions in ``paths`` in the order to :meth:`claim` them: those not shared,
+        then those of this process's pipe, then those of the child's, each in its pipe's
+        order."""
+        where = [self._where.get(self._index.get(Path(p), -1), (-1, 0)) for p in paths]
+        return sorted(range(len(paths)), key=where.__getitem__)
+
     def claim(self, path: Any) -> bool:
         """Whether this process reads ``path`` (else the child does: :meth:`get` it).
 
-        Ask in the order the paths were given: indices are taken in that order, so an index
-        below the last one this process took was taken by the child.
+        Ask in the order :meth:`order` gives: each pipe's indices are taken in its order, so
+        one placed before the last this process took from its pipe was taken by the child.
         """
         index = self._index.get(Path(path))
-        if index is None or index in self._mine:
+        if index is None or index in self._mine or index not in self._where:
             return True
-        if index < self._last or self._claims < 0:
+        queue, at = self._where[index]
+        if at < self._last[queue] or self._claims[queue] < 0:
             return False
-        got = _read_index(self._claims)
-        if got is None:  # every index is taken, this one by the child
-            self._close_claims()
+        got = read_index(self._claims[queue])
+        if got is None:  # every index of that pipe is taken, this one by the child
+            self._close_claims(queue)
             return False
         self._mine.add(got)
-        self._last = got
+        self._last[queue] = self._where[got][1]
         return got == index
 
-    def _close_claims(self) -> None:
-        os.close(self._claims)
-        self._claims = -1
+    def _close_claims(self, queue: int) -> None:
+        if self._claims[queue] >= 0:
+            os.close(self._claims[queue])
+            self._claims[queue] = -1
+
+    def _all_claimed(self) -> bool:
+        return all(fd < 0 or self._last[q] == len(self._queues[q]) - 1
+                   for q, fd in enumerate(self._claims))
 
     def _drain(self, channel: socket.socket) -> None:
         # Receives each message whole as the child sends it, so the child never waits for
@@ -247,14 +265,14 @@ class ForkedLoads:
         clean = False
         while True:
             try:
-                header = _receive(channel, _HEADER.size)
+                header = receive(channel, _HEADER.size)
                 if header is None:
                     break
                 index, size = _HEADER.unpack(header)
                 if index == _END:
                     clean = True
                     break
-                body = _receive(channel, size)
+                body = receive(channel, size)
             except OSError:  # the child is gone: what it did not send is read here
                 break
             if body is None:
@@ -271,10 +289,10 @@ class ForkedLoads:
         """The :class:`~exporter.torchfile.TorchFile` of ``path`` as the child read it, or None
         when this process should read it (it took it, the child could not send it, or failed)."""
         index = self._index.get(Path(path))
-        if index is None or index in self._mine:
+        if index is None or index in self._mine or index not in self._where:
             return None
         with self._ready:
-            if self._claims < 0 or self._last == self._count - 1:
+            if self._all_claimed():
                 self._idle = True
                 self._ready.notify_all()
             self._ready.wait_for(lambda: index in self._messages or self._ended)
@@ -300,10 +318,11 @@ class ForkedLoads:
         """End the batch: the indices the child has not taken are taken here, so it stops after
         the file it reads; the child is stopped if it does not end the batch (or this batch
         had it forked for it alone)."""
-        if self._claims >= 0:
-            while _read_index(self._claims) is not None:
-                pass
-            self._close_claims()
+        for queue, fd in enumerate(self._claims):
+            if fd >= 0:
+                while read_index(fd) is not None:
+                    pass
+                self._close_claims(queue)
         with self._ready:
             self._ready.wait_for(lambda: self._ended, timeout=END_WAIT_SECONDS)
             clean = self._ended and self._clean_end
@@ -311,88 +330,3 @@ class ForkedLoads:
         if self._owns_reader:
             self._reader.close()
         self._drainer.join(timeout=5)
-
-
-def _receive(channel: socket.socket, size: int) -> bytearray | None:
-    """The next ``size`` bytes from ``channel``, or None when it ends before them."""
-    data = bytearray(size)
-    view, got = memoryview(data), 0
-    while got < size:
-        n = channel.recv_into(view[got:], size - got, socket.MSG_WAITALL)
-        if n == 0:
-            return None
-        got += n
-    return data
-
-
-def _read_index(fd: int) -> int | None:
-    """The next index of the claims pipe, or None when all are taken."""
-    data = os.read(fd, _INDEX.size)
-    return _INDEX.unpack(data)[0] if len(data) == _INDEX.size else None
-
-
-def _next_batch(control: socket.socket) -> tuple[list[str], int] | None:
-    """The next batch's paths and claims pipe, or None when this process closed the reader."""
-    header, fds, _, _ = socket.recv_fds(control, _HEADER.size, 1)
-    if header and len(header) < _HEADER.size:
-        header += _receive(control, _HEADER.size - len(header)) or b""
-    if len(header) != _HEADER.size or len(fds) != 1:
-        return None
-    body = _receive(control, _HEADER.unpack(header)[1])
-    return None if body is None else (marshal.loads(body), fds[0])
-
-
-def _close_inherited(keep: set[int]) -> None:
-    """Close every descriptor above stderr that this process inherited, but ``keep``."""
-    for listing in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
-        try:
-            fds = [int(name) for name in os.listdir(listing)]
-            break
-        except (OSError, ValueError):
-            continue
-    else:  # no listing: the child ends with this process all the same
-        return
-    for fd in fds:
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _serve(control: socket.socket, channel: socket.socket) -> None:
-    """Read each batch's files as it claims them and send them; exits the process without
-    returning, when this process closes the reader or exits."""
-    code = 0
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _close_inherited({control.fileno(), channel.fileno()})
-        # The objects copied from this process are never collected here (gc.freeze), and a
-        # file's tree is freed by reference counts once sent: a collection after each batch
-        # walks only what a pickle left in cycles. (Collecting while reading measured 0.22 s
-        # against 0.05 s to encode a file of 36,000 tensors.)
-        gc.disable()
-        gc.freeze()
-        with control, channel:
-            while (batch := _next_batch(control)) is not None:
-                paths, claims = batch
-                try:
-                    with alike_files():  # a batch: one step's partition files
-                        while (index := _read_index(claims)) is not None:
-                            try:
-                                tf = load_torch_file(paths[index])
-                                message: tuple[Any, ...] = ("ok", *encode_once(tf))
-                            except (CheckpointFormatError, UnsafePickleError) as exc:
-                                message = ("error", type(exc).__name__, str(exc))
-                            except (Unsendable, RecursionError):
-                                message = ("fallback",)
-                            body = marshal.dumps(message)
-                            channel.sendall(_HEADER.pack(index, len(body)) + body)
-                finally:
-                    os.close(claims)
-                channel.sendall(_HEADER.pack(_END, 0))
-                gc.collect()
-    except BaseException:  # noqa: BLE001 - the parent reads what the child could not send
-        code = 1
-    finally:
-        os._exit(code)

@@ -127,18 +127,6 @@ def read_with_zipfile(path: Path, file_size: int) -> Directory:
     )
 
 
-def member_count(path: Path) -> int | None:
-    """How many members the end records of the zip file at ``path`` announce (None where
-    :func:`fast_directory` would not read them): a measure of a torch file's pickle without
-    reading it, one member per storage. Never raises."""
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            found = _locate_central_directory(fh.fileno(), os.fstat(fh.fileno()).st_size)
-    except OSError:
-        return None
-    return found[2] if found else None
-
-
 def fast_directory(fd: int, file_size: int) -> Directory | None:
     """The member table of a torch-written zip file, or None when the file is anything else.
 
@@ -148,7 +136,7 @@ def fast_directory(fd: int, file_size: int) -> Directory | None:
     and their count is the end record's. That is exactly the walk zipfile makes, so the tables
     agree wherever this returns one.
     """
-    located = _locate_central_directory(fd, file_size)
+    located = locate_central_directory(fd, file_size)
     if located is None:
         return None
     offset, length, count = located
@@ -188,7 +176,7 @@ def fast_directory(fd: int, file_size: int) -> Directory | None:
     )
 
 
-def _locate_central_directory(fd: int, file_size: int) -> tuple[int, int, int] | None:
+def locate_central_directory(fd: int, file_size: int) -> tuple[int, int, int] | None:
     """Offset, length and entry count of the central directory, from the end records.
 
     Only where the end record ends the file (no comment: zipfile's first guess too) and the

@@ -34,8 +34,8 @@ from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
 from exporter.torchfile.forked import ForkedLoads
+from exporter.torchfile.peek import member_count, pickle_signature
 from exporter.torchfile.repeats import alike_files
-from exporter.torchfile.zipdir import member_count
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
@@ -94,14 +94,35 @@ def shared_files(files: CheckpointFiles) -> list[Any]:
     return paths
 
 
+def odd_files(paths: list[Any], files: CheckpointFiles) -> list[int]:
+    """The indices in ``paths`` (:func:`shared_files`) of the partition files whose pickle is
+    not the one most files of their unit have, as their zip directories record it
+    (:func:`~exporter.torchfile.peek.pickle_signature`), alike ones together: the forked
+    reader reads them first, and this process the others, each pickle read in full once
+    (:mod:`exporter.torchfile.repeats`). Ranks whose partitions have another size (the last
+    one's padding) have another pickle."""
+    unit = {Path(path): mp for (_, mp), path in files.optim_files.items()}
+    groups: dict[tuple[Any, Any], list[int]] = {}
+    for i, path in enumerate(paths):
+        signature = pickle_signature(Path(path))
+        key = (unit.get(Path(path)), signature if signature is not None else i)
+        groups.setdefault(key, []).append(i)
+    largest: dict[Any, list[int]] = {}
+    for (mp, _), members in groups.items():
+        if len(members) > len(largest.get(mp, ())):
+            largest[mp] = members
+    return [i for (mp, _), members in groups.items() if members is not largest[mp]
+            for i in members]
+
+
 def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
     """Read the data-parallel partition files of one unit: here those this process claims
     from ``forked``, and the others as its child read them (meanwhile)."""
     loaded: dict[int, TorchFile] = {}
     with alike_files():  # ranks whose partitions have one size: one pickle
-        for i, path in enumerate(paths):
-            if forked is None or forked.claim(path):
-                loaded[i] = load_torch_file(path)
+        for i in range(len(paths)) if forked is None else forked.order(paths):
+            if forked is None or forked.claim(paths[i]):
+                loaded[i] = load_torch_file(paths[i])
     for i, path in enumerate(paths):
         if i not in loaded:
             assert forked is not None
