@@ -88,3 +88,18 @@ def test_build_verify_and_sample(tmp_path: Path) -> None:
     assert sorted(e["step"] for e in events) == [0, 2]
     verified = _cli("verify", str(tmp_path / "a"))
     assert verified.returncode == 0 and "all checks passed" in verified.stdout
+
+
+def test_convert_keeps_its_result_for_the_exit(tmp_path: Path) -> None:
+    # The command line ends without tearing the interpreter down: the export's plan is left
+    # to the process's end, not freed record by record as the command returns. One result
+    # at a time, in a process that runs commands in turn.
+    from exporter.cli import convert as convert_module
+
+    write_checkpoint(tmp_path / "ck", TINY, dp=2)
+    for out in ("a", "b"):
+        result = CliRunner().invoke(cli, ["-q", "convert", str(tmp_path / "ck"), "--out",
+                                          str(tmp_path / out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        assert [kept.out_dir for kept in convert_module._KEPT] == [tmp_path / out]  # type: ignore[attr-defined]
+        assert convert_module._KEPT[0].optimizer is not None  # type: ignore[attr-defined]
