@@ -178,19 +178,23 @@ def test_the_two_processes_share_the_files_as_they_claim_them(tmp_path: Path) ->
         forked.close()
 
 
-@in_a_fresh_process
-def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) -> None:
+def _forked_export_equals_one_here(tmp_path: Path, dp: int, tp: int) -> list[int]:
+    """Export a many-interval sample with a forked reader and without: the same files and
+    records. Returns the indices the child was given to read first."""
     from exporter.neox import zero
     from exporter.pipeline import export as export_module
     from exporter.pipeline.export import ExportOptions, export_checkpoint
     from exporter.samples import TINY, RunConfig, write_checkpoint
 
-    write_checkpoint(tmp_path / "src", TINY, step=8, dp=4, config=RunConfig(max_elements_per_comm=64))
+    write_checkpoint(tmp_path / "src", TINY, step=8, dp=dp, tp=tp,
+                     config=RunConfig(max_elements_per_comm=64))
     zero.FORK_FROM_STORAGES = 0  # the tiny model's pickles: forked all the same
     started: list[object] = []
+    firsts: list[int] = []
     real = ForkedLoads.start
 
     def start(paths: list[Path], child_first: list[int]) -> ForkedLoads | None:
+        firsts.extend(child_first)
         started.append(real(paths, child_first))
         return started[-1]
 
@@ -207,6 +211,23 @@ def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) ->
         [(r.job.name, r.job.kind, r.digest) for r in here.records]
     assert (tmp_path / "forked" / "state.json").read_bytes() == \
         (tmp_path / "here" / "state.json").read_bytes()
+    return firsts
+
+
+@in_a_fresh_process
+def test_an_export_with_a_forked_reader_writes_the_same_files(tmp_path: Path) -> None:
+    assert _forked_export_equals_one_here(tmp_path, dp=4, tp=1) == []  # one pickle for all
+
+
+@in_a_fresh_process
+def test_a_forked_export_of_two_units_with_odd_pickles_writes_the_same_files(
+        tmp_path: Path) -> None:
+    # Two tensor-parallel units of three ranks whose pickles differ: the child reads the odd
+    # ones first, from its own pipe, and this process claims each unit's files from both
+    # pipes in turn.
+    firsts = _forked_export_equals_one_here(tmp_path, dp=3, tp=2)
+    assert firsts and firsts == sorted(firsts)
+    assert any(i < 3 for i in firsts) and any(i >= 3 for i in firsts)  # in both units
 
 
 @in_a_fresh_process
