@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any, Literal
 
-import torch
+import numpy as np
+
+from exporter.dtypes import BY_CODE, DType, as_dtype
+from exporter.dtypes import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 
 
 class TensorKind(StrEnum):
@@ -35,23 +38,10 @@ OPTIMIZER_KINDS: tuple[str, ...] = tuple(
     k.value for k in (TensorKind.MASTER, TensorKind.EXP_AVG, TensorKind.EXP_AVG_SQ)
 )
 
-# safetensors/src/tensor.rs `Dtype`, as spelled in the header.
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-TORCH_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+#: safetensors/src/tensor.rs `Dtype`, as spelled in the header, for each type it holds; and
+#: the type of each code.
+SAFETENSORS_DTYPES: dict[DType, str] = _SAFETENSORS_DTYPES
+TORCH_DTYPES: dict[str, DType] = BY_CODE
 
 
 def dtype_name(dtype: Any) -> str:
@@ -60,9 +50,9 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def element_size(dtype: torch.dtype) -> int:
-    """Bytes per element of ``dtype``."""
-    return torch.empty((), dtype=dtype).element_size()
+def element_size(dtype: Any) -> int:
+    """Bytes per element of ``dtype`` (a :class:`~exporter.dtypes.DType` or a torch dtype)."""
+    return as_dtype(dtype).itemsize
 
 
 def check_kind(kind: str, where: str) -> str:
@@ -72,14 +62,17 @@ def check_kind(kind: str, where: str) -> str:
     return str(kind)
 
 
-Chunks = Callable[[int], Iterator[torch.Tensor]]
+#: A tensor's elements in row-major order: called with ``max_bytes``, yields 1-D numpy arrays
+#: of about that many bytes, of the tensor type's :attr:`~exporter.dtypes.DType.numpy` type
+#: (the writer also takes CPU torch tensors, from sources made outside this package).
+Chunks = Callable[[int], Iterator[np.ndarray]]
 
-#: Memory a chunk source may read its next chunk of ``nbytes`` into: a uint8 tensor where the
-#: writer would otherwise copy that chunk to, or None (read into a new tensor then).
-Place = Callable[[int], torch.Tensor | None]
+#: Memory a chunk source may read its next chunk of ``nbytes`` into: a uint8 array where the
+#: writer would otherwise copy that chunk to, or None (read into a new array then).
+Place = Callable[[int], np.ndarray | None]
 
 
-def reads_into(chunks: Callable[..., Iterator[torch.Tensor]]) -> Callable[..., Iterator[torch.Tensor]]:
+def reads_into(chunks: Callable[..., Iterator[np.ndarray]]) -> Callable[..., Iterator[np.ndarray]]:
     """Mark a ``chunks`` callable as taking ``place=`` (:data:`Place`) after ``max_bytes``.
 
     What such a source promises: it reads into ``place(n)`` only bytes it yields next, as
@@ -92,15 +85,15 @@ def reads_into(chunks: Callable[..., Iterator[torch.Tensor]]) -> Callable[..., I
     return chunks
 
 
-def takes_place(chunks: Callable[..., Iterator[torch.Tensor]]) -> bool:
+def takes_place(chunks: Callable[..., Iterator[np.ndarray]]) -> bool:
     """Whether ``chunks`` was marked with :func:`reads_into` (bound methods included)."""
     return getattr(chunks, "reads_into", False) is True
 
 
-def chunk_buffer(nbytes: int, place: Place | None) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` to read a chunk into: from ``place`` where it gives one."""
+def chunk_buffer(nbytes: int, place: Place | None) -> np.ndarray:
+    """A uint8 array of ``nbytes`` to read a chunk into: from ``place`` where it gives one."""
     found = place(nbytes) if place is not None and nbytes else None
-    return found if found is not None else torch.empty(nbytes, dtype=torch.uint8)
+    return found if found is not None else np.empty(nbytes, dtype=np.uint8)
 
 
 @dataclass
@@ -110,15 +103,17 @@ class TensorJob:
     Attributes:
         name: key in the output file (Hugging Face name for model tensors).
         kind: one of :data:`KINDS`.
-        dtype, shape: of the source tensor.
-        chunks: yields the source elements as 1-D tensors of about ``max_bytes`` each.
+        dtype, shape: of the source tensor (a torch dtype is taken as its
+            :class:`~exporter.dtypes.DType`).
+        chunks: yields the source elements as 1-D arrays of about ``max_bytes`` each
+            (:data:`Chunks`).
         neox_name: the source's name (``2.attention.dense.weight``), if any.
         layer: the transformer block index, if any.
     """
 
     name: str
     kind: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     chunks: Chunks
     neox_name: str | None = None
@@ -126,6 +121,7 @@ class TensorJob:
 
     def __post_init__(self) -> None:
         self.kind = check_kind(self.kind, "TensorJob.kind")
+        self.dtype = as_dtype(self.dtype)
         self.shape = tuple(int(n) for n in self.shape)
 
     @property
@@ -133,13 +129,20 @@ class TensorJob:
         return math.prod(self.shape)
 
 
-def chunks_of(tensor: torch.Tensor) -> Chunks:
-    """A ``chunks`` callable over an in-memory tensor."""
+def chunks_of(tensor: Any, dtype: DType | None = None) -> Chunks:
+    """A ``chunks`` callable over an in-memory tensor: a numpy array (its elements of
+    ``dtype`` where numpy holds bit patterns, :attr:`~exporter.dtypes.DType.numpy`) or a
+    torch tensor."""
+    if isinstance(tensor, np.ndarray):
+        flat = tensor.reshape(-1) if dtype is None else tensor.reshape(-1).view(dtype.numpy)
+    else:
+        from exporter.dtypes import from_torch
 
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
-        flat = tensor.reshape(-1)
-        step = max(1, max_bytes // max(1, flat.element_size()))
-        for start in range(0, flat.numel(), step):
+        flat = from_torch(tensor)[0].reshape(-1)
+
+    def gen(max_bytes: int) -> Iterator[np.ndarray]:
+        step = max(1, max_bytes // max(1, flat.itemsize))
+        for start in range(0, flat.size, step):
             yield flat[start : start + step]
 
     return gen
@@ -178,7 +181,7 @@ class WrittenRecord:
 
     job: TensorJob
     file: str
-    dtype: torch.dtype
+    dtype: DType
     begin: int
     end: int
     digest: str

@@ -36,6 +36,7 @@ from exporter.convert.compress import (
 from exporter.convert.device import DeviceCastEngine
 from exporter.convert.stats import StatsAccumulator
 from exporter.convert.stream import Converter
+from exporter.dtypes import as_dtype, to_torch
 from exporter.errors import ArchiveError, ExporterError
 from exporter.records import TensorJob, chunks_of
 
@@ -115,7 +116,7 @@ def test_fast_statistics_match_a_float64_reference(
     tensor = _samples()[name]
     acc = StatsAccumulator()
     for chunk in chunks_of(tensor)(7001 * tensor.element_size()):
-        acc.update(chunk)
+        acc.update(chunk, as_dtype(tensor.dtype))
     _assert_stats_match(acc.result(), tensor)
 
 
@@ -235,8 +236,9 @@ def _engine_outputs(engine: DeviceCastEngine, source: torch.Tensor, dtype: torch
     stats = StatsAccumulator()
     parts = []
     held = []
-    for values, release in engine.cast(chunks_of(source)(chunk_bytes), dtype, stats):
-        parts.append(values.clone())
+    for values, release in engine.cast(chunks_of(source)(chunk_bytes), as_dtype(source.dtype),
+                                       as_dtype(dtype), stats):
+        parts.append(to_torch(values.copy(), as_dtype(dtype)))
         held.append(release)
         if len(held) > 1:  # a consumer releasing late, out of step with the engine
             held.pop(0)()
@@ -267,7 +269,7 @@ def test_device_engine_feeds_write_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert path.read_bytes() == plain_path.read_bytes()
     for a, b in zip(records, plain_records, strict=True):
         assert a.digest == b.digest
-        _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype))
+        _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype.torch))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -284,7 +286,7 @@ def test_cuda_path_writes_the_cpu_paths_bytes(tmp_path: Path, dtype: torch.dtype
     assert gpu_path.read_bytes() == cpu_path.read_bytes()
     for a, b in zip(gpu_records, cpu_records, strict=True):
         assert a.digest == b.digest
-        _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype))
+        _assert_stats_match(a.stats, tensors[a.job.name].to(a.dtype.torch))
 
 
 @pytest.mark.parametrize("itemsize", [1, 2, 4, 8])

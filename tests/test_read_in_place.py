@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,18 +166,18 @@ def test_a_merge_takes_place_only_when_it_passes_its_shards_chunks_on(tmp_path: 
     assert not takes_place(merged_chunks(shards, Merge.CONCAT_DIM1))
     assert not takes_place(merged_chunks(shards, Merge.REPLICATED))
     assert not takes_place(chunks_of(torch.ones(3)))
-    memory = torch.zeros(48, dtype=torch.uint8)
-    seen = [(c.data_ptr(), c.tolist())
+    memory = np.zeros(48, dtype=np.uint8)
+    seen = [(c.ctypes.data, c.tolist())
             for c in merged_chunks(shards, Merge.CONCAT_DIM0)(48, lambda n: memory[:n])]
-    assert seen == [(memory.data_ptr(), [1.0] * 12), (memory.data_ptr(), [0.0] * 12)]
+    assert seen == [(memory.ctypes.data, [1.0] * 12), (memory.ctypes.data, [0.0] * 12)]
 
 
 def test_a_chunk_buffer_without_a_place_is_new_memory() -> None:
-    memory = torch.zeros(8, dtype=torch.uint8)
-    assert chunk_buffer(8, lambda n: memory[:n]).data_ptr() == memory.data_ptr()
-    assert chunk_buffer(8, lambda n: None).data_ptr() != memory.data_ptr()
-    assert chunk_buffer(8, None).numel() == 8
-    assert chunk_buffer(0, lambda n: memory[:n]).numel() == 0
+    memory = np.zeros(8, dtype=np.uint8)
+    assert chunk_buffer(8, lambda n: memory[:n]).ctypes.data == memory.ctypes.data
+    assert chunk_buffer(8, lambda n: None).ctypes.data != memory.ctypes.data
+    assert chunk_buffer(8, None).size == 8
+    assert chunk_buffer(0, lambda n: memory[:n]).size == 0
 
 
 def test_an_engine_that_holds_chunks_gets_no_staging_memory(

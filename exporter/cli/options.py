@@ -23,17 +23,25 @@ def parse_include(value: str) -> tuple[str, ...]:
 
 
 def torch_dtype(name: str) -> Any:
+    """The ``torch.dtype`` ``--dtype NAME`` asks for, or None (imports torch)."""
     import torch
 
     return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
 
 
+def dtype_option(name: str) -> Any:
+    """The element type ``--dtype NAME`` asks an export for, or None (keep the source's)."""
+    from exporter.dtypes import BY_NAME
+
+    return None if DTYPES[name] is None else BY_NAME[DTYPES[name]]
+
+
 def device_option(value: str) -> str:
-    import torch
+    from exporter.convert.gpu import cuda_available
 
     if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if value == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_available() else "cpu"
+    if value == "cuda" and not cuda_available():
         raise click.BadParameter("no CUDA device is available")
     return value
 
@@ -52,7 +60,7 @@ def export_options(include: tuple[str, ...], dtype: str, device: str, max_shard_
         level = parse_compression(compress) if compress else None
     except ExporterError as exc:
         raise click.BadParameter(str(exc), param_hint="--compress") from exc
-    return ExportOptions(include=include, dtype=torch_dtype(dtype), device=device_option(device),
+    return ExportOptions(include=include, dtype=dtype_option(dtype), device=device_option(device),
                          max_shard_size=shard, compress_level=level, statistics=statistics)
 
 

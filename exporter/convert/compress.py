@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zstandard
 
 from exporter.archive.header import SafetensorsHeader, validate_compressed_index
@@ -137,6 +136,7 @@ def compress_safetensors(
 
     Example:
         >>> import tempfile
+        >>> import torch
         >>> from safetensors.torch import save_file
         >>> folder = Path(tempfile.mkdtemp())
         >>> save_file({"w": torch.ones(4, 4)}, str(folder / "w.safetensors"))
@@ -190,7 +190,7 @@ def read_compressed_index(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _read_index(Path(path))
 
 
-def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Tensor:
+def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> Any:
     """Tensor ``name`` of the compressed file ``path``, decompressing only its frames.
 
     Raises:
@@ -203,7 +203,9 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
     dtype = TORCH_DTYPES.get(entry.get("dtype"))
     if dtype is None:
         raise ArchiveError(f"{path}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    out = _allocate(path, name, tuple(entry["shape"]), dtype, entry["nbytes"])
+    import torch
+
+    out = _allocate(path, name, tuple(entry["shape"]), dtype.torch, entry["nbytes"])
     if out.numel() * out.element_size() != entry["nbytes"]:
         raise ArchiveError(f"{path}: tensor {name!r}: size does not match its shape")
     if out.numel():
@@ -214,8 +216,7 @@ def read_compressed_tensor(path: str | os.PathLike[str], name: str) -> torch.Ten
     return out
 
 
-def _allocate(path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-              nbytes: int) -> torch.Tensor:
+def _allocate(path: Path, name: str, shape: tuple[int, ...], dtype: Any, nbytes: int) -> Any:
     """Memory for a decompressed tensor, refused when it could never fit.
 
     A few bytes of zstd frames can stand for gigabytes (all-zero moments compress about
@@ -227,6 +228,8 @@ def _allocate(path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype,
     if nbytes > physical:
         raise ArchiveError(f"{path}: tensor {name!r} needs {nbytes} bytes of memory, more than "
                            f"this machine has ({physical})")
+    import torch
+
     try:
         return torch.empty(shape, dtype=dtype)
     except (RuntimeError, MemoryError) as exc:

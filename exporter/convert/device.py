@@ -37,9 +37,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from exporter.convert.stats import StatsAccumulator
+from exporter.dtypes import DType, to_torch
 from exporter.errors import ExporterError
 
 STAGING_SLOTS = 2
@@ -137,18 +139,21 @@ class DeviceCastEngine:
         return torch.empty(MOMENTS, dtype=torch.float64, pin_memory=self.cuda)
 
     def cast(
-        self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
-    ) -> Iterator[tuple[torch.Tensor, Any]]:
-        """Cast ``chunks`` to ``dtype`` on the device; yields ``(host chunk, release)`` in
-        order and merges each chunk's statistics into ``stats`` as it is handed over."""
+        self, chunks: Iterable[np.ndarray], source: DType, dtype: DType, stats: StatsAccumulator
+    ) -> Iterator[tuple[np.ndarray, Any]]:
+        """Cast ``chunks`` (numpy arrays of ``source``) to ``dtype`` on the device; yields
+        ``(host chunk, release)`` in order, each chunk a numpy array of ``dtype``'s
+        :attr:`~exporter.dtypes.DType.numpy` type, and merges each chunk's statistics into
+        ``stats`` as it is handed over."""
         pending: deque[_InFlight] = deque()
+        target = dtype.torch
         try:
             for chunk in chunks:
-                pending.append(self._submit(chunk.reshape(-1).contiguous(), dtype))
+                pending.append(self._submit(to_torch(chunk.reshape(-1), source), target))
                 if len(pending) > 1:
-                    yield self._hand_over(pending.popleft(), dtype, stats)
+                    yield self._host_chunk(pending.popleft(), target, dtype, stats)
             while pending:
-                yield self._hand_over(pending.popleft(), dtype, stats)
+                yield self._host_chunk(pending.popleft(), target, dtype, stats)
         finally:
             # An abandoned iteration must not leave copies writing into buffers it returns.
             for item in pending:
@@ -199,6 +204,11 @@ class DeviceCastEngine:
                 done = torch.cuda.Event()
                 done.record(self._compute_stream)
         return _InFlight(source, output.view(dtype), moments, (out_bytes, moments), done)
+
+    def _host_chunk(self, item: _InFlight, target: torch.dtype, dtype: DType,
+                    stats: StatsAccumulator) -> tuple[np.ndarray, Any]:
+        output, release = self._hand_over(item, target, stats)
+        return output.view(torch.uint8).numpy().view(dtype.numpy), release
 
     def _take_buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
         out_bytes, moments = self._free.get()

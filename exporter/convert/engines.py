@@ -10,9 +10,10 @@ import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from exporter.convert.stats import TORCH_SERIAL_ELEMENTS, StatsAccumulator
+from exporter.dtypes import DType, to_torch
 
 BUFFER_WAIT_S = 1.0  # the longest wait for a free cast buffer before a new one is made
 CAST_BUFFERS = 2  # reusable output buffers: one being filled, one still held by the consumer
@@ -21,7 +22,9 @@ Release = Callable[[], None]
 
 
 class CastEngine(Protocol):
-    """Turns a tensor's source chunks into output chunks of ``dtype`` on the host.
+    """Turns a tensor's source chunks (numpy arrays of ``source``, :data:`exporter.records.
+    Chunks`) into output chunks of ``dtype`` on the host (numpy arrays of its
+    :attr:`~exporter.dtypes.DType.numpy` type).
 
     ``cast`` yields ``(chunk, release)`` pairs in order; the caller calls ``release`` (when not
     None) once it no longer needs the chunk's memory. Engines with ``computes_stats`` fill
@@ -35,27 +38,30 @@ class CastEngine(Protocol):
     passes_through: bool
 
     def cast(
-        self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
-    ) -> Iterator[tuple[torch.Tensor, Release | None]]: ...
+        self, chunks: Iterable[np.ndarray], source: DType, dtype: DType, stats: StatsAccumulator
+    ) -> Iterator[tuple[np.ndarray, Release | None]]: ...
 
 
 class CpuCastEngine:
     """Casts on the CPU into a few reused buffers (fresh pages per chunk cost more than the
-    cast); statistics are left to the caller. One engine per thread: it is not shared."""
+    cast); statistics are left to the caller. One engine per thread: it is not shared.
+
+    The cast is torch's (imported on the first chunk that needs one): its round-to-nearest-even
+    conversions and NaN patterns are those of the files torch itself would write."""
 
     computes_stats = False
     passes_through = True
 
     def __init__(self, buffers: int = CAST_BUFFERS) -> None:
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
         for _ in range(buffers):
-            self._free.put(torch.empty(0, dtype=torch.uint8))
+            self._free.put(np.empty(0, dtype=np.uint8))
 
     def cast(
-        self, chunks: Iterable[torch.Tensor], dtype: torch.dtype, stats: StatsAccumulator
-    ) -> Iterator[tuple[torch.Tensor, Release | None]]:
+        self, chunks: Iterable[np.ndarray], source: DType, dtype: DType, stats: StatsAccumulator
+    ) -> Iterator[tuple[np.ndarray, Release | None]]:
         for chunk in chunks:
-            if chunk.dtype == dtype:
+            if source == dtype:
                 yield chunk, None
                 continue
             try:
@@ -63,19 +69,20 @@ class CpuCastEngine:
                 # and a Ctrl-C must not wait on it; the file threads bound the memory in use.
                 buf = self._free.get(timeout=BUFFER_WAIT_S)
             except queue.Empty:
-                buf = torch.empty(0, dtype=torch.uint8)
-            nbytes = chunk.numel() * dtype.itemsize
-            if buf.numel() < nbytes:
-                buf = torch.empty(nbytes, dtype=torch.uint8)
-            out = buf[:nbytes].view(dtype)
+                buf = np.empty(0, dtype=np.uint8)
+            nbytes = chunk.size * dtype.itemsize
+            if buf.size < nbytes:
+                buf = np.empty(nbytes, dtype=np.uint8)
+            out = to_torch(buf[:nbytes], dtype)
+            values = to_torch(chunk, source)
             # copy_ is what Tensor.to runs: torch's round-to-nearest-even conversion, here in
             # pieces that torch runs serially (see stats.TORCH_SERIAL_ELEMENTS): each file's
             # thread casts its own chunks, and OpenMP teams started from each would fight.
             for start in range(0, out.numel(), TORCH_SERIAL_ELEMENTS):
                 stop = start + TORCH_SERIAL_ELEMENTS
-                out[start:stop].copy_(chunk[start:stop])
-            yield out, _releaser(self._free, buf)
+                out[start:stop].copy_(values[start:stop])
+            yield buf[:nbytes].view(dtype.numpy), _releaser(self._free, buf)
 
 
-def _releaser(pool: queue.Queue[torch.Tensor], buf: torch.Tensor) -> Release:
+def _releaser(pool: queue.Queue[np.ndarray], buf: np.ndarray) -> Release:
     return lambda: pool.put(buf)

@@ -21,8 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import torch
-
+from exporter.dtypes import DType, as_dtype
 from exporter.errors import ExporterError
 from exporter.files import temp_name
 from exporter.records import SAFETENSORS_DTYPES, element_size
@@ -33,12 +32,13 @@ class TensorSpec:
     """A tensor's entry in a safetensors header."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ValueError(f"TensorSpec.name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
         if self.dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"TensorSpec.dtype {self.dtype} has no safetensors equivalent")
         if any(not isinstance(n, int) or n < 0 for n in self.shape):
@@ -63,9 +63,9 @@ class SafetensorsWriter:
     """Writes ``specs`` in order; call :meth:`write` with each tensor's bytes, in order.
 
     Example:
-        >>> specs = [TensorSpec("w", torch.float32, (2, 2))]
+        >>> specs = [TensorSpec("w", float32, (2, 2))]              # exporter.dtypes
         >>> with SafetensorsWriter(path, specs) as writer:           # doctest: +SKIP
-        ...     writer.write("w", torch.ones(4).numpy().tobytes())
+        ...     writer.write("w", numpy.ones(4, dtype=numpy.float32).tobytes())
     """
 
     path: Path

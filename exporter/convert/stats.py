@@ -57,10 +57,11 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import numpy as np
-import torch
 
+from exporter.dtypes import DType, bfloat16, float16, float32, from_torch, to_torch
 from exporter.records import TensorStats
 
 SUB_BLOCK = 1 << 19  # elements per pass: 4 MiB of float64 scratch
@@ -70,7 +71,7 @@ _GIL_ROWS = 500  # NPY_BEGIN_THREADS_THRESHOLDED: a gufunc keeps the GIL up to 5
 TORCH_SERIAL_ELEMENTS = 32768
 _ALIGN = 64  # bytes: a cache line, and the widest SIMD load
 # Bit patterns at and above which a float16 / bfloat16 magnitude is inf or NaN; the sign bit.
-_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+_HALF_EXPONENT = {float16: 0x7C00, bfloat16: 0x7F80}
 SAMPLE = 256  # values in the sample that decides whether the sums shift (module docstring)
 # Above this share of Σd² the spread dwarfs the first mean's rounding error (module docstring).
 _UNCORRECTED = 2.0**-24
@@ -112,8 +113,8 @@ class StatsAccumulator:
 
     Example:
         >>> acc = StatsAccumulator()
-        >>> acc.update(torch.tensor([1.0, 2.0, float("nan")]))
-        >>> acc.update(torch.tensor([0.0, 3.0]))
+        >>> acc.update(np.array([1.0, 2.0, float("nan")]))
+        >>> acc.update(np.array([0.0, 3.0], dtype=np.float32))
         >>> s = acc.result()
         >>> (s.min, s.max, s.mean, s.nan_count, s.zero_count)
         (0.0, 3.0, 1.5, 1, 1)
@@ -159,27 +160,33 @@ class StatsAccumulator:
         self.m2 += float(m2) + delta * delta * (self.count * count / total)
         self.count = total
 
-    def update(self, chunk: torch.Tensor) -> None:
-        """Add the values of ``chunk`` (any shape, CPU, any real, complex or bool dtype)."""
-        if chunk.numel() == 0:
+    def update(self, chunk: Any, dtype: DType | None = None) -> None:
+        """Add the values of ``chunk``: a numpy array of any shape and any real, complex or bool
+        type, or of ``dtype``'s :attr:`~exporter.dtypes.DType.numpy` type (bit patterns, for
+        bfloat16 and float8: pass ``dtype`` then), or a CPU torch tensor."""
+        if not isinstance(chunk, np.ndarray):
+            chunk, dtype = from_torch(chunk)
+        if chunk.size == 0:
             return
-        flat = chunk.detach().reshape(-1)
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1)
-        if flat.dtype == torch.bool:
-            flat = flat.view(torch.uint8)
-        add = self._add_half if flat.dtype in _HALF_EXPONENT else self._add_numpy
-        n = flat.numel()
+        flat = chunk.reshape(-1)
+        if dtype is not None and dtype.is_bits and dtype != bfloat16:  # float8: torch converts
+            flat, dtype = to_torch(flat, dtype).to(float32.torch).numpy(), float32
+        half = bfloat16 if dtype == bfloat16 else float16 if flat.dtype == np.float16 else None
+        if flat.dtype.kind == "c":
+            flat = flat.view(flat.real.dtype)  # (real, imag) pairs, as torch.view_as_real
+        elif flat.dtype == np.bool_:
+            flat = flat.view(np.uint8)
+        n = flat.size
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is expected
-            if n <= SUB_BLOCK:
-                add(flat)
-                return
             for start in range(0, n, SUB_BLOCK):
-                add(flat[start : start + SUB_BLOCK])
+                block = flat[start : start + SUB_BLOCK] if n > SUB_BLOCK else flat
+                if half is not None:
+                    self._add_half(block.view(np.int16), half)
+                else:
+                    self._add_numpy(block)
 
-    def _add_numpy(self, block: torch.Tensor) -> None:
-        """A sub-block of a dtype numpy has: float32, float64, integers."""
-        source = block.numpy()
+    def _add_numpy(self, source: np.ndarray) -> None:
+        """A sub-block of a type numpy has: float32, float64, integers."""
         lo, hi = source.min(), source.max()
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates through both
             self._add_non_finite(_float64_copy(source))
@@ -192,16 +199,16 @@ class StatsAccumulator:
         else:
             self._add_spread(_float64_copy(source), float(lo), float(hi), zero, owned=True)
 
-    def _add_half(self, block: torch.Tensor) -> None:
-        """A float16 or bfloat16 sub-block: min, max and zeros from the bit patterns (sign and
-        magnitude, so the extremes are the largest pattern with and without the sign bit),
-        four integer reductions over 2 bytes a value instead of passes over a float32 copy."""
-        signed = block.view(torch.int16).numpy()
+    def _add_half(self, signed: np.ndarray, dtype: DType) -> None:
+        """A float16 or bfloat16 sub-block (``signed``: its bit patterns as int16): min, max
+        and zeros from the bit patterns (sign and magnitude, so the extremes are the largest
+        pattern with and without the sign bit), four integer reductions over 2 bytes a value
+        instead of passes over a float32 copy."""
         bits = signed.view(np.uint16)
         top, bottom = int(signed.max()), int(bits.max())
-        exponent = _HALF_EXPONENT[block.dtype]
+        exponent = _HALF_EXPONENT[dtype]
         if top >= exponent or bottom >= _SIGN | exponent:  # an all-ones exponent: NaN or inf
-            self._add_non_finite(_half_to_float64(block))
+            self._add_non_finite(_half_to_float64(signed, dtype))
             return
         if top < 0:  # all negative: the largest is the negative value nearest zero
             lo_bits, hi_bits = bottom, int(bits.min())
@@ -212,7 +219,7 @@ class StatsAccumulator:
         else:
             lo_bits, hi_bits = bottom, top
             has_zero = int(bits.min()) == 0 or int(signed.min()) == -_SIGN
-        lo, hi = _half_value(lo_bits, block.dtype), _half_value(hi_bits, block.dtype)
+        lo, hi = _half_value(lo_bits, dtype), _half_value(hi_bits, dtype)
         zero = 0
         if has_zero:  # ±0 is a pattern of zeros after the sign bit
             shifted = _scratch.get("shifted", np.uint16, bits.size)
@@ -221,7 +228,7 @@ class StatsAccumulator:
         if lo == hi:
             self.merge(bits.size, lo, 0.0, lo, hi, zero=zero)
         else:
-            values, scale = _half_bits_to_float64(block)
+            values, scale = _half_bits_to_float64(signed, dtype == bfloat16)
             self._add_spread(values, lo, hi, zero, owned=True, scale=scale)
 
     def _add_spread(self, values: np.ndarray, lo: float, hi: float, zero: int,
@@ -290,38 +297,38 @@ class StatsAccumulator:
         )
 
 
-def _half_value(bits: int, dtype: torch.dtype) -> float:
+def _half_value(bits: int, dtype: DType) -> float:
     """The float16 or bfloat16 value with these bits."""
-    if dtype == torch.bfloat16:  # the upper half of a float32
+    if dtype == bfloat16:  # the upper half of a float32
         return float(np.uint32(bits << 16).view(np.float32))
     return float(np.uint16(bits).view(np.float16))
 
 
-def _half_to_float64(block: torch.Tensor) -> np.ndarray:
-    """A float16 or bfloat16 ``block`` holding NaN or inf converted to float64, in a
-    per-thread scratch buffer, by torch (the bit operations of :func:`_half_bits_to_float64`
-    would turn those into finite values); in pieces of at most torch's grain size, which it
-    runs on the calling thread: an OpenMP team started from each pipeline thread would spin
-    against the others for the few cores there are."""
-    out = _scratch.get("values", np.float64, block.numel())
-    target = torch.from_numpy(out)
-    for start in range(0, block.numel(), TORCH_SERIAL_ELEMENTS):
-        stop = start + TORCH_SERIAL_ELEMENTS
-        target[start:stop].copy_(block[start:stop])
+def _half_to_float64(signed: np.ndarray, dtype: DType) -> np.ndarray:
+    """A float16 or bfloat16 block (its bits as int16) holding NaN or inf converted to float64,
+    in a per-thread scratch buffer: float16 by numpy's own conversion, bfloat16 as the upper
+    half of a float32 (the bit operations of :func:`_half_bits_to_float64` would turn float16's
+    NaN and inf into finite values)."""
+    out = _scratch.get("values", np.float64, signed.size)
+    if dtype == bfloat16:
+        wide = _scratch.get("wide", np.int32, signed.size)
+        np.copyto(wide, signed)
+        np.left_shift(wide, 16, out=wide)
+        np.copyto(out, wide.view(np.float32))
+    else:
+        np.copyto(out, signed.view(np.float16))
     return out
 
 
-def _half_bits_to_float64(block: torch.Tensor) -> tuple[np.ndarray, float]:
-    """A finite float16 or bfloat16 ``block`` as float64 values divided by a power of two (in
-    a per-thread scratch buffer), and that power. A few long numpy calls on the bits: torch
-    converts faster on one thread, but its many grain-sized calls do not scale across the
-    pipeline threads (each hands the GIL over twice). bfloat16 is the upper half of a
-    float32; float16's sign-extended bits shifted left by 13, with the three extra copies of
-    the sign cleared, are a float32 equal to the value / 2**112, subnormals included."""
-    n, bfloat16 = block.numel(), block.dtype == torch.bfloat16
-    bits = block.view(torch.int16).numpy()
+def _half_bits_to_float64(bits: np.ndarray, is_bf16: bool) -> tuple[np.ndarray, float]:
+    """A finite float16 or bfloat16 block (its bits as int16) as float64 values divided by a
+    power of two (in a per-thread scratch buffer), and that power. A few long numpy calls on
+    the bits: bfloat16 is the upper half of a float32; float16's sign-extended bits shifted
+    left by 13, with the three extra copies of the sign cleared, are a float32 equal to the
+    value / 2**112, subnormals included."""
+    n = bits.size
     wide = _scratch.get("wide", np.int32, n)
-    if bfloat16 and n % 2 == 0:
+    if is_bf16 and n % 2 == 0:
         # Two values a 32-bit word: the upper is in place once the lower is masked off, the
         # lower once shifted up (the order of the values does not matter to sums).
         pairs = bits.view(np.int32)
@@ -329,12 +336,12 @@ def _half_bits_to_float64(block: torch.Tensor) -> tuple[np.ndarray, float]:
         np.left_shift(pairs, 16, out=wide[n // 2 :])
     else:
         np.copyto(wide, bits)
-        np.left_shift(wide, 16 if bfloat16 else 13, out=wide)
-        if not bfloat16:
+        np.left_shift(wide, 16 if is_bf16 else 13, out=wide)
+        if not is_bf16:
             np.bitwise_and(wide, _F16_BITS_IN_F32, out=wide)
     out = _scratch.get("values", np.float64, n)
     np.copyto(out, wide.view(np.float32))
-    return out, 1.0 if bfloat16 else _F16_SCALE
+    return out, 1.0 if is_bf16 else _F16_SCALE
 
 
 def _float64_copy(source: np.ndarray) -> np.ndarray:

@@ -44,13 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from exporter.convert.digest import TENSOR_DIGEST, Hasher, new_hasher
 from exporter.convert.direct import DirectFile
 from exporter.convert.engines import CastEngine, CpuCastEngine
+from exporter.convert.gpu import cuda_available
 from exporter.convert.safetensors_writer import SafetensorsWriter, TensorSpec
 from exporter.convert.stats import StatsAccumulator
+from exporter.dtypes import DType, as_dtype, from_torch
 from exporter.errors import ExporterError
 from exporter.records import (
     NO_STATS,
@@ -104,7 +106,7 @@ class Converter:
         written_files: every file written so far, with its size and sha256.
     """
 
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     device: str = "cpu"
     chunk_bytes: int | None = None
     statistics: bool = True
@@ -116,11 +118,13 @@ class Converter:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.dtype is not None:
+            self.dtype = as_dtype(self.dtype)
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = "cuda" if cuda_available() else "cpu"
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ExporterError(f"unknown device {self.device!r} (cpu, cuda, cuda:N or auto)")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not cuda_available():
             raise ExporterError(f"device {self.device!r} requested but no CUDA device is available")
         if self.chunk_bytes is None:
             self.chunk_bytes = CHUNK_BYTES if self.device == "cpu" else DEVICE_CHUNK_BYTES
@@ -131,7 +135,7 @@ class Converter:
         if self.workers < 1:
             raise ValueError(f"Converter.workers must be positive, got {self.workers}")
 
-    def output_dtype(self, job: TensorJob) -> torch.dtype:
+    def output_dtype(self, job: TensorJob) -> DType:
         if self.dtype is not None and job.kind == "model" and job.dtype.is_floating_point:
             return self.dtype
         return job.dtype
@@ -248,7 +252,7 @@ class Converter:
         else:
             chunks = job.chunks(self.chunk_bytes)
         source = _Counted(chunks, self._report if self.progress else None)
-        for values, release in engine.cast(source, spec.dtype, stats):
+        for values, release in engine.cast(source, job.dtype, spec.dtype, stats):
             if cancel.is_set():
                 raise _Cancelled
             data = _bytes_of(values)
@@ -256,7 +260,7 @@ class Converter:
             file_digest.update(data)
             digest.update(data)
             if summarise:
-                stats.update(values)
+                stats.update(values, spec.dtype)
             if release is not None:
                 release()
         if source.elements != job.numel:
@@ -310,7 +314,7 @@ class _Writer(SafetensorsWriter):
         """The bytes in front of the tensor data (length prefix and JSON header)."""
         return self._header
 
-    def place(self, nbytes: int) -> torch.Tensor | None:
+    def place(self, nbytes: int) -> np.ndarray | None:
         """Memory to read the current tensor's next ``nbytes`` into (:data:`exporter.records.
         Place`): the staging buffer's, when the file is direct and the bytes go to an offset
         aligned for the tensor's dtype."""
@@ -319,8 +323,7 @@ class _Writer(SafetensorsWriter):
             return None
         if fh.tell() % self.specs[self._index].dtype.itemsize:
             return None
-        region = fh.place(nbytes)
-        return None if region is None else torch.from_numpy(region)
+        return fh.place(nbytes)
 
     def write(self, name: str, data: bytes | memoryview | bytearray) -> None:
         super().write(name, data)
@@ -337,21 +340,20 @@ class _Writer(SafetensorsWriter):
 class _Counted:
     """Passes chunks through, counting elements and reporting source bytes to ``progress``."""
 
-    def __init__(self, chunks: Iterator[torch.Tensor], progress: Callable[[int], None] | None):
+    def __init__(self, chunks: Iterator[np.ndarray], progress: Callable[[int], None] | None):
         self.elements = 0
         self._chunks = chunks
         self._progress = progress
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[np.ndarray]:
         for chunk in self._chunks:
-            self.elements += chunk.numel()
+            if type(chunk) is not np.ndarray:  # a torch tensor, from a job made outside
+                chunk = from_torch(chunk)[0].reshape(-1)
+            self.elements += chunk.size
             yield chunk
             if self._progress is not None:
-                self._progress(chunk.numel() * chunk.element_size())
+                self._progress(chunk.nbytes)
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    host = tensor.detach()
-    if host.device.type != "cpu":
-        host = host.cpu()
-    return memoryview(host.contiguous().view(torch.uint8).numpy()).cast("B")
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from exporter.errors import LayoutError
 from exporter.neox.names import Split
@@ -77,16 +77,16 @@ def part_shape(shard_shape: tuple[int, ...], ranges: RowRanges, tp: int) -> tupl
 
 
 def gathered_chunks(
-    read_ranges: list[Callable[[int, int], torch.Tensor]],
+    read_ranges: list[Callable[[int, int], np.ndarray]],
     shard_shape: tuple[int, ...],
     element_size: int,
     ranges: RowRanges,
-) -> Callable[[int], Iterator[torch.Tensor]]:
+) -> Callable[[int], Iterator[np.ndarray]]:
     """Chunks of a part: ``ranges`` of each rank's shard, ranks in order, read in blocks of
     rows of about ``max_bytes`` (``read_ranges[r](start, count)`` reads flat elements)."""
     width = math.prod(shard_shape[1:])
 
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+    def gen(max_bytes: int) -> Iterator[np.ndarray]:
         block = max(1, max_bytes // max(1, width * element_size))
         for read_range in read_ranges:
             for first, rows in ranges:

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
+from exporter.dtypes import DType, from_torch, to_torch
 from exporter.errors import LayoutError
 from exporter.neox.arch import ModelSpec, model_spec, refuse_unsupported
 from exporter.neox.checkpoint import CheckpointFiles
@@ -51,7 +52,7 @@ class ModelPlan:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
-    dtype: torch.dtype
+    dtype: DType
     shards: dict[int, list[dict[str, TensorRef]]] = field(default_factory=dict, repr=False)
     spec: ModelSpec | None = None
     outputs: dict[str, list[OutputRule]] = field(default_factory=dict, repr=False)
@@ -71,18 +72,21 @@ def merged_shape(shapes: list[tuple[int, ...]], merge: Merge) -> tuple[int, ...]
     return first
 
 
-def merge_shards(tensors: list[torch.Tensor], merge: Merge) -> torch.Tensor:
-    """Combine tensor-parallel shards exactly as GPT-NeoX's HF converter does."""
-    if len(tensors) == 1 or merge in (Merge.FIRST, Merge.REPLICATED):
-        return tensors[0]
+def merge_shards(arrays: list[np.ndarray], merge: Merge, dtype: DType) -> np.ndarray:
+    """Combine tensor-parallel shards (arrays of ``dtype``'s numpy type) exactly as GPT-NeoX's
+    HF converter does: sums and averages in torch (imported then), in the shards' dtype, so
+    half-precision values round as they do there."""
+    if len(arrays) == 1 or merge in (Merge.FIRST, Merge.REPLICATED):
+        return arrays[0]
     if merge is Merge.CONCAT_DIM0:
-        return torch.cat(tensors, dim=0)
+        return np.concatenate(arrays, axis=0)
     if merge is Merge.CONCAT_DIM1:
-        return torch.cat(tensors, dim=1)
+        return np.concatenate(arrays, axis=1)
+    tensors = [to_torch(a, dtype) for a in arrays]
     total = tensors[0]
     for t in tensors[1:]:
         total = total + t  # `sum(list)` in the source: left to right, in the tensors' dtype
-    return total / len(tensors) if merge is Merge.AVERAGE else total
+    return from_torch(total / len(tensors) if merge is Merge.AVERAGE else total)[0]
 
 
 @dataclass
@@ -91,19 +95,21 @@ class Shard:
 
     shape: tuple[int, ...]
     element_size: int
-    chunks: Callable[[int], Iterator[torch.Tensor]]
-    read_range: Callable[[int, int], torch.Tensor]  # flat elements [start, start + count)
+    chunks: Callable[[int], Iterator[np.ndarray]]
+    read_range: Callable[[int, int], np.ndarray]  # flat elements [start, start + count)
+    dtype: DType | None = None  # for sums and averages (merge_shards)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() == 0:
-        return b.numel() == 0
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                               np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
 
 
 def merged_chunks(
     shards: list[Shard], merge: Merge, on_mismatch: Callable[[], None] | None = None
-) -> Callable[[int], Iterator[torch.Tensor]]:
+) -> Callable[[int], Iterator[np.ndarray]]:
     """Chunks of the merged tensor, read shard piece by shard piece: memory stays at about one
     chunk per shard, never the whole merged tensor (row-parallel weights go by blocks of rows;
     sums and averages are element-wise, so they go by aligned flat ranges).
@@ -113,7 +119,7 @@ def merged_chunks(
     if len(shards) == 1 or merge is Merge.FIRST:
         return shards[0].chunks
     if merge is Merge.CONCAT_DIM0:
-        def concat0(max_bytes: int, place: Place | None = None) -> Iterator[torch.Tensor]:
+        def concat0(max_bytes: int, place: Place | None = None) -> Iterator[np.ndarray]:
             for shard in shards:
                 yield from shard.chunks(max_bytes, place) if place else shard.chunks(max_bytes)
 
@@ -123,12 +129,12 @@ def merged_chunks(
         rows = shards[0].shape[0]
         widths = [math.prod(s.shape[1:]) for s in shards]
 
-        def concat1(max_bytes: int) -> Iterator[torch.Tensor]:
+        def concat1(max_bytes: int) -> Iterator[np.ndarray]:
             block = max(1, max_bytes // max(1, sum(widths) * size))
             for r0 in range(0, rows, block):
                 n = min(block, rows - r0)
                 parts = [s.read_range(r0 * w, n * w).reshape(n, w) for s, w in zip(shards, widths, strict=True)]
-                yield torch.cat(parts, dim=1).reshape(-1)
+                yield np.concatenate(parts, axis=1).reshape(-1)
 
         return concat1
     if merge is Merge.ROW_BIAS:
@@ -140,7 +146,7 @@ def merged_chunks(
                           "keeps identical on every rank (a row-parallel bias without "
                           "gpt-j-residual?)")
 
-    def elementwise(max_bytes: int) -> Iterator[torch.Tensor]:
+    def elementwise(max_bytes: int) -> Iterator[np.ndarray]:
         step = max(1, max_bytes // size)
         for start in range(0, numel, step):
             n = min(step, numel - start)
@@ -150,13 +156,17 @@ def merged_chunks(
                     (on_mismatch or mismatch)()
                 yield parts[0]
             else:
-                yield merge_shards(parts, merge)
+                yield merge_shards(parts, merge, shards[0].dtype or _no_dtype())
 
     return elementwise
 
 
+def _no_dtype() -> DType:
+    raise ValueError("sums and averages of shards need the shards' Shard.dtype")
+
+
 def _tensor_shard(ref: TensorRef) -> Shard:
-    return Shard(ref.shape, ref.element_size, ref.iter_chunks, ref.read_range)
+    return Shard(ref.shape, ref.element_size, ref.iter_chunks, ref.read_range, ref.dtype)
 
 
 @dataclass(frozen=True)
@@ -179,7 +189,7 @@ class OutputRule:
 
     def chunks(self, shards: list[Shard],
                on_mismatch: Callable[[], None] | None = None,
-               merge: Merge | None = None) -> Callable[[int], Iterator[torch.Tensor]]:
+               merge: Merge | None = None) -> Callable[[int], Iterator[np.ndarray]]:
         """Chunks of this output from its shards (``merge`` overrides :attr:`merge`)."""
         if self.ranges is not None:
             return gathered_chunks([s.read_range for s in shards], shards[0].shape,
@@ -308,7 +318,7 @@ def plan_model(files: CheckpointFiles, cfg: dict[str, Any]) -> ModelPlan:
     state_jobs: list[TensorJob] = []
     outputs: dict[str, list[OutputRule]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: set[torch.dtype] = set()
+    dtypes: set[DType] = set()
     layers = layer_sources(files)
     tp_size = max(len(r) for r in layers.values()) if layers else 1
     spec = _spec(layers, cfg, files.folder, from_yaml=bool(files.configs))

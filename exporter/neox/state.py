@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
+from exporter.dtypes import uint8
 from exporter.errors import ExporterError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.records import SAFETENSORS_DTYPES, TensorJob
@@ -69,14 +70,14 @@ def tensor_state_jobs(tf: TorchFile, prefix: str) -> tuple[dict[int, str], list[
         else:
             # safetensors has no such dtype (complex128, quantized ...): keep the raw bytes;
             # state.json records the real dtype and shape.
-            jobs.append(TensorJob(name, "state", torch.uint8, (ref.nbytes,), _bytes_of(ref)))
+            jobs.append(TensorJob(name, "state", uint8, (ref.nbytes,), _bytes_of(ref)))
     return names, jobs
 
 
-def _bytes_of(ref: TensorRef) -> Callable[[int], Iterator[torch.Tensor]]:
-    def gen(max_bytes: int) -> Iterator[torch.Tensor]:
+def _bytes_of(ref: TensorRef) -> Callable[[int], Iterator[np.ndarray]]:
+    def gen(max_bytes: int) -> Iterator[np.ndarray]:
         for chunk in ref.iter_chunks(max_bytes):
-            yield chunk.view(torch.uint8) if chunk.numel() else chunk.to(torch.uint8)
+            yield chunk.reshape(-1).view(np.uint8)
 
     return gen
 

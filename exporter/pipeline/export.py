@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from exporter.archive.layout import (
@@ -46,6 +45,7 @@ from exporter.archive.layout import (
 )
 from exporter.convert.sharding import plan_shards
 from exporter.convert.stream import Converter, FileTask, available_cores
+from exporter.dtypes import DType, as_dtype, bfloat16, float16, float32
 from exporter.errors import ExporterError, OptionsError
 from exporter.files import partial_dir, write_json_atomic
 from exporter.neox.arch import model_config, model_notes
@@ -60,7 +60,7 @@ from exporter.torchfile.forked import ForkedLoads
 
 INCLUDE_CHOICES = ("model", "optimizer", "state")
 #: Output dtypes of ``--dtype`` (None keeps the source's).
-OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUTPUT_DTYPES = (float32, bfloat16, float16)
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
@@ -85,7 +85,7 @@ class ExportOptions:
     """
 
     include: tuple[str, ...] = INCLUDE_CHOICES
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None
     device: str = "cpu"
     max_shard_size: int = DEFAULT_SHARD_SIZE
     compress_level: int | None = None
@@ -97,6 +97,11 @@ class ExportOptions:
         if unknown or not self.include:
             raise OptionsError(f"include: unknown or no parts {unknown or list(self.include)} "
                                f"(choose from {', '.join(INCLUDE_CHOICES)})")
+        if self.dtype is not None:
+            try:
+                self.dtype = as_dtype(self.dtype)
+            except ValueError:
+                pass  # refused just below, by name
         if self.dtype is not None and self.dtype not in OUTPUT_DTYPES:
             raise OptionsError(f"dtype: {self.dtype} is not an output dtype "
                                f"({', '.join(map(str, OUTPUT_DTYPES))} or None)")

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from exporter.dtypes import DType, to_torch
 from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.records import Place, chunk_buffer, reads_into
 
@@ -54,7 +55,7 @@ def short_repr(value: Any, limit: int = 80) -> str:
             ]
             more = ", ..." if len(v) > 4 else ""
             return f"{type(v).__name__}[{', '.join(shown)}{more}]"
-        if v is None or isinstance(v, (bool, int, float, complex, torch.dtype, PickledObject,
+        if v is None or isinstance(v, (bool, int, float, complex, DType, PickledObject,
                                        StorageRef, TensorRef)):
             return repr(v)
         if isinstance(v, type) and issubclass(v, PickledObject):
@@ -65,22 +66,11 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_ELEMENT_SIZES: dict[torch.dtype, int] = {}
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    # Cached: asked once per tensor and per ZeRO fragment, and building a tensor to ask costs µs.
-    size = _ELEMENT_SIZES.get(dtype)
-    if size is None:
-        size = _ELEMENT_SIZES[dtype] = torch.empty((), dtype=dtype).element_size()
-    return size
-
-
 def read_exact(fd: int, view: memoryview, offset: int, path: os.PathLike[str] | str) -> None:
     """Fill ``view`` with the bytes at ``offset`` of open file ``fd``.
 
     ``os.preadv`` reads straight into the caller's buffer: one copy out of the page cache, where
-    ``os.pread`` returns a new ``bytes`` that must be copied again into a writable tensor.
+    ``os.pread`` returns a new ``bytes`` that must be copied again into a writable array.
     """
     done, size = 0, view.nbytes
     while done < size:
@@ -91,13 +81,14 @@ def read_exact(fd: int, view: memoryview, offset: int, path: os.PathLike[str] | 
 
 
 def read_tensor(path: os.PathLike[str] | str, offset: int, nbytes: int,
-                dtype: torch.dtype) -> torch.Tensor:
-    """``nbytes`` bytes at ``offset`` of ``path`` as a new 1-D tensor of ``dtype``."""
-    out = torch.empty(nbytes, dtype=torch.uint8)
+                dtype: DType) -> np.ndarray:
+    """``nbytes`` bytes at ``offset`` of ``path`` as a new 1-D array of ``dtype``'s
+    :attr:`~exporter.dtypes.DType.numpy` type."""
+    out = np.empty(nbytes, dtype=np.uint8)
     if nbytes:
         with open(path, "rb", buffering=0) as fh:
-            read_exact(fh.fileno(), memoryview(out.numpy()), offset, path)
-    return out.view(dtype)
+            read_exact(fh.fileno(), memoryview(out), offset, path)
+    return out.view(dtype.numpy)
 
 
 class StorageRef:
@@ -107,13 +98,13 @@ class StorageRef:
     # names for a ZeRO file of many comm intervals) are not needed once the pickle is read.
     __slots__ = ("key", "dtype", "numel", "location", "file_offset", "path")
 
-    def __init__(self, zip_: TorchZip, key: str, dtype: torch.dtype, numel: int, location: str):
+    def __init__(self, zip_: TorchZip, key: str, dtype: DType, numel: int, location: str):
         if not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel <= MAX_INT64:
             raise CheckpointFormatError(
                 f"{zip_.path}: storage {key!r} has invalid size {short_repr(numel)}"
             )
         data_offset, size = zip_.storage_span(key)
-        nbytes = numel * _element_size(dtype)
+        nbytes = numel * dtype.itemsize
         if size != nbytes:
             raise CheckpointFormatError(
                 f"{zip_.path}: storage {key!r} should hold {nbytes} bytes "
@@ -127,7 +118,7 @@ class StorageRef:
         self.file_offset = data_offset
 
     @classmethod
-    def at(cls, path: Path, key: str, dtype: torch.dtype, numel: int, location: str,
+    def at(cls, path: Path, key: str, dtype: DType, numel: int, location: str,
            file_offset: int) -> StorageRef:
         """A record of values the caller checked (the reader's path for the storages
         ``torch.save`` writes)."""
@@ -210,12 +201,12 @@ class TensorRef:
         return f"TensorRef({self.dtype}, shape={list(self.shape)}, storage={self.storage.key!r})"
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> DType:
         return self.storage.dtype
 
     @property
     def element_size(self) -> int:
-        return _element_size(self.dtype)
+        return self.storage.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -239,30 +230,37 @@ class TensorRef:
     def path(self) -> os.PathLike[str]:
         return self.storage.path
 
-    def read(self) -> torch.Tensor:
-        """The tensor as an owned, contiguous torch tensor (reads only its bytes)."""
-        if self.numel == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        if self.is_contiguous:
-            return read_tensor(self.path, self.file_offset, self.nbytes, self.dtype).reshape(self.shape)
-        span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
-        flat = read_tensor(self.path, self.storage.file_offset, (span + 1) * self.element_size,
-                           self.dtype)
-        return flat.as_strided(self.shape, self.stride, self.offset).contiguous()
+    def read(self) -> Any:
+        """The tensor as an owned, contiguous torch tensor (reads only its bytes; imports
+        torch: :meth:`read_array` does not)."""
+        return to_torch(self.read_array(), self.dtype)
 
-    def read_range(self, start: int, count: int) -> torch.Tensor:
-        """Flat elements ``[start, start + count)`` in row-major order, as a 1-D tensor."""
+    def read_array(self) -> np.ndarray:
+        """The tensor as an owned, contiguous numpy array of its type's
+        :attr:`~exporter.dtypes.DType.numpy` type (reads only its bytes)."""
+        dtype = self.dtype
+        if self.numel == 0:
+            return np.empty(self.shape, dtype=dtype.numpy)
+        if self.is_contiguous:
+            return read_tensor(self.path, self.file_offset, self.nbytes, dtype).reshape(self.shape)
+        span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
+        flat = read_tensor(self.path, self.storage.file_offset, (span + 1) * dtype.itemsize, dtype)
+        strides = tuple(s * dtype.itemsize for s in self.stride)
+        return np.lib.stride_tricks.as_strided(flat[self.offset :], self.shape, strides).copy()
+
+    def read_range(self, start: int, count: int) -> np.ndarray:
+        """Flat elements ``[start, start + count)`` in row-major order, as a 1-D array."""
         if start < 0 or count < 0 or start + count > self.numel:
             raise CheckpointFormatError(f"{self.path}: element range outside a tensor of {self.numel}")
         if not self.is_contiguous:
-            return self.read().reshape(-1)[start : start + count].clone()
+            return self.read_array().reshape(-1)[start : start + count].copy()
         size = self.element_size
         return read_tensor(self.path, self.file_offset + start * size, count * size, self.dtype)
 
     @reads_into
     def iter_chunks(self, max_bytes: int = 64 << 20, place: Place | None = None,
-                    ) -> Iterator[torch.Tensor]:
-        """The elements in row-major order as 1-D tensors of at most ``max_bytes`` each.
+                    ) -> Iterator[np.ndarray]:
+        """The elements in row-major order as 1-D arrays of at most ``max_bytes`` each.
 
         Contiguous tensors are read piece by piece, so memory stays at one chunk whatever the
         tensor's size; others are read whole first. Each chunk is a new tensor the bytes were
@@ -270,15 +268,15 @@ class TensorRef:
         from it where it gives some (:func:`exporter.records.reads_into`).
         """
         if not self.is_contiguous:
-            yield self.read().reshape(-1)
+            yield self.read_array().reshape(-1)
             return
         step = max(1, max_bytes // self.element_size) * self.element_size
         start, end = self.file_offset, self.file_offset + self.nbytes
         with open(self.path, "rb", buffering=0) as fh:
             for pos in range(start, end, step):
                 out = chunk_buffer(min(step, end - pos), place)
-                read_exact(fh.fileno(), memoryview(out.numpy()), pos, self.path)
-                yield out.view(self.dtype)
+                read_exact(fh.fileno(), memoryview(out), pos, self.path)
+                yield out.view(self.dtype.numpy)
 
 
 _SHAPES: dict[tuple[int, ...], tuple[int, ...]] = {}

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from exporter.dtypes import BY_NAME, DType
 from exporter.errors import CheckpointFormatError
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef, pickled_class
 
@@ -36,7 +36,7 @@ _STORAGE, _OFFSET, _SHAPE, _STRIDE, _REQUIRES_GRAD, _NUMEL = map(
     attrgetter, ("storage", "offset", "shape", "stride", "requires_grad", "numel"))
 _KEY, _DTYPE, _LOCATION, _FILE_OFFSET = map(attrgetter, ("key", "dtype", "location",
                                                          "file_offset"))
-_DTYPES = {str(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+_DTYPES = {str(d): d for d in BY_NAME.values()}
 _DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}  # str(dtype) costs a microsecond
 #: Bytes per element of each dtype, by the name a storage record gives it.
 ITEMSIZES = {name: d.itemsize for name, d in _DTYPES.items()}
@@ -100,7 +100,7 @@ class Encoder:
                 return ("O", [(self.key(k), self.encode(v)) for k, v in value.items()])
             if kind is np.ndarray and value.dtype.kind in "biufc" and not value.dtype.hasobject:
                 return ("N", value.dtype.str, value.shape, value.tobytes())
-            if kind is torch.dtype:
+            if kind is DType:
                 return ("D", str(value))
             if isinstance(value, PickledObject):
                 d = value.__dict__

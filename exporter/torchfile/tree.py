@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
+from exporter.dtypes import DType
 from exporter.errors import CheckpointFormatError
 from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
 from exporter.torchfile.records import PickledObject, TensorRef
@@ -191,7 +191,7 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
             return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
         if isinstance(value, complex):
             return {"__complex__": [visit(value.real, depth), visit(value.imag, depth)]}
-        if isinstance(value, torch.dtype):
+        if isinstance(value, DType):
             return str(value)
         if isinstance(value, np.ndarray):
             return {

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from exporter.dtypes import BY_NAME, STORAGE_TYPES, DType
 from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
 from exporter.torchfile.prescan import prescan
@@ -53,37 +52,8 @@ INERT_KNOWN = frozenset(
 )
 
 
-def _dtype_table() -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
-    dtypes = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-    storages = {
-        storage_name: dtype for dtype, storage_name in _storage_names().items() if dtype in dtypes.values()
-    }
-    storages["UntypedStorage"] = torch.uint8
-    return dtypes, storages
-
-
-def _storage_names() -> dict[torch.dtype, str]:
-    # torch/storage.py `_dtype_to_storage_type_map`: the names torch.save pickles.
-    return {
-        torch.float64: "DoubleStorage",
-        torch.float32: "FloatStorage",
-        torch.float16: "HalfStorage",
-        torch.bfloat16: "BFloat16Storage",
-        torch.int64: "LongStorage",
-        torch.int32: "IntStorage",
-        torch.int16: "ShortStorage",
-        torch.int8: "CharStorage",
-        torch.uint8: "ByteStorage",
-        torch.bool: "BoolStorage",
-        torch.complex64: "ComplexFloatStorage",
-        torch.complex128: "ComplexDoubleStorage",
-        torch.quint8: "QUInt8Storage",
-        torch.qint8: "QInt8Storage",
-        torch.qint32: "QInt32Storage",
-    }
-
-
-DTYPES, STORAGE_TYPES = _dtype_table()
+#: ``torch.<name>`` dtypes (aliases included) and ``torch.<X>Storage`` classes: their types.
+DTYPES: dict[str, DType] = BY_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +61,7 @@ class StorageType:
     """Stand-in for ``torch.<X>Storage``: only its dtype matters."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     itemsize: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from exporter.dtypes import float32
 from exporter.errors import LayoutError
 from exporter.neox.checkpoint import CheckpointFiles
 from exporter.neox.model import OutputRule, Shard
@@ -347,7 +348,7 @@ def _merge_units(
                         TensorJob(
                             name=rule.hf_name,
                             kind=kind,
-                            dtype=shards[0].segments[kind].first.dtype if shards[0].segments[kind] else torch.float32,
+                            dtype=shards[0].segments[kind].first.dtype if shards[0].segments[kind] else float32,
                             shape=shape,
                             chunks=_chunks(shards, kind, rule, disagree),
                             neox_name=neox_name,
@@ -365,13 +366,14 @@ def _merge_units(
 
 
 def _chunks(shards: list[ParamSlices], kind: str, rule: OutputRule,
-            disagree: list[str]) -> Callable[[int], Iterator[torch.Tensor]]:
+            disagree: list[str]) -> Callable[[int], Iterator[np.ndarray]]:
     def shard(param: ParamSlices) -> Shard:
-        def read_range(start: int, count: int) -> torch.Tensor:
+        def read_range(start: int, count: int) -> np.ndarray:
             return param.read_range(kind, start, count)
 
-        size = param.segments[kind].first.element_size if param.segments[kind] else 4
-        return Shard(param.shape, size, param.chunks(kind), read_range)
+        segments = param.segments[kind]
+        dtype = segments.first.dtype if segments else float32
+        return Shard(param.shape, dtype.itemsize, param.chunks(kind), read_range, dtype)
 
     if kind != "master" and rule.table_merge is Merge.ROW_BIAS:
         # Every rank's copy of a row-parallel bias receives the same gradient (the bias is

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-import torch
+import numpy as np
 
+from exporter.dtypes import DType, to_torch
 from exporter.errors import CheckpointFormatError, LayoutError
 from exporter.neox.zero.gather import gather_chunks
 from exporter.torchfile import TensorRef
@@ -44,7 +45,7 @@ class Segment(NamedTuple):
     start: int
     count: int
 
-    def read(self) -> torch.Tensor:
+    def read(self) -> np.ndarray:
         size = self.ref.element_size
         return read_tensor(self.ref.path, self.ref.file_offset + self.start * size,
                            self.count * size, self.ref.dtype)
@@ -62,19 +63,20 @@ class ParamSlices:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def read(self, kind: str) -> torch.Tensor:
+    def read(self, kind: str) -> np.ndarray:
+        """One kind, whole, as a numpy array of the parameter's shape."""
         parts = [s.read() for s in self.segments[kind]]
-        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return flat.reshape(self.shape)
 
-    def read_range(self, kind: str, start: int, count: int) -> torch.Tensor:
+    def read_range(self, kind: str, start: int, count: int) -> np.ndarray:
         """Flat elements ``[start, start + count)`` of one kind, reading only those bytes."""
         parts = [seg.read() for seg in self.segments[kind].covering(start, count, self.name)]
         if not parts:
-            return torch.empty(0, dtype=torch.float32)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return np.empty(0, dtype=np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def chunks(self, kind: str) -> Callable[[int], Iterator[torch.Tensor]]:
+    def chunks(self, kind: str) -> Callable[[int], Iterator[np.ndarray]]:
         """Chunks of about ``max_bytes`` of one kind, each gathered from as many segments as
         it spans (:mod:`exporter.neox.zero.gather`)."""
         return gather_chunks(self.segments[kind], f"{self.name}: {kind}")
@@ -219,7 +221,15 @@ def scalar(value: Any) -> Any:
     if isinstance(value, TensorRef):
         if value.numel != 1:
             return None
-        return value.read().reshape(-1)[0].item()
+        return scalar_of(value.read_array().reshape(-1), value.dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     return None
+
+
+def scalar_of(array: np.ndarray, dtype: DType) -> Any:
+    """The first element of ``array`` (of ``dtype``'s numpy type) as a Python number; bfloat16
+    and float8 bit patterns through torch."""
+    if dtype.is_bits:
+        return to_torch(array[:1], dtype).item()
+    return array[0].item()

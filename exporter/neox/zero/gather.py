@@ -27,13 +27,13 @@ from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from exporter.errors import LayoutError
 from exporter.records import Place, chunk_buffer, reads_into
 from exporter.torchfile.records import read_exact
 
 if TYPE_CHECKING:
+    from exporter.dtypes import DType
     from exporter.neox.zero.common import FlatLayout, Segments
     from exporter.torchfile import TensorRef
 
@@ -77,7 +77,7 @@ class SpanTable:
             return parts[0] if turns is None else np.stack(parts, axis=1).ravel()
 
         paths: dict[int, Any] = {}
-        dtypes: dict[torch.dtype, int] = {}
+        dtypes: dict[DType, int] = {}
         for column in columns:
             paths.update(column[4])
             for dtype in column[5]:
@@ -147,12 +147,12 @@ def span_table(layout: FlatLayout, turns: list[list[TensorRef]] | None = None) -
     return table
 
 
-def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[torch.Tensor]]:
+def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[np.ndarray]]:
     """Chunks of about ``max_bytes`` of a parameter's elements (``segments``), each gathered
     from the segments it spans; ``what`` names the parameter in errors."""
 
     @reads_into
-    def gen(max_bytes: int, place: Place | None = None) -> Iterator[torch.Tensor]:
+    def gen(max_bytes: int, place: Place | None = None) -> Iterator[np.ndarray]:
         if not segments:
             return
         table = span_table(segments.layout)
@@ -173,9 +173,9 @@ def gather_chunks(segments: Segments, what: str) -> Callable[[int], Iterator[tor
             while begin < end:
                 count = min(per_block, end - begin)
                 out = chunk_buffer(count * size, place)
-                reader.fill(memoryview(out.numpy()), begin, begin + count, dtype_id, what)
+                reader.fill(memoryview(out), begin, begin + count, dtype_id, what)
                 begin += count
-                block = out.view(dtype)
+                block = out.view(dtype.numpy)
                 for at in range(0, count, per_chunk):
                     yield block[at : at + per_chunk]
         finally:
