@@ -21,7 +21,7 @@ timing), the repeats interleaved (so background load hits every method alike), b
 * ``neox-export convert --include model,optimizer`` (statistics, BLAKE3 per tensor, sha256 per
   file), and the same with ``--no-stats``;
 * the naive path and the export on the many-interval twin;
-* the start-up alone (``neox-export --help``: Python, torch and the package imported), so that
+* the start-up alone (``neox-export --help``: Python and the package imported), so that
   the report can say what a step of a build costs without it, for both layouts;
 * ``neox-export build`` of a run of ``--build-steps`` steps (default 2; 0 skips it) of each
   layout (``builds.py``).
@@ -124,7 +124,7 @@ def _methods(src: Path, many: Path | None, dst: Path, build_steps: int) -> list[
             Method(MANY + NAIVE, [py, baselines, "naive", str(many), str(dst)], many),
             Method(MANY + EXPORT, convert(many), many),
         ]
-    # What every export pays before it reads a byte (Python, torch and the package imported),
+    # What every export pays before it reads a byte (Python and the package imported),
     # measured in the same runs: subtracted, it leaves what each further step of a build costs.
     methods.append(Method(START, [*export, "--help"], src))
     if build_steps:
@@ -294,7 +294,7 @@ def _per_step(start: Result, export: Result, many: Result | None) -> str:
     """The exports without the start-up every process pays: what a step of a build costs."""
     alone = start.best.seconds
     step = export.best.seconds - alone
-    text = (f"Start-up alone ({START.split(': ', 1)[1]}: Python, torch and the package "
+    text = (f"Start-up alone ({START.split(': ', 1)[1]}: Python and the package "
             f"imported, the same runs): {alone:.2f} s, {start.best.cpu_seconds:.1f} CPU s. "
             f"Without it, the export takes {step:.2f} s")
     if many is None:

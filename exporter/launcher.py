@@ -4,10 +4,10 @@ command's imports, then :func:`exporter.cli.main.run`.
 This module imports nothing but the standard library, so what :func:`run` does comes first:
 
 - **The cyclic garbage collector is off while the command's modules load, and what they made
-  is frozen** (:func:`gc.freeze`). Importing torch, numpy and pyarrow makes about a million
-  objects that live as long as the process; each of the few hundred collections their
-  allocations trigger walks them again, and so does the first full collection of the work
-  after. Measured on the 2-core machine (``gc.callbacks``), for ``convert`` of the 2.2 GB
+  is frozen** (:func:`gc.freeze`). Importing numpy, click and the package makes tens of
+  thousands of objects that live as long as the process (torch, where a command imports it,
+  about a million); each of the collections their allocations trigger walks them again, and
+  so does the first full collection of the work after. Measured on the 2-core machine (``gc.callbacks``), for ``convert`` of the 2.2 GB
   checkpoint of ``benchmarks/RESULTS.md``: 0.10-0.16 s of collections during the imports
   (381 of them), and a full collection of 0.07-0.09 s during the export; with this start,
   none during the imports and none full during the export (0.005 s in all).

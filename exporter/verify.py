@@ -51,6 +51,7 @@ from exporter.archive.text import terminal_text
 from exporter.archive.trust import read_json, resolve_inside
 from exporter.archive.validate import read_shard, validate_manifest
 from exporter.convert.digest import index_digest, tensor_digest
+from exporter.dtypes import float32, to_torch
 from exporter.errors import ArchiveError, ExporterError
 from exporter.neox.checkpoint import scan_checkpoint
 from exporter.neox.config import read_neox_config
@@ -58,6 +59,7 @@ from exporter.neox.model import plan_model
 from exporter.neox.names import Merge, hf_merge_rule, split_module_name
 from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
+from exporter.neox.zero.common import ParamSlices
 from exporter.records import dtype_name
 
 
@@ -136,12 +138,18 @@ def verify_checkpoint(folder: Path) -> Report:
                 name = hf_names.get(f"{layer}.{key}", param.name)
                 if model.tp_size > 1:
                     name = f"{name} (tensor-parallel rank {tp})"
-                _compare(invariant, name, param.read("master"), shards[layer][tp][key].read())
+                _compare(invariant, name, _masters(param), shards[layer][tp][key].read())
     elif files.optim_files:
         invariant.failures.append("optimizer state could not be read (see partitions)")
     if not files.optim_files:
         partitions.skipped = invariant.skipped = "no optimizer state"
     return Report(folder, [partitions, coverage, invariant])
+
+
+def _masters(param: ParamSlices) -> torch.Tensor:
+    """A parameter's fp32 master weights, whole, as a torch tensor."""
+    segments = param.segments["master"]
+    return to_torch(param.read("master"), segments.first.dtype if segments else float32)
 
 
 def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor,

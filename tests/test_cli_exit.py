@@ -159,11 +159,12 @@ def _start(env: dict[str, str | None] | None = None) -> dict[str, object]:
 
 def test_the_command_s_imports_are_not_walked_by_the_collector() -> None:
     started = _start()
-    # Importing torch and the rest triggers hundreds of collections, two of them full, when
-    # the collector runs meanwhile; after it, what they made is frozen out of its walks.
+    # Importing numpy, click and the package triggers collections when the collector runs
+    # meanwhile; after it, what they made is frozen out of its walks (tens of thousands of
+    # objects: torch, a million more, is imported only by commands that cast or load tensors).
     assert started["collections"].count(2) == 0, started
     assert len(started["collections"]) < 20, started
-    assert started["frozen"] > 100_000, started
+    assert started["frozen"] > 20_000, started
     assert started["enabled"] is True
 
 

@@ -27,7 +27,7 @@ def tensor_from_bytes(data: bytearray | memoryview, dtype: str, shape: Sequence[
         >>> tensor_from_bytes(bytearray(b"\\x00\\x3c\\x00\\x40"), "F16", [2])
         tensor([1., 2.], dtype=torch.float16)
     """
-    torch_dtype = TORCH_DTYPES[dtype] if dtype in TORCH_DTYPES else getattr(torch, dtype)
+    torch_dtype = TORCH_DTYPES[dtype].torch if dtype in TORCH_DTYPES else getattr(torch, dtype)
     if len(data) == 0:
         return torch.empty(list(shape), dtype=torch_dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(torch_dtype).reshape(list(shape))

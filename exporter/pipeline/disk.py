@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from exporter.errors import OptionsError
+
+if TYPE_CHECKING:
+    from exporter.dtypes import DType
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,6 @@ class DiskBudget:
             self._lock.notify_all()
 
 
-def upcasts(dtype: torch.dtype | None) -> bool:
+def upcasts(dtype: DType | None) -> bool:
     """Whether an export to ``dtype`` may write more bytes than the checkpoint holds."""
     return dtype is not None and dtype.itemsize > 2

@@ -72,7 +72,8 @@ class ExportOptions:
     Attributes:
         include: subset of ``INCLUDE_CHOICES``.
         dtype: output dtype of model weights, one of ``OUTPUT_DTYPES`` (None keeps the
-            source's).
+            source's), given as a name (``"bfloat16"``), a ``torch.dtype`` or an
+            :class:`exporter.dtypes.DType`.
         compress_level: write tensor files as byte-shuffled zstd (``.safetensors.zst``,
             :mod:`exporter.convert.compress`) at this level (1-22); None writes plain
             safetensors.
@@ -167,9 +168,9 @@ def export_checkpoint(
         >>> sorted({record.job.kind for record in result.records})
         ['buffer', 'exp_avg', 'exp_avg_sq', 'master', 'model', 'state']
         >>> weights = export_checkpoint("runs/tiny/step8", "hf/step8-bf16",
-        ...                             ExportOptions(include=("model",), dtype=torch.bfloat16))
-        >>> {str(record.dtype) for record in weights.records if record.job.kind == "model"}
-        {'torch.bfloat16'}
+        ...                             ExportOptions(include=("model",), dtype="bfloat16"))
+        >>> {record.dtype.name for record in weights.records if record.job.kind == "model"}
+        {'bfloat16'}
     """
     options = options or ExportOptions()
     start = time.perf_counter()
