@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import blake3
-import torch
+import numpy as np
 
 from exporter.convert.direct import DirectFile
 from exporter.convert.stats import StatsAccumulator
@@ -64,11 +64,11 @@ def profile(folder: Path, chunk_bytes: int = CHUNK_BYTES) -> dict[str, float]:
                 costs["read"] += _cpu() - start
                 if chunk is None:
                     break
-                nbytes += chunk.numel() * chunk.element_size()
+                nbytes += chunk.nbytes
                 start = _cpu()
-                StatsAccumulator().update(chunk)
+                StatsAccumulator().update(chunk, job.dtype)
                 costs["statistics"] += _cpu() - start
-                raw = memoryview(chunk.reshape(-1).view(torch.uint8).numpy())
+                raw = memoryview(chunk.reshape(-1).view(np.uint8))
                 start = _cpu()
                 hashlib.sha256(raw)
                 costs["sha256 (file digest)"] += _cpu() - start

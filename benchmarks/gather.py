@@ -52,7 +52,7 @@ def main() -> None:
         for params in plan.units.values():
             for param in params:
                 for chunk in param.chunks(kind)(args.chunk_bytes):
-                    size += chunk.numel() * chunk.element_size()
+                    size += chunk.nbytes
         kinds[kind] = {"bytes": size, "seconds": round(time.perf_counter() - start, 3),
                        "cpu_seconds": round(time.thread_time() - cpu, 3)}
 

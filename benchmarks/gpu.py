@@ -140,11 +140,13 @@ def end_to_end(workdir: Path, shape: str, device: str, repeats: int) -> list[dic
 
 def in_memory(size_gib: float, device: str, repeats: int, chunk_bytes: int) -> list[dict[str, Any]]:
     """Cast + statistics throughput on an in-memory fp32 tensor, CPU against the device."""
+    import numpy as np
     import torch
 
     from exporter.convert.device import DeviceCastEngine, device_moments, merge_moments
     from exporter.convert.engines import CpuCastEngine
     from exporter.convert.stats import StatsAccumulator
+    from exporter.dtypes import as_dtype, float32
     from exporter.records import chunks_of
 
     numel = int(size_gib * 2**30) // 4
@@ -163,10 +165,12 @@ def in_memory(size_gib: float, device: str, repeats: int, chunk_bytes: int) -> l
         cpu_engine = CpuCastEngine()
         start = time.perf_counter()
         pos = 0
-        for values, release in cpu_engine.cast(chunks_of(source)(chunk_bytes), dtype, cpu_stats):
-            cpu_stats.update(values)
-            reference[pos : pos + values.numel()].view(torch.int16).copy_(values.view(torch.int16))
-            pos += values.numel()
+        for values, release in cpu_engine.cast(chunks_of(source)(chunk_bytes), float32,
+                                               as_dtype(dtype), cpu_stats):
+            cpu_stats.update(values, as_dtype(dtype))
+            reference[pos : pos + values.size].view(torch.int16).copy_(
+                torch.from_numpy(values.view(np.int16)))
+            pos += values.size
             if release is not None:
                 release()
         cpu_seconds = time.perf_counter() - start
@@ -182,15 +186,17 @@ def in_memory(size_gib: float, device: str, repeats: int, chunk_bytes: int) -> l
             for _ in range(repeats):
                 stats = StatsAccumulator()
                 start = time.perf_counter()
-                for _values, release in engine.cast(chunks_of(feed)(chunk_bytes), dtype, stats):
+                for _values, release in engine.cast(chunks_of(feed)(chunk_bytes), float32,
+                                                    as_dtype(dtype), stats):
                     release()
                 best = min(best, time.perf_counter() - start)
             stats = StatsAccumulator()
             pos, equal = 0, True
-            for values, release in engine.cast(chunks_of(feed)(chunk_bytes), dtype, stats):
-                want = reference[pos : pos + values.numel()]
-                equal &= torch.equal(values.view(torch.int16), want.view(torch.int16))
-                pos += values.numel()
+            for values, release in engine.cast(chunks_of(feed)(chunk_bytes), float32,
+                                               as_dtype(dtype), stats):
+                want = reference[pos : pos + values.size]
+                equal &= torch.equal(torch.from_numpy(values.view(np.int16)), want.view(torch.int16))
+                pos += values.size
                 release()
             agree = _stats_agree(stats.result(), expected)
             rows.append({
