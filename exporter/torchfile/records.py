@@ -263,7 +263,7 @@ class TensorRef:
         """The elements in row-major order as 1-D arrays of at most ``max_bytes`` each.
 
         Contiguous tensors are read piece by piece, so memory stays at one chunk whatever the
-        tensor's size; others are read whole first. Each chunk is a new tensor the bytes were
+        tensor's size; others are read whole first. Each chunk is a new array the bytes were
         read into (:func:`read_exact`), so callers may keep it; or, given ``place``, memory
         from it where it gives some (:func:`exporter.records.reads_into`).
         """
