@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
 from pathlib import Path
 
 import blake3
@@ -135,11 +136,21 @@ def test_a_steps_large_files_are_written_at_once_whatever_the_cores(
 
 
 def test_a_failing_file_stops_the_others_and_leaves_nothing(tmp_path: Path) -> None:
+    failed = threading.Event()
+
     def broken(max_bytes: int):
         yield torch.zeros(10)
+        failed.set()
         raise ExporterError("disk on fire")
 
-    tasks = [FileTask(tmp_path / "ok.safetensors", _jobs("ok", [200_000])),
+    def going_on(max_bytes: int):  # still being written when the other file fails
+        yield np.zeros(256, dtype=np.float32)
+        assert failed.wait(30)
+        for _ in range(999):
+            yield np.zeros(256, dtype=np.float32)
+
+    tasks = [FileTask(tmp_path / "ok.safetensors",
+                      [TensorJob("a", "master", torch.float32, (256_000,), going_on)]),
              FileTask(tmp_path / "bad.safetensors",
                       [TensorJob("b", "master", torch.float32, (100,), broken)])]
     with pytest.raises(ExporterError, match="disk on fire"):

@@ -47,12 +47,15 @@ class TorchFile:
         globals: every global the pickle names -> whether the reader knows it.
         encoded: the tree as :mod:`exporter.torchfile.sendable` encodes it, when the file was
             rebuilt from one read before (:mod:`exporter.torchfile.repeats`).
+        derived: what a reader of the file's layout derived from the tree ahead of its use,
+            kept with it (:func:`exporter.neox.zero.elastic.prepare_file`).
     """
 
     path: Path
     obj: Any
     globals: dict[str, bool]
     encoded: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def tensors(self) -> list[tuple[str, TensorRef]]:
         """Every tensor with its dotted key path.

@@ -29,7 +29,7 @@ from exporter.neox.names import Merge, split_module_name
 from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
-from exporter.neox.zero.elastic import read_elastic
+from exporter.neox.zero.elastic import prepare_file, read_elastic
 from exporter.neox.zero.gather import span_table
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
@@ -118,16 +118,20 @@ def odd_files(paths: list[Any], files: CheckpointFiles) -> list[int]:
 
 def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
     """Read the data-parallel partition files of one unit: here those this process claims
-    from ``forked``, and the others as its child read them (meanwhile)."""
+    from ``forked``, and the others as its child read them (meanwhile). Each file's share of
+    the plan is derived as it comes (:func:`~exporter.neox.zero.elastic.prepare_file`), so
+    that only the merge is left after the last."""
     loaded: dict[int, TorchFile] = {}
     with alike_files():  # ranks whose partitions have one size: one pickle
         for i in range(len(paths)) if forked is None else forked.order(paths):
             if forked is None or forked.claim(paths[i]):
                 loaded[i] = load_torch_file(paths[i])
+                prepare_file(loaded[i])
     for i, path in enumerate(paths):
         if i not in loaded:
             assert forked is not None
             loaded[i] = forked.get(path) or load_torch_file(path)
+            prepare_file(loaded[i])
     return [loaded[i] for i in range(len(paths))]
 
 

@@ -61,15 +61,18 @@ class SpanTable:
 
     __slots__ = ("starts", "flat", "sizes", "pos", "file", "dtype_ids", "paths", "dtypes")
 
-    def __init__(self, layout: FlatLayout, turns: list[list[TensorRef]] | None = None) -> None:
+    def __init__(self, layout: FlatLayout, turns: list[list[TensorRef]] | None = None,
+                 made: list[tuple[Any, ...] | None] | None = None) -> None:
         # C-level maps over the spans: a many-interval layout has tens of thousands, and a
         # Python loop over them costs about 1 µs a span.
         spans = layout.spans
         if turns is None:
-            columns = [_columns(list(map(itemgetter(0), spans)))]
+            columns = [columns_of(list(map(itemgetter(0), spans)))]
             starts = np.fromiter(map(itemgetter(1), spans), np.int64, len(spans))
         else:
-            columns = [_columns(refs) for refs in turns]
+            made = made or [None] * len(turns)
+            columns = [columns_of(refs) if ready is None else ready
+                       for refs, ready in zip(turns, made, strict=True)]
             starts = np.zeros(len(spans), dtype=np.int64)
 
         def joined(i: int) -> np.ndarray:
@@ -96,8 +99,9 @@ class SpanTable:
         self.pos = joined(3) + (joined(2) + starts) * itemsizes[self.dtype_ids]
 
 
-def _columns(refs: list[TensorRef]) -> tuple[Any, ...]:
-    """For each of ``refs``: the id of its file's path, its dtype's index in the returned
+def columns_of(refs: list[TensorRef]) -> tuple[Any, ...]:
+    """The columns :class:`SpanTable` takes of one list of tensors (also made ahead of the
+    table, for its ``made``). For each of ``refs``: the id of its file's path, its dtype's index in the returned
     dtypes, its storage offset and its storage's file offset; then the paths by id and the
     dtypes seen (in order)."""
     count = len(refs)
@@ -138,12 +142,15 @@ def _dtype_index(local: np.ndarray, columns: list[tuple[Any, ...]], dtypes: list
     return out
 
 
-def span_table(layout: FlatLayout, turns: list[list[TensorRef]] | None = None) -> SpanTable:
+def span_table(layout: FlatLayout, turns: list[list[TensorRef]] | None = None,
+               made: list[tuple[Any, ...] | None] | None = None) -> SpanTable:
     """The layout's span table, made on first use (from ``turns`` if given: see
-    :class:`SpanTable`) and kept with the layout."""
+    :class:`SpanTable`; ``made``: the columns of those lists made before, by
+    :func:`columns_of`, None for a list whose columns are made here) and kept with the
+    layout."""
     table = layout.__dict__.get("_table")
     if table is None:
-        table = layout.__dict__["_table"] = SpanTable(layout, turns)
+        table = layout.__dict__["_table"] = SpanTable(layout, turns, made)
     return table
 
 
