@@ -115,7 +115,6 @@ def test_parallel_files_equal_files_written_one_by_one(tmp_path: Path) -> None:
 def test_a_steps_large_files_are_written_at_once_whatever_the_cores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
-    import threading
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     converter = Converter(chunk_bytes=4096)

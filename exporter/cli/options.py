@@ -22,18 +22,17 @@ def parse_include(value: str) -> tuple[str, ...]:
     return parts
 
 
-def torch_dtype(name: str) -> Any:
-    """The ``torch.dtype`` ``--dtype NAME`` asks for, or None (imports torch)."""
-    import torch
-
-    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
-
-
 def dtype_option(name: str) -> Any:
     """The element type ``--dtype NAME`` asks an export for, or None (keep the source's)."""
     from exporter.dtypes import BY_NAME
 
     return None if DTYPES[name] is None else BY_NAME[DTYPES[name]]
+
+
+def torch_dtype(name: str) -> Any:
+    """The ``torch.dtype`` ``--dtype NAME`` asks a sample for, or None (imports torch)."""
+    dtype = dtype_option(name)
+    return None if dtype is None else dtype.torch
 
 
 def device_option(value: str) -> str:
