@@ -183,11 +183,6 @@ def as_dtype(value: Any) -> DType:
     return found
 
 
-def view(array: np.ndarray, dtype: DType) -> np.ndarray:
-    """``array``'s bytes as elements of ``dtype`` (its :attr:`~DType.numpy` type), 1-D."""
-    return array.reshape(-1).view(dtype.numpy)
-
-
 def to_torch(array: np.ndarray, dtype: DType) -> Any:
     """A torch tensor sharing ``array``'s memory, of ``dtype`` (imports torch): of ``array``'s
     shape where its elements are of ``dtype``'s size, else 1-D (``array`` is then bytes)."""

@@ -129,12 +129,10 @@ class TensorJob:
         return math.prod(self.shape)
 
 
-def chunks_of(tensor: Any, dtype: DType | None = None) -> Chunks:
-    """A ``chunks`` callable over an in-memory tensor: a numpy array (its elements of
-    ``dtype`` where numpy holds bit patterns, :attr:`~exporter.dtypes.DType.numpy`) or a
-    torch tensor."""
+def chunks_of(tensor: Any) -> Chunks:
+    """A ``chunks`` callable over an in-memory tensor: a numpy array or a torch tensor."""
     if isinstance(tensor, np.ndarray):
-        flat = tensor.reshape(-1) if dtype is None else tensor.reshape(-1).view(dtype.numpy)
+        flat = tensor.reshape(-1)
     else:
         from exporter.dtypes import from_torch
 
