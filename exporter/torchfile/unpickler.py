@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from exporter.torchfile.container import TorchZip
 
 
+#: Bytes of the pickle the unpickler reads ahead at a time.
+READ_AHEAD = 1 << 20
+
 # Globals that have a known meaning but no plain-value form: kept as inert records, not flagged.
 INERT_KNOWN = frozenset(
     {
@@ -228,7 +231,10 @@ NUMPY_RECORD_GLOBALS = frozenset(
 
 class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, zip_: TorchZip | None) -> None:
-        super().__init__(io.BytesIO(data))
+        # Through a buffered reader: the C unpickler then takes its bytes a megabyte at a time
+        # from ``peek`` instead of calling ``read`` for every opcode and argument (0.15 s
+        # against 0.09 s for a partition file of 36,000 tensors and a million opcodes).
+        super().__init__(io.BufferedReader(io.BytesIO(data), READ_AHEAD))
         self._zip = zip_
         self.globals: dict[str, bool] = {}
         self._classes: dict[str, type[PickledObject]] = {}
