@@ -19,6 +19,7 @@ from typing import Any
 
 from exporter.errors import CheckpointFormatError, UnsafePickleError
 from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
+from exporter.torchfile.patched import Remembered
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
 from exporter.torchfile.repeats import REPEATS
 from exporter.torchfile.tree import iter_tensors, resolve_numpy, to_json
@@ -107,7 +108,8 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         path: a file written by ``torch.save`` (torch >= 1.6 zip format).
 
     Inside :func:`~exporter.torchfile.repeats.alike_files`, a file whose pickle is the one
-    read just before is rebuilt from that one's records.
+    read just before, or that one with numbers of tensor records changed, is rebuilt from
+    that one's records.
 
     Returns:
         The file's object tree with tensors as :class:`TensorRef`.
@@ -125,9 +127,10 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         rebuilt = REPEATS.rebuild(data, zip_)
     if rebuilt is not None:
         return TorchFile(zip_.path, *rebuilt)
+    keep = REPEATS.wants(data)
     try:
         with paused_collector(), zip_.open():
-            result = safe_unpickle(data, zip_)
+            result = safe_unpickle(data, zip_, keep)
             obj = result.obj
             if NUMPY_RECORD_GLOBALS.intersection(result.globals):  # else a walk finds nothing
                 obj = resolve_numpy(obj)
@@ -136,5 +139,9 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
             raise
         raise type(exc)(f"{zip_.path}: {exc}") from exc
     tf = TorchFile(zip_.path, obj, result.globals)
-    REPEATS.remember(data, tf, zip_)
+    if keep:
+        patch = None
+        if result.opcodes is not None and result.memo is not None and obj is result.obj:
+            patch = Remembered(data, result.opcodes, result.memo)
+        REPEATS.remember(data, tf, zip_, patch)
     return tf

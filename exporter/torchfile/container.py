@@ -107,6 +107,7 @@ class TorchZip:
         _check_names(self.path, directory.names, joined)
         self.prefix = self._find_prefix(joined)
         self._storage_prefix = self.prefix + "data/"
+        self._joined = joined
         # Until the local headers are read; the names live on as the index's keys.
         self._directory: Directory | None = replace(directory, names=[])
         self._data_offset = array("q")
@@ -211,16 +212,23 @@ class TorchZip:
                            if status[row] == OK}
         return self._spans
 
-    def layout(self) -> tuple[list[str], bytes, bytes, bytes]:
-        """Every member's name, data offset, size and outcome, in directory order: files of one
-        layout hold every member at the same place, and pass or fail the same checks. Names
-        are taken past the file's own ``<name>/`` prefix (torch names it after the file), as
-        ``/<rest>``: no member name starts with ``/`` (refused), so no other name reads alike."""
+    def layout(self) -> tuple[str, bytes, bytes, bytes]:
+        """Every member's name (joined by NUL), data offset, size and outcome, in directory
+        order: files of one layout hold every member at the same place, and pass or fail the
+        same checks. Names are taken past the file's own ``<name>/`` prefix (torch names it
+        after the file), as ``/<rest>``: no member name starts with ``/`` (refused), so no
+        other name reads alike."""
         if self._status is None:
             self._read_local_headers()
         assert self._status is not None
-        prefix, cut = self.prefix, len(self.prefix)
-        names = ["/" + name[cut:] if name.startswith(prefix) else name for name in self._index]
+        prefix, joined = self.prefix, self._joined
+        if joined.startswith(prefix) and joined.count("\x00" + prefix) == len(self._index) - 1:
+            # Every name has the prefix (a torch file's do): replaced in the joined names at
+            # once (a name holds no NUL), not name by name (tens of thousands in a ZeRO file).
+            names = "/" + joined[len(prefix) :].replace("\x00" + prefix, "\x00/")
+        else:
+            names = "\x00".join("/" + name[len(prefix) :] if name.startswith(prefix) else name
+                                 for name in self._index)
         return names, self._data_offset.tobytes(), self._sizes.tobytes(), self._status
 
     def _member(self, filename: str) -> Member:

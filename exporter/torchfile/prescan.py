@@ -189,22 +189,28 @@ class _Prescan:
             stack.append(_LEAF)
 
 
-def prescan(data: bytes) -> None:
+def prescan(data: bytes) -> Opcodes | None:
     """Refuse what could exhaust memory or time when unpickled, executing nothing.
 
     :func:`~exporter.torchfile.opscan.accepted_opcodes` accepts regular pickles in whole-array
     operations; when it cannot, :func:`walk` decides, and every refusal comes from there. A
     pickle that differs from one accepted lately only in the values of numbers is accepted
     as that one was (:class:`_Accepted`).
+
+    Returns:
+        The pickle's opcodes where the fast path parsed them (for it, or for the pickle it
+        was accepted as); None where the walker decided.
     """
     limits = (MAX_OPCODES, MAX_DEPTH, MAX_HASH_WORK)
-    if ACCEPTED.covers(data, limits):
-        return
+    covered = ACCEPTED.covering(data, limits)
+    if covered is not None:
+        return covered
     ops = accepted_opcodes(data, *limits)
     if ops is None:
         walk(data)
     else:
         ACCEPTED.add(data, ops, limits)
+    return ops
 
 
 class _Accepted:
@@ -229,19 +235,24 @@ class _Accepted:
 
     def __init__(self) -> None:
         # Replaced whole, never changed in place: threads read it without a lock.
-        self.entries: tuple[tuple[np.ndarray, np.ndarray, tuple[int, ...]], ...] = ()
+        self.entries: tuple[tuple[np.ndarray, np.ndarray, tuple[int, ...], Opcodes], ...] = ()
 
     def covers(self, data: bytes, limits: tuple[int, ...]) -> bool:
         """Whether ``data`` differs from a pickle remembered under the same ``limits`` only in
         numbers' values."""
+        return self.covering(data, limits) is not None
+
+    def covering(self, data: bytes, limits: tuple[int, ...]) -> Opcodes | None:
+        """The opcodes of ``data`` (those of the remembered pickle it differs from only in
+        numbers' values, at the same places), or None if it differs from each in more."""
         if len(data) < self.REMEMBER_FROM:
-            return False
+            return None
         new = np.frombuffer(data, dtype=np.uint8)
-        for old, numbers, accepted_under in self.entries:
+        for old, numbers, accepted_under, ops in self.entries:
             if (len(old) == len(new) and accepted_under == limits
                     and numbers[np.flatnonzero(old != new)].all()):
-                return True
-        return False
+                return ops
+        return None
 
     def add(self, data: bytes, ops: Opcodes, limits: tuple[int, ...]) -> None:
         """Remember ``data``, which the fast path parsed into ``ops`` and accepted under
@@ -253,7 +264,7 @@ class _Accepted:
             at = ops.starts[ops.codes == CODE[name]]
             for byte in range(1, width + 1):
                 numbers[at + byte] = True
-        entry = (np.frombuffer(data, dtype=np.uint8), numbers, limits)
+        entry = (np.frombuffer(data, dtype=np.uint8), numbers, limits, ops)
         self.entries = (entry, *self.entries)[: self.KEEP]
 
     def clear(self) -> None:

@@ -21,9 +21,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from exporter.torchfile.patched import Remembered, patched_rows
 from exporter.torchfile.sendable import ITEMSIZES, Decoder, Encoder, Unsendable
+from exporter.torchfile.unpickler import replay
+from exporter.torchfile.zipdir import OK
 
 if TYPE_CHECKING:
     from exporter.torchfile import TorchFile
@@ -33,49 +39,128 @@ if TYPE_CHECKING:
 REMEMBER_FROM = 1 << 16
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """The last large pickle read inside :func:`alike_files`: its bytes, its file's tree or
+    that tree's encoding once made, its zip's layout, and what a patched rebuild needs of it
+    (None where its prescan did not parse it)."""
+
+    data: bytes
+    tree: Any
+    encoded: tuple[Any, ...] | None
+    layout: Any
+    patch: Remembered | None
+    members: _Members | None = None
+
+
 class _Repeats:
-    """The last large pickle read inside :func:`alike_files`, with its file's tree, or that
-    tree's encoding once made."""
+    """The last large pickle read inside :func:`alike_files` (:class:`_Entry`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.blocks = 0
-        # (pickle bytes, tree or None, encoding or None, zip layout); replaced whole, read
-        # without a lock.
-        self.entry: tuple[bytes, Any, tuple[Any, ...] | None, Any] | None = None
+        # Replaced whole, read without a lock.
+        self.entry: _Entry | None = None
+
+    def wants(self, data: bytes) -> bool:
+        """Whether a pickle of these bytes, read in full, would be remembered."""
+        return bool(self.blocks) and len(data) >= REMEMBER_FROM
 
     def rebuild(self, data: bytes, zip_: TorchZip) -> tuple[Any, dict[str, bool],
                                                             tuple[Any, ...]] | None:
         """The tree, globals and encoding of the file ``zip_`` whose pickle is ``data``, when
-        that pickle is the one remembered and every storage fits this file; else None."""
+        that pickle is the one remembered, or that one with numbers of tensor records changed
+        (:mod:`exporter.torchfile.patched`), and every storage fits this file; else None."""
         entry = self.entry
-        if entry is None or len(data) < REMEMBER_FROM or entry[0] != data:
+        if entry is None or len(data) < REMEMBER_FROM:
             return None
-        encoded = entry[2]
-        if encoded is None:
-            try:
-                encoded = Encoder().encode_file(entry[1])
-            except (Unsendable, RecursionError):
-                self.entry = None
-                return None
-            self.entry = (entry[0], None, encoded, entry[3])
-        tree, refs, storages, globals_ = encoded
-        # A zip of the same layout holds each storage where the remembered one does.
-        placed = storages if zip_.layout() == entry[3] else _placed(storages, zip_)
+        same = entry.data == data
+        if not same and entry.patch is None:
+            return None
+        entry = self._encoded(entry)
+        if entry is None or entry.encoded is None:
+            return None
+        tree, refs, storages, globals_ = entry.encoded
+        layout = zip_.layout()
+        if layout == entry.layout:  # each storage where the remembered one holds it
+            placed = storages
+        elif layout[0] == entry.layout[0] and entry.members is not None:
+            placed = entry.members.placed(storages, layout)
+        else:
+            placed = _placed(storages, zip_)
         if placed is None:
             return None
+        if not same:
+            if entry.patch is None:
+                return None
+            refs = patched_rows(entry.patch, data, zip_, refs, placed, lambda run: replay(run, zip_))
+            if refs is None:
+                return None
         obj = Decoder(zip_.path, refs, placed).decode(tree)
         return obj, dict(globals_), (tree, refs, placed, globals_)
 
-    def remember(self, data: bytes, tf: TorchFile, zip_: TorchZip) -> None:
-        if self.blocks and len(data) >= REMEMBER_FROM:
-            self.entry = (data, tf, None, zip_.layout())
+    def _encoded(self, entry: _Entry) -> _Entry | None:
+        """``entry`` with its encoding, made once (then its tree is dropped); None if its tree
+        cannot be encoded."""
+        if entry.encoded is not None:
+            return entry
+        encoder = Encoder()
+        try:
+            encoded = encoder.encode_file(entry.tree)
+        except (Unsendable, RecursionError):
+            self.entry = None
+            return None
+        self.entry = entry = _with_encoding(entry, encoded, encoder.ref_index)
+        return entry
 
-    def encoded(self, tf: TorchFile, encoding: tuple[Any, ...]) -> None:
-        """``tf``, the file remembered, was encoded (to be sent): keep that, not its tree."""
+    def remember(self, data: bytes, tf: TorchFile, zip_: TorchZip, patch: Remembered | None) -> None:
+        if self.wants(data):
+            self.entry = _Entry(data, tf, None, zip_.layout(), patch)
+
+    def encoded(self, tf: TorchFile, encoding: tuple[Any, ...], ref_index: dict[int, int]) -> None:
+        """``tf``, the file remembered, was encoded (to be sent, its records placed by
+        ``ref_index``): keep that, not its tree."""
         entry = self.entry
-        if entry is not None and entry[1] is tf:
-            self.entry = (entry[0], None, encoding, entry[3])
+        if entry is not None and entry.tree is tf:
+            self.entry = _with_encoding(entry, encoding, ref_index)
+
+
+def _with_encoding(entry: _Entry, encoded: tuple[Any, ...], ref_index: dict[int, int]) -> _Entry:
+    """``entry`` holding ``encoded`` instead of its tree (its records' ids kept alive by the
+    patch's memo, which holds them)."""
+    patch = None if entry.patch is None else replace(entry.patch, ref_index=ref_index)
+    members = _Members.of(encoded[2], entry.layout)
+    return replace(entry, tree=None, encoded=encoded, patch=patch, members=members)
+
+
+class _Members:
+    """Where each encoded storage's member lies in the remembered zip's directory: a zip of the
+    same member names in the same order, whose offsets moved (another pickle's size before
+    them), holds each at the same row, found with numpy rather than by name."""
+
+    def __init__(self, rows: np.ndarray, storages: list[tuple[Any, ...]]) -> None:
+        self.rows = rows
+        self.nbytes = np.fromiter((numel * ITEMSIZES[dtype] for _, dtype, numel, _, _ in storages),
+                                  np.int64, len(storages))
+        self.columns = [list(column) for column in zip(*storages, strict=True)][:4]
+
+    @classmethod
+    def of(cls, storages: list[tuple[Any, ...]], layout: Any) -> _Members | None:
+        row_of = {name: row for row, name in enumerate(layout[0].split("\x00"))}
+        rows = [row_of.get("/data/" + key, -1) for key, *_ in storages]
+        if not storages or -1 in rows:
+            return None
+        return cls(np.array(rows, np.int64), storages)
+
+    def placed(self, storages: list[tuple[Any, ...]], layout: Any) -> list[tuple[Any, ...]] | None:
+        """The storage rows placed at this layout's offsets (its names the remembered ones),
+        or None if a member is not stored whole or holds another size than its record."""
+        offsets = np.frombuffer(layout[1], np.int64)[self.rows]
+        sizes = np.frombuffer(layout[2], np.int64)[self.rows]
+        status = np.frombuffer(layout[3], np.uint8)[self.rows]
+        if not ((sizes == self.nbytes).all() and (status == OK).all()):
+            return None
+        return list(zip(*self.columns, offsets.tolist(), strict=True))
 
 
 REPEATS = _Repeats()
@@ -113,6 +198,9 @@ def _placed(storages: list[Any], zip_: TorchZip) -> list[tuple[Any, ...]] | None
 def encode_once(tf: TorchFile) -> tuple[Any, ...]:
     """``tf``'s tree encoded to be sent: the encoding it was rebuilt from, or a new one, kept
     for the next alike file."""
-    encoding = tf.encoded or Encoder().encode_file(tf)
-    REPEATS.encoded(tf, encoding)
+    if tf.encoded is not None:
+        return tf.encoded
+    encoder = Encoder()
+    encoding = encoder.encode_file(tf)
+    REPEATS.encoded(tf, encoding, encoder.ref_index)
     return encoding

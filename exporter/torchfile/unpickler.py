@@ -37,6 +37,7 @@ from exporter.torchfile.records import (
 
 if TYPE_CHECKING:
     from exporter.torchfile.container import TorchZip
+    from exporter.torchfile.opbounds import Opcodes
 
 
 #: Bytes of the pickle the unpickler reads ahead at a time.
@@ -81,10 +82,14 @@ class UnpickleResult:
     Attributes:
         obj: the root value, tensors as :class:`TensorRef`, unknown objects inert.
         globals: every global the pickle named, in first-seen order, with whether it is known.
+        opcodes: the pickle's opcodes, where the prescan's fast path parsed them.
+        memo: the unpickler's memo at the end, when asked for (``keep``).
     """
 
     obj: Any
     globals: dict[str, bool] = field(default_factory=dict)
+    opcodes: Opcodes | None = None
+    memo: dict[int, Any] | None = None
 
 
 def _torch_size(*args: Any) -> tuple[int, ...]:
@@ -230,7 +235,7 @@ NUMPY_RECORD_GLOBALS = frozenset(
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, zip_: TorchZip | None) -> None:
+    def __init__(self, data: bytes, zip_: TorchZip | None, spans: bool = True) -> None:
         # Through a buffered reader: the C unpickler then takes its bytes a megabyte at a time
         # from ``peek`` instead of calling ``read`` for every opcode and argument (0.15 s
         # against 0.09 s for a partition file of 36,000 tensors and a million opcodes).
@@ -239,7 +244,8 @@ class _SafeUnpickler(pickle.Unpickler):
         self.globals: dict[str, bool] = {}
         self._classes: dict[str, type[PickledObject]] = {}
         self._storages: dict[str, StorageRef] = {}
-        self._spans = zip_.storage_spans() if zip_ is not None else None
+        # Every storage's member, looked up at once (not for a run of a few records).
+        self._spans = zip_.storage_spans() if zip_ is not None and spans else None
         self._path = zip_.path if zip_ is not None else None
 
     def find_class(self, module: str, name: str) -> Any:
@@ -312,17 +318,18 @@ class _SafeUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def safe_unpickle(data: bytes, zip_: TorchZip | None = None) -> UnpickleResult:
+def safe_unpickle(data: bytes, zip_: TorchZip | None = None, keep: bool = False) -> UnpickleResult:
     """Unpickle ``data`` into plain values and inert records, executing nothing it names.
 
     Args:
         data: the pickle bytes (a torch file's ``data.pkl``).
         zip_: the container that holds the storages referenced by persistent ids.
+        keep: also return the opcodes and the memo (:mod:`exporter.torchfile.patched`).
 
     Raises:
         UnsafePickleError, CheckpointFormatError: the pickle is refused or malformed.
     """
-    prescan(data)
+    opcodes = prescan(data)
     unpickler = _SafeUnpickler(data, zip_)
     try:
         obj = unpickler.load()
@@ -334,4 +341,16 @@ def safe_unpickle(data: bytes, zip_: TorchZip | None = None) -> UnpickleResult:
         raise UnsafePickleError("pickle needs too much memory") from exc
     except Exception as exc:  # noqa: BLE001 - any failure of a hostile pickle is a format error
         raise CheckpointFormatError(f"malformed pickle: {type(exc).__name__}: {exc}"[:300]) from exc
-    return UnpickleResult(obj, unpickler.globals)
+    if not keep:
+        return UnpickleResult(obj, unpickler.globals)
+    return UnpickleResult(obj, unpickler.globals, opcodes, unpickler.memo.copy())
+
+
+def replay(data: bytes, zip_: TorchZip) -> Any:
+    """The value of a run of a pickle read before, as a pickle of its own
+    (:mod:`exporter.torchfile.patched`); None if it fails."""
+    unpickler = _SafeUnpickler(data, zip_, spans=False)
+    try:
+        return unpickler.load()
+    except Exception:  # noqa: BLE001 - the file is then read in full, which names the fault
+        return None

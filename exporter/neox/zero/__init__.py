@@ -31,18 +31,19 @@ from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import prepare_file, read_elastic
 from exporter.neox.zero.gather import span_table
+from exporter.neox.zero.order import odd_files, one_pickle, reading_order
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
 from exporter.torchfile.forked import ForkedLoads
-from exporter.torchfile.peek import member_count, pickle_signature
+from exporter.torchfile.peek import member_count
 from exporter.torchfile.repeats import alike_files
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
     from exporter.neox.state import EngineState
 
-__all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "plan_optimizer"]
+__all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "odd_files", "plan_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,18 @@ class OptimizerPlan:
 #: a fork and its copy-on-write faults cost about what reading 8,000 tensor records here does
 #: (0.08 s; an export of the Pythia layout, side by side with and without the fork).
 FORK_FROM_STORAGES = 16_000
+#: Read one unit whose pickles are alike in this process alone (:func:`shared_files`).
+REBUILD_ALIKE = True
 
 
 def shared_files(files: CheckpointFiles) -> list[Any]:
     """The partition files in the order :func:`plan_optimizer` reads them, for a forked
     reader to share with this process (:mod:`exporter.torchfile.forked`): none when their
     pickles are small (fewer than :data:`FORK_FROM_STORAGES` storages in all, counted from
-    the zip files' end records)."""
+    the zip files' end records), nor when there is one unit whose pickles all look like the
+    first one's with numbers changed: then one is read in full and the others are rebuilt
+    from it (:mod:`exporter.torchfile.repeats`), which a second process would only repeat
+    (its own first read, and sending each file back, cost more than it takes off)."""
     mps = sorted({mp for _, mp in files.optim_files})
     ranks = sorted({r for r, _ in files.optim_files})
     paths = [files.optim_files[(r, mp)] for mp in mps for r in ranks
@@ -92,28 +98,9 @@ def shared_files(files: CheckpointFiles) -> list[Any]:
     counts = [member_count(Path(path)) for path in paths]
     if None not in counts and sum(c for c in counts if c is not None) < FORK_FROM_STORAGES:
         return []
+    if REBUILD_ALIKE and len(mps) == 1 and one_pickle(paths):
+        return []
     return paths
-
-
-def odd_files(paths: list[Any], files: CheckpointFiles) -> list[int]:
-    """The indices in ``paths`` (:func:`shared_files`) of the partition files whose pickle is
-    not the one most files of their unit have, as their zip directories record it
-    (:func:`~exporter.torchfile.peek.pickle_signature`), alike ones together: the forked
-    reader reads them first, and this process the others, each pickle read in full once
-    (:mod:`exporter.torchfile.repeats`). Ranks whose partitions have another size (the last
-    one's padding) have another pickle."""
-    unit = {Path(path): mp for (_, mp), path in files.optim_files.items()}
-    groups: dict[tuple[Any, Any], list[int]] = {}
-    for i, path in enumerate(paths):
-        signature = pickle_signature(Path(path))
-        key = (unit.get(Path(path)), signature if signature is not None else i)
-        groups.setdefault(key, []).append(i)
-    largest: dict[Any, list[int]] = {}
-    for (mp, _), members in groups.items():
-        if len(members) > len(largest.get(mp, ())):
-            largest[mp] = members
-    return [i for (mp, _), members in groups.items() if members is not largest[mp]
-            for i in members]
 
 
 def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
@@ -123,7 +110,7 @@ def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) ->
     that only the merge is left after the last."""
     loaded: dict[int, TorchFile] = {}
     with alike_files():  # ranks whose partitions have one size: one pickle
-        for i in range(len(paths)) if forked is None else forked.order(paths):
+        for i in reading_order(paths) if forked is None else forked.order(paths):
             if forked is None or forked.claim(paths[i]):
                 loaded[i] = load_torch_file(paths[i])
                 prepare_file(loaded[i])
