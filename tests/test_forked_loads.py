@@ -189,7 +189,6 @@ def _forked_export_equals_one_here(tmp_path: Path, dp: int, tp: int) -> list[int
     write_checkpoint(tmp_path / "src", TINY, step=8, dp=dp, tp=tp,
                      config=RunConfig(max_elements_per_comm=64))
     zero.FORK_FROM_STORAGES = 0  # the tiny model's pickles: forked all the same
-    zero.REBUILD_ALIKE = False  # and its ranks' alike pickles
     started: list[object] = []
     firsts: list[int] = []
     real = ForkedLoads.start
@@ -205,7 +204,6 @@ def _forked_export_equals_one_here(tmp_path: Path, dp: int, tp: int) -> list[int
     finally:
         export_module.ForkedLoads.start = real  # type: ignore[method-assign]
         zero.FORK_FROM_STORAGES = 16_000
-        zero.REBUILD_ALIKE = True
     assert len(started) == 1 and started[0] is not None
     here = export_checkpoint(tmp_path / "src", tmp_path / "here", ExportOptions())
     assert forked.file_sha256 == here.file_sha256
@@ -295,9 +293,6 @@ def test_small_partition_pickles_are_read_without_a_fork(
     assert zero.shared_files(many) == []  # a tiny model: below the default
     monkeypatch.setattr(zero, "FORK_FROM_STORAGES", counts["one"] + 1)
     assert zero.shared_files(one) == []
-    # One unit whose ranks' pickles are alike: read here, one in full and one rebuilt.
-    assert zero.shared_files(many) == []
-    monkeypatch.setattr(zero, "REBUILD_ALIKE", False)
     assert zero.shared_files(many) == [many.optim_files[(r, 0)] for r in range(2)]
     assert member_count(tmp_path / "missing.pt") is None
 

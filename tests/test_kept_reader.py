@@ -136,7 +136,6 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
 
     write_run(tmp_path / "run", TINY, steps=(0, 4), dp=4, config=RunConfig(max_elements_per_comm=64))
     zero.FORK_FROM_STORAGES = 0  # the tiny model's pickles: shared all the same
-    zero.REBUILD_ALIKE = False  # and its ranks' alike pickles
     from_child: list[tuple[Path, int]] = []
     real_get = ForkedLoads.get
 
@@ -153,7 +152,6 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
     finally:
         ForkedLoads.get = real_get  # type: ignore[method-assign]
         zero.FORK_FROM_STORAGES = 16_000
-        zero.REBUILD_ALIKE = True
     assert [o.status for o in summary.outcomes] == ["done", "done"]
     # Both steps, while the build's threads ran (no child could have been forked then).
     assert {path.parent.name for path, _ in from_child} == {"step0", "step4"}
@@ -192,7 +190,6 @@ def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Pat
         build(open_source(str(tmp_path / "run")), tmp_path / "small", options)
         assert forks == []
         patch.setattr(zero, "FORK_FROM_STORAGES", 0)
-        patch.setattr(zero, "REBUILD_ALIKE", False)
         build(open_source(str(tmp_path / "run")), tmp_path / "shared", options)
     assert len(forks) == 1 and forks[0] is not None
 

@@ -114,27 +114,6 @@ def number_sites(old: Remembered, new: bytes) -> list[tuple[int, int, int]] | No
         i, j = start + 1 + width, at + 1 + other
 
 
-def looks_patchable(old: bytes, new: bytes) -> bool:
-    """A hint, from the bytes alone, that ``new`` is ``old`` with numbers changed (what
-    :func:`number_sites` proves from the opcodes): at most :data:`MAX_SITES` places differ,
-    each a few bytes, after which the two agree again, shifted by at most three bytes (a
-    number of another width)."""
-    a, b = np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8)
-    i = j = 0
-    for _ in range(MAX_SITES + 1):
-        k = _first_difference(a[i:], b[j:])
-        if k is None:
-            return len(a) - i == len(b) - j
-        i, j = i + k, j + k
-        for skip_a, skip_b in ((x, y) for x in range(1, 6) for y in range(1, 6) if abs(x - y) <= 3):
-            if bytes(a[i + skip_a : i + skip_a + 16]) == bytes(b[j + skip_b : j + skip_b + 16]):
-                i, j = i + skip_a, j + skip_b
-                break
-        else:
-            return False
-    return False
-
-
 def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     n = min(len(a), len(b))
     for lo in range(0, n, _BLOCK):

@@ -1,8 +1,7 @@
 """What a torch file's zip end records say, read without reading the archive: hints that
 order and share the reads of a step's partition files (how many storages a pickle has, which
-files have one pickle, the pickle's bytes), never proofs. Each reads the file's last bytes
-and, for the pickle's signature, the first central directory header
-(:mod:`exporter.torchfile.zipdir`); the pickle's bytes follow the first local header."""
+files have one pickle), never proofs. Each reads the file's last bytes and, for the pickle's
+signature, the first central directory header (:mod:`exporter.torchfile.zipdir`)."""
 
 from __future__ import annotations
 
@@ -17,11 +16,6 @@ _CENTRAL = struct.Struct("<4s12xIIIHHH12x")
 _CENTRAL_SIGNATURE = b"PK\x01\x02"
 #: Bytes read after the first central header for its name and extra field.
 _NAMES = 1024
-#: Local file header (APPNOTE 4.3.7): 30 bytes, then the name and extra field.
-_LOCAL = struct.Struct("<4s22xHH")
-_LOCAL_SIGNATURE = b"PK\x03\x04"
-#: Pickles larger than this are not read as a hint.
-MAX_HINT_BYTES = 64 << 20
 
 
 def member_count(path: Path) -> int | None:
@@ -61,27 +55,3 @@ def pickle_signature(path: Path) -> bytes | None:
             or not (name == b"data.pkl" or name.endswith(b"/data.pkl"))):
         return None
     return struct.pack("<III", crc, compressed, size) + head[name_end:extra_end]
-
-
-def pickle_bytes(path: Path) -> bytes | None:
-    """The bytes of the torch file's ``data.pkl``, where it is the first member and stored
-    (torch writes it so), as its central directory header gives their size. None where not
-    found, or larger than :data:`MAX_HINT_BYTES`. Never raises."""
-    signature = pickle_signature(path)
-    if signature is None:
-        return None
-    _, compressed, size = struct.unpack_from("<III", signature)
-    if compressed != size or size > MAX_HINT_BYTES:
-        return None
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            head = os.pread(fh.fileno(), _LOCAL.size + _NAMES, 0)
-            if len(head) < _LOCAL.size:
-                return None
-            magic, name_len, extra_len = _LOCAL.unpack_from(head)
-            if magic != _LOCAL_SIGNATURE:
-                return None
-            data = os.pread(fh.fileno(), size, _LOCAL.size + name_len + extra_len)
-    except OSError:
-        return None
-    return data if len(data) == size else None

@@ -31,7 +31,7 @@ from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import prepare_file, read_elastic
 from exporter.neox.zero.gather import span_table
-from exporter.neox.zero.order import odd_files, one_pickle, reading_order
+from exporter.neox.zero.order import odd_files, reading_order
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
@@ -79,26 +79,19 @@ class OptimizerPlan:
 #: a fork and its copy-on-write faults cost about what reading 8,000 tensor records here does
 #: (0.08 s; an export of the Pythia layout, side by side with and without the fork).
 FORK_FROM_STORAGES = 16_000
-#: Read one unit whose pickles are alike in this process alone (:func:`shared_files`).
-REBUILD_ALIKE = True
 
 
 def shared_files(files: CheckpointFiles) -> list[Any]:
     """The partition files in the order :func:`plan_optimizer` reads them, for a forked
     reader to share with this process (:mod:`exporter.torchfile.forked`): none when their
     pickles are small (fewer than :data:`FORK_FROM_STORAGES` storages in all, counted from
-    the zip files' end records), nor when there is one unit whose pickles all look like the
-    first one's with numbers changed: then one is read in full and the others are rebuilt
-    from it (:mod:`exporter.torchfile.repeats`), which a second process would only repeat
-    (its own first read, and sending each file back, cost more than it takes off)."""
+    the zip files' end records)."""
     mps = sorted({mp for _, mp in files.optim_files})
     ranks = sorted({r for r, _ in files.optim_files})
     paths = [files.optim_files[(r, mp)] for mp in mps for r in ranks
              if (r, mp) in files.optim_files]
     counts = [member_count(Path(path)) for path in paths]
     if None not in counts and sum(c for c in counts if c is not None) < FORK_FROM_STORAGES:
-        return []
-    if REBUILD_ALIKE and len(mps) == 1 and one_pickle(paths):
         return []
     return paths
 

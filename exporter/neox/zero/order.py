@@ -1,30 +1,16 @@
 """Which data-parallel partition files of a unit to read first, and which alike: hints from
-the zip files' directories and the pickles' bytes (:mod:`exporter.torchfile.peek`), never
-proofs (the reader checks each file as it reads it)."""
+the zip files' directories (:mod:`exporter.torchfile.peek`), never proofs (the reader checks
+each file as it reads it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.torchfile.patched import looks_patchable
-from exporter.torchfile.peek import pickle_bytes, pickle_signature
+from exporter.torchfile.peek import pickle_signature
 
 if TYPE_CHECKING:
     from exporter.neox.checkpoint import CheckpointFiles
-
-
-def one_pickle(paths: list[Any]) -> bool:
-    """Whether every file's pickle is the first one's, or looks like it with numbers
-    changed (:func:`~exporter.torchfile.patched.looks_patchable`)."""
-    first = pickle_bytes(Path(paths[0]))
-    if first is None:
-        return False
-    for path in paths[1:]:
-        data = pickle_bytes(Path(path))
-        if data is None or not (data == first or looks_patchable(first, data)):
-            return False
-    return True
 
 
 def reading_order(paths: list[Any]) -> list[int]:
