@@ -208,3 +208,21 @@ def test_a_file_of_the_pickle_most_files_have_is_read_first(tmp_path: Path) -> N
     paths = [_saved(tmp_path, f"{i}.pt", _partition(size))
              for i, size in enumerate((0, 1406, 1406, 462))]
     assert reading_order(paths) == [1, 0, 2, 3]
+
+
+def test_a_file_read_in_full_on_an_earlier_pickles_verdict_patches_the_next(
+        tmp_path: Path) -> None:
+    """The next step's first file: read in full, but accepted by the prescan as the last
+    step's pickle (numbers changed in place), whose opcodes it shares; the file after it is
+    patched from it."""
+    from exporter.torchfile import prescan
+
+    earlier, first, other = (_saved(tmp_path, f"{n}.pt", _partition(n)) for n in (300, 400, 1406))
+    prescan.ACCEPTED.clear()
+    with alike_files():
+        load_torch_file(earlier)
+    with alike_files():
+        assert load_torch_file(first).encoded is None
+        got = load_torch_file(other)
+    assert got.encoded is not None
+    _same(got, load_torch_file(other))

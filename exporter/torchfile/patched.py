@@ -66,7 +66,8 @@ _PLAIN = (str, int, float, bool, type(None))
 @dataclass
 class Remembered:
     """What a patched rebuild needs of the pickle read in full: its opcodes (from its
-    prescan) and its unpickler's memo, and, once encoded, where each tensor record went."""
+    prescan: their places and codes, which a pickle accepted as another shares with it) and
+    its unpickler's memo, and, once encoded, where each tensor record went."""
 
     data: bytes
     ops: Opcodes
@@ -76,14 +77,17 @@ class Remembered:
 
     def slots(self) -> tuple[np.ndarray, np.ndarray]:
         """For each memo slot, the index of the last opcode that sets it and of the last that
-        reads it (-1: none)."""
+        reads it (-1: none). Read from this pickle's own bytes: ``ops`` may be those of a
+        pickle it was accepted as, whose numbers differ."""
         if self._slots is None:
             size = max(self.memo, default=-1) + 2
             last_put, last_get = np.full(size, -1, np.int64), np.full(size, -1, np.int64)
+            padded = np.frombuffer(self.data + bytes(8), np.uint8)
             for table, out in ((_PUTS, last_put), (_GETS, last_get)):
                 for code, width in table.items():
                     at = np.flatnonzero(self.ops.codes == code)
-                    slot = self.ops.uint4(at) & ((1 << (8 * width)) - 1)
+                    arg = self.ops.starts[at] + 1
+                    slot = sum(padded[arg + k].astype(np.int64) << (8 * k) for k in range(width))
                     keep = slot < size
                     np.maximum.at(out, slot[keep], at[keep])
             self._slots = (last_put, last_get)
