@@ -91,8 +91,8 @@ class _Repeats:
         layout = zip_.layout()
         if layout == entry.layout:  # each storage where the remembered one holds it
             placed = storages
-        elif layout[0] == entry.layout[0] and entry.members is not None:
-            placed = entry.members.placed(storages, layout)
+        elif layout[0] == entry.layout[0] and (members := self._members(entry)) is not None:
+            placed = members.placed(storages, layout)
         else:
             placed = _placed(storages, zip_)
         if placed is None:
@@ -120,6 +120,15 @@ class _Repeats:
         self.entry = entry = _with_encoding(entry, encoded, encoder.ref_index)
         return entry
 
+    def _members(self, entry: _Entry) -> _Members | None:
+        """The entry's :class:`_Members`, made the first time a zip's members moved."""
+        if entry.members is None and entry.encoded is not None:
+            members = _Members.of(entry.encoded[2], entry.layout)
+            if members is not None and self.entry is entry:
+                self.entry = replace(entry, members=members)
+            return members
+        return entry.members
+
     def remember(self, data: bytes, tf: TorchFile, zip_: TorchZip, patch: Remembered | None) -> None:
         if self.wants(data):
             self.entry = _Entry(data, tf, None, zip_.layout(), patch)
@@ -136,8 +145,7 @@ def _with_encoding(entry: _Entry, encoded: tuple[Any, ...], ref_index: dict[int,
     """``entry`` holding ``encoded`` instead of its tree (its records' ids kept alive by the
     patch's memo, which holds them)."""
     patch = None if entry.patch is None else replace(entry.patch, ref_index=ref_index)
-    members = _Members.of(encoded[2], entry.layout)
-    return replace(entry, tree=None, encoded=encoded, patch=patch, members=members)
+    return replace(entry, tree=None, encoded=encoded, patch=patch)
 
 
 class _Members:
