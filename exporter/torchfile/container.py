@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from exporter.errors import CheckpointFormatError
+from exporter.torchfile.likezip import alike, remember
 from exporter.torchfile.zipdir import (
     BAD_HEADER,
     COMPRESSED,
@@ -82,6 +83,19 @@ class TorchZip:
             raise CheckpointFormatError(f"{self.path}: cannot read: {exc.strerror}") from exc
         if self.file_size == 0:
             raise CheckpointFormatError(f"{self.path}: empty file")
+        self._spans: dict[str, tuple[int, int]] | None = None
+        self._fd: int | None = None
+        self._data_offset = array("q")
+        self._sizes = array("q")
+        self._status: bytes | None = None
+        found = alike(self.path, self.file_size)
+        if found is not None:  # the last large directory but for checksums and its name
+            known, self.prefix = found
+            self.fast_path = True
+            self._index, self._joined, self._key_prefix = known.index, known.joined, known.prefix
+            self._storage_prefix = self._key_prefix + "data/"
+            self._directory: Directory | None = known.directory
+            return
         directory = read_fast(self.path, self.file_size)
         if directory is None:
             try:
@@ -106,15 +120,14 @@ class TorchZip:
         joined = "\x00".join(directory.names)
         _check_names(self.path, directory.names, joined)
         self.prefix = self._find_prefix(joined)
+        # The prefix of the index's names: this file's, or the one of the file whose table
+        # it took (exporter.torchfile.likezip), whose names are this file's but for it.
+        self._key_prefix = self.prefix
         self._storage_prefix = self.prefix + "data/"
         self._joined = joined
         # Until the local headers are read; the names live on as the index's keys.
-        self._directory: Directory | None = replace(directory, names=[])
-        self._data_offset = array("q")
-        self._sizes = array("q")
-        self._status: bytes | None = None
-        self._spans: dict[str, tuple[int, int]] | None = None
-        self._fd: int | None = None
+        self._directory = replace(directory, names=[], raw=None)
+        remember(directory, self.file_size, self.prefix, self._index, joined)
 
     @contextmanager
     def open(self) -> Iterator[TorchZip]:
@@ -178,7 +191,7 @@ class TorchZip:
 
     def member(self, name: str) -> Member:
         """The stored member ``<prefix><name>``, with its data offset checked against the file."""
-        return self._member(self.prefix + name)
+        return self._member(self._key_prefix + name)
 
     def storage_member(self, key: str) -> Member:
         """The member holding storage ``key`` (``<prefix>data/<key>``)."""
@@ -221,7 +234,7 @@ class TorchZip:
         if self._status is None:
             self._read_local_headers()
         assert self._status is not None
-        prefix, joined = self.prefix, self._joined
+        prefix, joined = self._key_prefix, self._joined
         if joined.startswith(prefix) and joined.count("\x00" + prefix) == len(self._index) - 1:
             # Every name has the prefix (a torch file's do): replaced in the joined names at
             # once (a name holds no NUL), not name by name (tens of thousands in a ZeRO file).
@@ -233,20 +246,27 @@ class TorchZip:
 
     def _member(self, filename: str) -> Member:
         row = self._row(filename)
-        return Member(filename, self._data_offset[row], self._sizes[row])
+        return Member(self._own_name(filename), self._data_offset[row], self._sizes[row])
 
     def _row(self, filename: str) -> int:
         # Called once per tensor while unpickling: one dict look-up, two array reads.
         row = self._index.get(filename)
         if row is None:
-            raise CheckpointFormatError(f"{self.path}: missing member '{filename}'")
+            raise CheckpointFormatError(f"{self.path}: missing member '{self._own_name(filename)}'")
         if self._status is None:
             self._read_local_headers()
             assert self._status is not None
         outcome = self._status[row]
         if outcome != OK:
-            raise CheckpointFormatError(f"{self.path}: {_REFUSALS[outcome].format(filename)}")
+            raise CheckpointFormatError(
+                f"{self.path}: {_REFUSALS[outcome].format(self._own_name(filename))}")
         return row
+
+    def _own_name(self, filename: str) -> str:
+        """A name of the index as this file spells it (its own prefix)."""
+        if self._key_prefix is self.prefix or not filename.startswith(self._key_prefix):
+            return filename
+        return self.prefix + filename[len(self._key_prefix) :]
 
     def read_member(self, name: str, limit: int) -> bytes:
         """The bytes of a small member (at most ``limit`` bytes)."""
@@ -258,7 +278,7 @@ class TorchZip:
         return self.read(member.data_offset, member.size)
 
     def has(self, name: str) -> bool:
-        return (self.prefix + name) in self._index
+        return (self._key_prefix + name) in self._index
 
     def read(self, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the file."""

@@ -90,6 +90,8 @@ class Directory:
         header_offset: where each member's local header starts.
         size: each member's uncompressed size.
         fast: True when the numpy reader parsed the directory, False when zipfile did.
+        raw: the central directory's bytes and where each header starts in them (the numpy
+            reader's; :mod:`exporter.torchfile.likezip` compares the next file's with them).
     """
 
     names: list[str]
@@ -97,6 +99,7 @@ class Directory:
     header_offset: np.ndarray
     size: np.ndarray
     fast: bool
+    raw: tuple[bytes, np.ndarray] | None = None
 
 
 def read_fast(path: Path, file_size: int) -> Directory | None:
@@ -136,17 +139,12 @@ def fast_directory(fd: int, file_size: int) -> Directory | None:
     and their count is the end record's. That is exactly the walk zipfile makes, so the tables
     agree wherever this returns one.
     """
-    located = locate_central_directory(fd, file_size)
-    if located is None:
+    found = central_directory(fd, file_size)
+    if found is None:
         return None
-    offset, length, count = located
-    raw = os.pread(fd, length, offset)
-    if len(raw) != length:
-        return None
+    raw, starts = found
     data = np.frombuffer(raw, dtype=np.uint8)
-    starts = _header_starts(data, count)
-    if starts is None:
-        return None
+    length = len(raw)
     heads = _gather(data, starts, _CENTRAL_SIZE).view(_CENTRAL).ravel()
     name_len = heads["name_len"].astype(np.int64)
     extra_len = heads["extra_len"].astype(np.int64)
@@ -173,7 +171,22 @@ def fast_directory(fd: int, file_size: int) -> Directory | None:
         header_offset=np.minimum(offsets, limit).astype(np.int64),
         size=np.minimum(sizes, limit + np.uint64(1)).astype(np.int64),
         fast=True,
+        raw=(raw, starts),
     )
+
+
+def central_directory(fd: int, file_size: int) -> tuple[bytes, np.ndarray] | None:
+    """The central directory's bytes, and where each of its headers starts (found by their
+    signatures: :func:`_header_starts`), where the end records locate it; else None."""
+    located = locate_central_directory(fd, file_size)
+    if located is None:
+        return None
+    offset, length, count = located
+    raw = os.pread(fd, length, offset)
+    if len(raw) != length:
+        return None
+    starts = _header_starts(np.frombuffer(raw, dtype=np.uint8), count)
+    return None if starts is None else (raw, starts)
 
 
 def locate_central_directory(fd: int, file_size: int) -> tuple[int, int, int] | None:
