@@ -42,8 +42,10 @@ from exporter.torchfile.records import StorageRef, TensorRef
 if TYPE_CHECKING:
     from exporter.torchfile.container import TorchZip
 
-#: Changed numbers past which a file is read in full.
-MAX_SITES = 256
+#: Changed numbers past which a file is read in full: each costs a search of up to
+#: :data:`MAX_RUN` starts, each followed for up to :data:`MAX_RUN` opcodes in Python (half a
+#: second for all of them at most, whatever a hostile pickle holds).
+MAX_SITES = 64
 #: Opcodes a tensor record's run may span, and how far back from a number its start is sought.
 MAX_RUN = 96
 #: Bytes compared at a time while looking for the next difference.
