@@ -103,22 +103,32 @@ def test_members_of_one_place_but_other_names_are_placed_by_name(tmp_path: Path)
     _rebuilt_as_read(first, other)
 
 
+def short_member(path: Path, value: object, member: str) -> Path:
+    """``value`` saved to ``path`` with storage ``member``'s bytes four short of its record."""
+    path.write_bytes(rezip([(name, body[:-4] if name == f"archive/data/{member}" else body)
+                            for name, body in members_of(torch_bytes(value))]))
+    return path
+
+
+def refused_as_alone(first: Path, broken: Path) -> str:
+    """``broken`` read right after ``first`` inside the block: refused with the message it
+    gets read alone (read in full for the reader's message), which is returned."""
+    with pytest.raises(CheckpointFormatError) as alone:
+        load_torch_file(broken)
+    with alike_files():
+        load_torch_file(first)
+        with pytest.raises(CheckpointFormatError) as after:
+            load_torch_file(broken)
+    assert str(after.value) == str(alone.value)
+    return str(alone.value)
+
+
 def test_a_storage_that_does_not_fit_is_read_in_full_for_the_readers_message(
         tmp_path: Path) -> None:
     first = tmp_path / "first.pt"
     torch.save(_partition(0), first)
-    members = [(name, body[:-4] if name == "archive/data/5" else body)
-               for name, body in members_of(torch_bytes(_partition(1)))]
-    short = tmp_path / "short.pt"
-    short.write_bytes(rezip(members))
-    with pytest.raises(CheckpointFormatError) as alone:
-        load_torch_file(short)
-    with alike_files():
-        load_torch_file(first)
-        with pytest.raises(CheckpointFormatError) as after:
-            load_torch_file(short)
-    assert str(after.value) == str(alone.value)
-    assert "storage '5'" in str(alone.value)
+    short = short_member(tmp_path / "short.pt", _partition(1), "5")
+    assert "storage '5'" in refused_as_alone(first, short)
 
 
 def test_other_pickles_and_small_ones_are_read_in_full(tmp_path: Path) -> None:
