@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +132,8 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 
 
 def patched_rows(old: Remembered, new: bytes, zip_: TorchZip, refs: list[tuple[Any, ...]],
-                 storages: list[tuple[Any, ...]], replay: Any) -> list[tuple[Any, ...]] | None:
+                 storages: list[tuple[Any, ...]],
+                 replay: Callable[[bytes], Any]) -> list[tuple[Any, ...]] | None:
     """``refs`` (the encoded tensor records of ``old``'s tree) with each record that holds a
     number changed in ``new`` read again from ``new`` (``replay(pickle)`` unpickles a run
     through the reader), on the storage rows ``storages`` placed in ``zip_``; None where
@@ -148,7 +150,6 @@ def patched_rows(old: Remembered, new: bytes, zip_: TorchZip, refs: list[tuple[A
             return None
         runs[run[:2]] = run
     rows = list(refs)
-    keys = {row[0]: i for i, row in enumerate(storages)}
     for (first, last), (_, _, gets, slot) in runs.items():
         if any(other != (first, last) and other[0] <= last and first <= other[1] for other in runs):
             return None
@@ -156,7 +157,8 @@ def patched_rows(old: Remembered, new: bytes, zip_: TorchZip, refs: list[tuple[A
         if index is None:
             return None
         ref = replay(_run_pickle(old, new, shifts, first, last, gets))
-        row = _row(ref, keys, storages, zip_) if type(ref) is TensorRef else None
+        # On the storage the old record was on (its persistent id is not among the changes).
+        row = _row(ref, refs[index][0], storages, zip_) if type(ref) is TensorRef else None
         if row is None:
             return None
         rows[index] = row
@@ -310,16 +312,13 @@ def _plain(value: Any) -> bool:
     return type(value) in _PLAIN or isinstance(value, (SafeGlobal, StorageType, DType))
 
 
-def _row(ref: TensorRef, keys: dict[str, int], storages: list[tuple[Any, ...]],
+def _row(ref: TensorRef, index: int, storages: list[tuple[Any, ...]],
          zip_: TorchZip) -> tuple[Any, ...] | None:
-    """``ref`` as an encoded record on the placed storage row of its key, if that row is the
+    """``ref`` as an encoded record on placed storage row ``index``, if that row is the
     storage ``ref`` was read on."""
     storage: StorageRef = ref.storage
-    index = keys.get(storage.key)
-    if index is None:
-        return None
-    key, dtype, numel, location, offset = storages[index]
-    if (dtype, numel, location, offset) != (str(storage.dtype), storage.numel, storage.location,
-                                            storage.file_offset) or storage.path != zip_.path:
+    if (tuple(storages[index][:5]) != (storage.key, str(storage.dtype), storage.numel,
+                                       storage.location, storage.file_offset)
+            or storage.path != zip_.path):
         return None
     return (index, ref.offset, ref.shape, ref.stride, ref.requires_grad, ref.numel)

@@ -98,8 +98,7 @@ class _Repeats:
         if placed is None:
             return None
         if not same:
-            if entry.patch is None:
-                return None
+            assert entry.patch is not None  # kept with the encoding
             refs = patched_rows(entry.patch, data, zip_, refs, placed, lambda run: replay(run, zip_))
             if refs is None:
                 return None
@@ -142,8 +141,9 @@ class _Repeats:
 
 
 def _with_encoding(entry: _Entry, encoded: tuple[Any, ...], ref_index: dict[int, int]) -> _Entry:
-    """``entry`` holding ``encoded`` instead of its tree (its records' ids kept alive by the
-    patch's memo, which holds them)."""
+    """``entry`` holding ``encoded`` instead of its tree. ``ref_index`` (each record's place
+    by ``id``) is only asked about the memo's values, which the patch keeps alive: their ids
+    stay theirs."""
     patch = None if entry.patch is None else replace(entry.patch, ref_index=ref_index)
     return replace(entry, tree=None, encoded=encoded, patch=patch)
 
