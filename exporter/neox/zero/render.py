@@ -7,13 +7,21 @@ alike), so a long list whose consecutive items repeat is written as its runs:
 ``{"__runs__": [[count, item], ...]}``, which keeps every value and its order. Measured on
 eight files of 12,000 comm intervals each: 38 MB of ``state.json`` before, and most of a
 many-interval export's time after the tensors went into writing it.
+
+Such a list of tensor records, or of dicts of them, is grouped into its runs before it is
+rendered (:func:`_grouped`): its records compared by what their rendering shows (dtype and
+size), in C-level maps, and only each run's first rendered. The output is what rendering
+every record and then grouping gives (0.06-0.16 s for a file of 36,369 records before).
 """
 
 from __future__ import annotations
 
+import itertools
+from operator import attrgetter
 from typing import Any
 
-from exporter.torchfile import TorchFile, to_json
+from exporter.torchfile import TensorRef, TorchFile, to_json
+from exporter.torchfile.tree import MAX_DEPTH
 
 #: Lists shorter than this are written item by item.
 RUNS_FROM = 8
@@ -36,7 +44,7 @@ def render_partition_file(tf: TorchFile, everything: bool = True) -> Any:
         return seen[key]
 
     if everything:
-        return as_runs(to_json(tf.obj, tensor=tensor))
+        return as_runs(to_json(_grouped(tf.obj, {}, set(), 0), tensor=tensor))
     osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
     if not isinstance(osd, dict):
         return {}
@@ -59,4 +67,58 @@ def as_runs(value: Any) -> Any:
             runs[-1][0] += 1
         else:
             runs.append([1, item])
+    return {"__runs__": runs} if len(runs) * 4 <= len(items) else items
+
+
+def _grouped(value: Any, seen: dict[int, Any], active: set[int], depth: int) -> Any:
+    """``value`` with each list that :func:`as_runs` would write as runs, and whose items are
+    all tensor records or all dicts of them, written as ``{"__runs__": [[count, item], ...]}``
+    of its source items; dicts and lists copied where they hold one. Each container is taken
+    once (a shared one stays shared); a cycle, or nesting past ``to_json``'s limit, is left as
+    it is, for ``to_json`` to refuse."""
+    kind = type(value)
+    if (kind is not dict and kind is not list) or depth > MAX_DEPTH or id(value) in active:
+        return value
+    if id(value) in seen:
+        return seen[id(value)]
+    active.add(id(value))
+    try:
+        if kind is dict:
+            out: Any = {key: _grouped(item, seen, active, depth + 1) for key, item in value.items()}
+        else:
+            out = _runs(value)
+            if out is None:
+                out = [_grouped(item, seen, active, depth + 1) for item in value]
+    finally:
+        active.discard(id(value))
+    seen[id(value)] = out
+    return out
+
+
+_DTYPE, _NUMEL = attrgetter("dtype"), attrgetter("numel")
+
+
+def _runs(items: list[Any]) -> Any:
+    """``items`` as its runs of source items (or itself, left to be rendered item by item,
+    where as_runs would keep it whole), if they are all tensor records or all dicts of string
+    keys and tensor records; else None."""
+    if len(items) < RUNS_FROM:
+        return None
+    kinds = set(map(type, items))
+    if kinds == {TensorRef}:
+        marks: list[Any] = list(zip(map(_DTYPE, items), map(_NUMEL, items), strict=True))
+    elif kinds == {dict}:
+        marks = []
+        for item in items:
+            if not all(type(key) is str and type(ref) is TensorRef for key, ref in item.items()):
+                return None
+            # Equal as rendered dicts are: the same keys, in any order, with the same records.
+            marks.append(frozenset((key, ref.dtype, ref.numel) for key, ref in item.items()))
+    else:
+        return None
+    runs, at = [], 0
+    for _, group in itertools.groupby(marks):
+        count = sum(1 for _ in group)
+        runs.append([count, items[at]])
+        at += count
     return {"__runs__": runs} if len(runs) * 4 <= len(items) else items
