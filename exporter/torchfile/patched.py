@@ -303,12 +303,12 @@ def _checked(old: Remembered, first: int, last: int, gets: list[int], puts: list
 
 def _plain(value: Any) -> bool:
     """Whether ``value`` is one no opcode changes: a plain value, a reader function or type, or
-    a tuple of such values."""
+    a tuple of plain values and such tuples."""
     from exporter.torchfile.unpickler import SafeGlobal, StorageType
 
-    if type(value) is tuple:
-        return all(type(item) is tuple or type(item) in _PLAIN for item in value) and all(
-            map(_plain, value))
+    if type(value) is tuple:  # pickled by the stdlib's pickler (_pushed): plain items only
+        return all(type(item) in _PLAIN or (type(item) is tuple and _plain(item))
+                   for item in value)
     return type(value) in _PLAIN or isinstance(value, (SafeGlobal, StorageType, DType))
 
 
