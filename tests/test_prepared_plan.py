@@ -80,4 +80,6 @@ def test_a_file_of_another_layout_is_left_alone(tmp_path: Path) -> None:
     model = load_torch_file(files.mp_files[0])
     prepare_file(model)
     assert model.derived == {}
-    assert np.array_equal(elastic._in_turns([[1, 3], [2, 4]]), [1, 2, 3, 4])
+    # Sub-partition k is rank k % dp's interval k // dp: the ranks' sizes taken in turns.
+    made = [(None,) * 6 + (np.array([1, 3]),), (None,) * 6 + (np.array([2, 4]),)]
+    assert elastic._sizes_in_turns([[0, 0], [0, 0]], made).tolist() == [1, 2, 3, 4]

@@ -22,6 +22,7 @@ from exporter.torchfile.container import MAX_PICKLE_BYTES, TorchZip
 from exporter.torchfile.patched import Remembered
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
 from exporter.torchfile.repeats import REPEATS
+from exporter.torchfile.runs import materialize
 from exporter.torchfile.tree import iter_tensors, resolve_numpy, to_json
 from exporter.torchfile.unpickler import NUMPY_RECORD_GLOBALS, safe_unpickle
 
@@ -44,12 +45,14 @@ class TorchFile:
     Attributes:
         path: the file.
         obj: the root value; tensors are :class:`TensorRef`, unknown objects
-            :class:`PickledObject`.
+            :class:`PickledObject` (and long lists of tensors may be left as
+            :class:`~exporter.torchfile.runs.RecordRun` where asked: ``runs``).
         globals: every global the pickle names -> whether the reader knows it.
         encoded: the tree as :mod:`exporter.torchfile.sendable` encodes it, when the file was
             rebuilt from one read before (:mod:`exporter.torchfile.repeats`).
         derived: what a reader of the file's layout derived from the tree ahead of its use,
             kept with it (:func:`exporter.neox.zero.elastic.prepare_file`).
+        runs: whether ``obj`` may hold :class:`~exporter.torchfile.runs.RecordRun` s.
     """
 
     path: Path
@@ -57,6 +60,15 @@ class TorchFile:
     globals: dict[str, bool]
     encoded: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
     derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    runs: bool = field(default=False, repr=False, compare=False)
+
+    def materialize(self) -> Any:
+        """The tree, each :class:`~exporter.torchfile.runs.RecordRun` in it made into its list
+        (a file loaded with ``runs``)."""
+        if self.runs:
+            self.obj = materialize(self.obj)
+            self.runs = False
+        return self.obj
 
     def tensors(self) -> list[tuple[str, TensorRef]]:
         """Every tensor with its dotted key path.
@@ -64,6 +76,7 @@ class TorchFile:
         Raises:
             CheckpointFormatError: the object tree is too deep or its key paths too long.
         """
+        self.materialize()
         try:
             return list(iter_tensors(self.obj))
         except CheckpointFormatError as exc:
@@ -101,11 +114,14 @@ def paused_collector(keep: bool = False) -> Iterator[None]:
             gc.enable()
 
 
-def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
+def load_torch_file(path: str | os.PathLike[str], runs: bool = False) -> TorchFile:
     """Read a torch zip checkpoint's structure; tensor data stays on disk.
 
     Args:
         path: a file written by ``torch.save`` (torch >= 1.6 zip format).
+        runs: a file rebuilt from one read before may hold its long lists of tensor records
+            as :class:`~exporter.torchfile.runs.RecordRun` (for a reader that takes their
+            columns; :meth:`TorchFile.materialize` makes them lists).
 
     Inside :func:`~exporter.torchfile.repeats.alike_files`, a file whose pickle is the one
     read just before, or that one with numbers of tensor records changed, is rebuilt from
@@ -124,9 +140,10 @@ def load_torch_file(path: str | os.PathLike[str]) -> TorchFile:
         raise CheckpointFormatError(f"{zip_.path}: {byteorder}-endian checkpoints are not supported")
     data = zip_.read_member("data.pkl", MAX_PICKLE_BYTES)
     with paused_collector():
-        rebuilt = REPEATS.rebuild(data, zip_)
+        rebuilt = REPEATS.rebuild(data, zip_, runs)
     if rebuilt is not None:
-        return TorchFile(zip_.path, *rebuilt)
+        obj, globals_, encoded = rebuilt
+        return TorchFile(zip_.path, obj, globals_, encoded, runs=runs)
     keep = REPEATS.wants(data)
     try:
         with paused_collector(), zip_.open():

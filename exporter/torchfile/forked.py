@@ -285,9 +285,10 @@ class ForkedLoads:
             self._clean_end = clean
             self._ready.notify_all()
 
-    def get(self, path: Any) -> Any:
+    def get(self, path: Any, runs: bool = False) -> Any:
         """The :class:`~exporter.torchfile.TorchFile` of ``path`` as the child read it, or None
-        when this process should read it (it took it, the child could not send it, or failed)."""
+        when this process should read it (it took it, the child could not send it, or failed).
+        ``runs``: as :func:`~exporter.torchfile.load_torch_file` takes it."""
         index = self._index.get(Path(path))
         if index is None or index in self._mine or index not in self._where:
             return None
@@ -305,8 +306,8 @@ class ForkedLoads:
         if message[0] != "ok":
             return None
         _, encoded, refs, storages, globals_ = message
-        obj = Decoder(Path(path), refs, storages).decode(encoded)
-        return TorchFile(Path(path), obj, globals_)
+        obj = Decoder(Path(path), refs, storages, runs).decode(encoded)
+        return TorchFile(Path(path), obj, globals_, runs=runs)
 
     def wait_idle(self) -> None:
         """Wait until this process has no file left to read but waits for the child's (in

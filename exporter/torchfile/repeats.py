@@ -73,11 +73,12 @@ class _Repeats:
         """Whether a pickle of these bytes, read in full, would be remembered."""
         return bool(self.blocks) and len(data) >= REMEMBER_FROM
 
-    def rebuild(self, data: bytes, zip_: TorchZip) -> tuple[Any, dict[str, bool],
-                                                            tuple[Any, ...]] | None:
+    def rebuild(self, data: bytes, zip_: TorchZip, runs: bool = False
+                ) -> tuple[Any, dict[str, bool], tuple[Any, ...]] | None:
         """The tree, globals and encoding of the file ``zip_`` whose pickle is ``data``, when
         that pickle is the one remembered, or that one with numbers of tensor records changed
-        (:mod:`exporter.torchfile.patched`), and every storage fits this file; else None."""
+        (:mod:`exporter.torchfile.patched`), and every storage fits this file; else None.
+        ``runs``: long lists of records left as :class:`~exporter.torchfile.runs.RecordRun`."""
         entry = self.entry
         if entry is None or len(data) < REMEMBER_FROM:
             return None
@@ -102,7 +103,7 @@ class _Repeats:
             refs = patched_rows(entry.patch, data, zip_, refs, placed, lambda run: replay(run, zip_))
             if refs is None:
                 return None
-        obj = Decoder(zip_.path, refs, placed).decode(tree)
+        obj = Decoder(zip_.path, refs, placed, runs).decode(tree)
         return obj, dict(globals_), (tree, refs, placed, globals_)
 
     def _encoded(self, entry: _Entry) -> _Entry | None:

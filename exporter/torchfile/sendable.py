@@ -27,7 +27,8 @@ import numpy as np
 
 from exporter.dtypes import BY_NAME, DType
 from exporter.errors import CheckpointFormatError
-from exporter.torchfile.records import PickledObject, StorageRef, TensorRef, pickled_class
+from exporter.torchfile.records import PickledObject, TensorRef, pickled_class
+from exporter.torchfile.runs import RUN_FROM, RecordRun, Rows
 
 #: Nodes one file's tree may have to be sent (shared values count once per reference).
 MAX_NODES = 5_000_000
@@ -166,10 +167,11 @@ class Encoder:
 class Decoder:
     """The tree an :class:`Encoder` sent, rebuilt with this process's records."""
 
-    def __init__(self, path: Path, refs: list[Any], storages: list[Any]) -> None:
+    def __init__(self, path: Path, refs: list[Any], storages: list[Any], runs: bool = False) -> None:
         self.path = path
-        self.storages = _storages(path, storages)
-        self.refs = _tensors(refs, self.storages)
+        self.rows = Rows(path, refs, storages)
+        #: Long lists of records left as :class:`~exporter.torchfile.runs.RecordRun`.
+        self.runs = runs
         self.classes: dict[tuple[str, str], type[PickledObject]] = {}
 
     def decode(self, value: Any) -> Any:
@@ -182,16 +184,19 @@ class Decoder:
             return value
         tag = value[0]
         if tag == "T":
-            return self.refs[value[1]]
+            return self.rows.ref(value[1])
         if tag == "TL":
-            return self._refs(value[1])
+            return self._refs(value[1], run=True)
         if tag == "TD":
             return dict(zip(value[1], self._refs(value[2]), strict=True))
         if tag == "TDL":
             _, keys, count, indices = value
-            refs, width = self._refs(indices), len(keys)
-            if not keys or len(refs) != count * width:
+            width = len(keys)
+            if not keys or _count(indices) != count * width:
                 raise CheckpointFormatError(f"{self.path}: malformed record from the reading process")
+            if self.runs and count >= RUN_FROM:
+                return RecordRun(self.rows, _indices(indices), list(keys))
+            refs = self._refs(indices)
             return [dict(zip(keys, refs[i : i + width], strict=True))
                     for i in range(0, len(refs), width)]
         if tag == "t":
@@ -213,11 +218,25 @@ class Decoder:
             return obj
         raise CheckpointFormatError(f"{self.path}: unknown record from the reading process")
 
-    def _refs(self, indices: list[int] | tuple[int, int]) -> list[TensorRef]:
+    def _refs(self, indices: list[int] | tuple[int, int], run: bool = False) -> Any:
+        """The records at ``indices`` (a list), or left as a run of them."""
+        if self.runs:  # records made only where they are asked for
+            if run and _count(indices) >= RUN_FROM:
+                return RecordRun(self.rows, _indices(indices))
+            return list(map(self.rows.ref, _indices(indices)))
+        refs = self.rows.all()
         if type(indices) is tuple:  # (first, count): records sent in one go
             first, count = indices
-            return self.refs[first : first + count]
-        return list(map(self.refs.__getitem__, indices))
+            return refs[first : first + count]
+        return list(map(refs.__getitem__, indices))
+
+
+def _count(indices: list[int] | tuple[int, int]) -> int:
+    return indices[1] if type(indices) is tuple else len(indices)
+
+
+def _indices(indices: list[int] | tuple[int, int]) -> range | list[int]:
+    return range(indices[0], indices[0] + indices[1]) if type(indices) is tuple else indices
 
 
 def _same_keys(dicts: list[dict[Any, Any]]) -> list[str] | None:
@@ -227,28 +246,3 @@ def _same_keys(dicts: list[dict[Any, Any]]) -> list[str] | None:
         return None
     (common,) = keys
     return list(common) if common and set(map(type, common)) == _STRS else None
-
-
-def _storages(path: Path, rows: list[Any]) -> list[StorageRef]:
-    # Loops rather than a call per record: tens of thousands in a ZeRO file of many intervals.
-    out = []
-    new, dtypes = object.__new__, _DTYPES
-    for key, dtype, numel, location, file_offset in rows:
-        storage = new(StorageRef)
-        storage.path, storage.key, storage.dtype = path, key, dtypes[dtype]
-        storage.numel, storage.location, storage.file_offset = numel, location, file_offset
-        out.append(storage)
-    return out
-
-
-def _tensors(rows: list[Any], storages: list[StorageRef]) -> list[TensorRef]:
-    out = []
-    new = object.__new__
-    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per shape, as the reader keeps
-    for storage, offset, shape, stride, requires_grad, numel in rows:
-        ref = new(TensorRef)
-        ref.storage, ref.offset = storages[storage], offset
-        ref.shape, ref.stride = shapes.setdefault(shape, shape), shapes.setdefault(stride, stride)
-        ref.requires_grad, ref.numel = requires_grad, numel
-        out.append(ref)
-    return out

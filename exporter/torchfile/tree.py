@@ -18,6 +18,7 @@ from exporter.dtypes import DType
 from exporter.errors import CheckpointFormatError
 from exporter.torchfile.numpy_records import NumpyArray, NumpyDtype
 from exporter.torchfile.records import PickledObject, TensorRef
+from exporter.torchfile.runs import RecordRun
 
 MAX_NODES = 5_000_000
 MAX_DEPTH = 200
@@ -201,6 +202,8 @@ def to_json(obj: Any, tensor: Callable[[TensorRef], Any] | None = None) -> Any:
             }
         if isinstance(value, np.generic):
             return visit(value.item(), depth)
+        if type(value) is RecordRun:
+            return visit(value.records(), depth)
         if id(value) in active:
             raise CheckpointFormatError("object tree contains a cycle")
         if id(value) in rendered:

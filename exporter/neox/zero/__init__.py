@@ -29,7 +29,7 @@ from exporter.neox.names import Merge, split_module_name
 from exporter.neox.schedule import derived_learning_rate
 from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
-from exporter.neox.zero.elastic import prepare_file, read_elastic
+from exporter.neox.zero.elastic import prepare_file, prepared_runs, read_elastic
 from exporter.neox.zero.gather import span_table
 from exporter.neox.zero.order import odd_files, reading_order
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
@@ -38,6 +38,7 @@ from exporter.torchfile import TorchFile, load_torch_file, paused_collector
 from exporter.torchfile.forked import ForkedLoads
 from exporter.torchfile.peek import member_count
 from exporter.torchfile.repeats import alike_files
+from exporter.torchfile.runs import materialize
 
 if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
@@ -105,14 +106,22 @@ def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) ->
     with alike_files():  # ranks whose partitions have one size: one pickle
         for i in reading_order(paths) if forked is None else forked.order(paths):
             if forked is None or forked.claim(paths[i]):
-                loaded[i] = load_torch_file(paths[i])
-                prepare_file(loaded[i])
+                loaded[i] = _prepared(load_torch_file(paths[i], runs=True))
     for i, path in enumerate(paths):
         if i not in loaded:
             assert forked is not None
-            loaded[i] = forked.get(path) or load_torch_file(path)
-            prepare_file(loaded[i])
+            loaded[i] = _prepared(forked.get(path, runs=True) or load_torch_file(path))
     return [loaded[i] for i in range(len(paths))]
+
+
+def _prepared(tf: TorchFile) -> TorchFile:
+    """``tf`` with its share of the plan derived (:func:`~exporter.neox.zero.elastic.
+    prepare_file`), and its tree's lists of records made, but the runs that share was taken
+    from (:mod:`exporter.torchfile.runs`: only the columns of those are wanted)."""
+    prepare_file(tf)
+    if tf.runs:
+        tf.obj = materialize(tf.obj, keep=prepared_runs(tf))
+    return tf
 
 
 def detect_format(tf: TorchFile) -> str:

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -125,6 +125,27 @@ class FlatLayout:
         layout._missing = []
         return layout
 
+    @classmethod
+    def in_turns(cls, lists: list[Any], sizes: np.ndarray) -> FlatLayout:
+        """Every element of the tensors of ``lists`` (of one length) taken in turns: the first
+        of each list, then the second of each, ... (DeeperSpeed's sub-partitions, the ranks
+        taking turns); ``sizes``: their element counts in that order. A span's record is
+        taken from its list only when asked for (:class:`_InTurns`)."""
+        layout = cls.__new__(cls)
+        layout.spans = _InTurns(lists, sizes.tolist())
+        starts = np.zeros(len(sizes), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        layout.starts = starts.tolist()
+        layout.total = int(starts[-1] + sizes[-1]) if len(sizes) else 0
+        layout._missing = []
+        return layout
+
+    def span_sizes(self) -> np.ndarray:
+        """The element count of each span."""
+        if type(self.spans) is _InTurns:
+            return np.array(self.spans.sizes, dtype=np.int64)
+        return np.fromiter(map(itemgetter(2), self.spans), np.int64, len(self.spans))
+
     def covering(self, begin: int, count: int, what: str) -> Segments:
         """The segments holding elements ``[begin, begin + count)``, checked now and made as
         they are iterated (a parameter of a many-interval partition spans thousands)."""
@@ -154,6 +175,27 @@ class FlatLayout:
                 yield Segment(ref, start + local, take)
                 pos += take
             index += 1
+
+
+class _InTurns:
+    """The spans ``(record, 0, size)`` of :meth:`FlatLayout.in_turns`: the records stay in
+    their lists (a list of records left as :class:`~exporter.torchfile.runs.RecordRun` makes
+    only those asked for)."""
+
+    __slots__ = ("lists", "sizes")
+
+    def __init__(self, lists: list[Any], sizes: list[int]) -> None:
+        self.lists = lists
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> tuple[TensorRef, int, int]:
+        size = self.sizes[index]  # an index out of range fails here
+        width = len(self.lists)
+        index %= len(self.sizes)
+        return self.lists[index % width][index // width], 0, size
 
 
 class Segments:

@@ -24,10 +24,11 @@ not overflow takes one more.
 
 from __future__ import annotations
 
-import itertools
 import math
 from operator import attrgetter, itemgetter
 from typing import Any
+
+import numpy as np
 
 from exporter.errors import LayoutError
 from exporter.neox.zero.common import (
@@ -38,6 +39,7 @@ from exporter.neox.zero.common import (
 )
 from exporter.neox.zero.gather import columns_of, span_table
 from exporter.torchfile import TensorRef, TorchFile
+from exporter.torchfile.runs import RecordRun
 
 _NUMEL = attrgetter("numel")  # C-level maps: a many-interval group has 100,000 sub-partitions
 
@@ -68,7 +70,7 @@ def split_groups(
 
 def _group_list(osd: dict[str, Any], key: str, where: str) -> list[list[Any]]:
     value = osd.get(key)
-    if not isinstance(value, list) or not all(isinstance(g, list) for g in value):
+    if not isinstance(value, list) or not all(isinstance(g, (list, RecordRun)) for g in value):
         raise LayoutError(f"{where}: '{key}' is not a list of groups of comm intervals")
     return value
 
@@ -99,12 +101,12 @@ def read_elastic(
             if len(fp32[rank][g]) != comms or len(states[rank][g]) != comms:
                 raise LayoutError(f"{files[rank].path}: group {g} has a different number of comm intervals")
         turns, made = _sub_partitions(files, fp32, states, g, comms)
-        pieces = {kind: _in_turns(lists) for kind, lists in turns.items()}
-        lengths = list(map(_NUMEL, pieces["master"]))
+        sizes = {kind: _sizes_in_turns(turns[kind], made[kind]) for kind in turns}
+        lengths = sizes["master"]
         for kind in ("exp_avg", "exp_avg_sq"):
-            if list(map(_NUMEL, pieces[kind])) != lengths:
+            if not np.array_equal(sizes[kind], lengths):
                 raise LayoutError(f"{files[0].path}: group {g} {kind} slices differ from the master's")
-        total = sum(lengths)
+        total = int(lengths.sum())
         needed = sum(math.prod(s) for s in shapes[g].values())
         if total != needed:
             raise LayoutError(
@@ -113,7 +115,7 @@ def read_elastic(
             )
         _check_padding(osds, files, g, comms, lengths)
         offset = 0
-        layouts = {kind: FlatLayout.whole(refs) for kind, refs in pieces.items()}
+        layouts = {kind: FlatLayout.in_turns(turns[kind], sizes[kind]) for kind in turns}
         for kind, layout in layouts.items():
             span_table(layout, turns[kind], made[kind])  # rank by rank, while the records are at hand
         for name, shape in shapes[g].items():
@@ -130,30 +132,57 @@ def read_elastic(
     return params, summary
 
 
-def prepare_file(tf: TorchFile) -> None:
+def prepare_file(tf: TorchFile) -> bool:
     """Derive ahead what :func:`read_elastic` takes of one partition file alone: each group's
     sub-partitions of each kind, checked flat, and their :func:`~exporter.neox.zero.gather.
     columns_of`, kept in ``tf.derived``. Made as each file is read, while this process would
     otherwise wait for the forked reader's last file: the plan merged after it took 0.41 s
-    on the many-interval twin, 0.25 s of it these columns. Nothing is kept for a file of
-    another layout, or one whose tree does not hold flat lists of tensors there
-    (:func:`read_elastic` then names the fault)."""
+    on the many-interval twin, 0.25 s of it these columns. A file loaded with ``runs`` (its
+    lists of records left as :class:`~exporter.torchfile.runs.RecordRun`) gives them from its
+    rows. Nothing is kept for a file of another layout, or one whose tree does not hold flat
+    lists of tensors there (:func:`read_elastic` then names the fault); returns whether
+    something was."""
     osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
     fp32 = osd.get("local_sub_partitions_of_fp32_groups") if isinstance(osd, dict) else None
     states = osd.get("base_optimizer_state") if isinstance(osd, dict) else None
     if not (isinstance(fp32, list) and isinstance(states, list) and len(fp32) == len(states)):
-        return
+        return False
     groups = []
     for masters, group_states in zip(fp32, states, strict=True):
         kinds = _kind_lists(masters, group_states)
-        if kinds is None or not all(map(_all_flat, kinds.values())):
-            return
-        groups.append({kind: (refs, columns_of(refs)) for kind, refs in kinds.items()})
+        if kinds is None:
+            return False
+        group = {}
+        for kind, refs in kinds.items():
+            columns = (refs.columns() if type(refs) is RecordRun
+                       else columns_of(refs) if _all_flat(refs) else None)
+            if columns is None:
+                return False
+            group[kind] = (refs, columns)
+        groups.append(group)
     tf.derived["elastic"] = (fp32, states, groups)
+    return True
 
 
-def _kind_lists(masters: Any, states: Any) -> dict[str, list[Any]] | None:
-    """One rank's sub-partitions of one group, by kind, when they are lists of one length."""
+def prepared_runs(tf: TorchFile) -> set[int]:
+    """The ids of the :class:`~exporter.torchfile.runs.RecordRun` s :func:`prepare_file` took
+    the columns of (read from those, never made into lists)."""
+    found = tf.derived.get("elastic")
+    if found is None:
+        return set()
+    fp32, states, _ = found
+    return {id(run) for run in (*fp32, *states) if type(run) is RecordRun}
+
+
+def _kind_lists(masters: Any, states: Any) -> dict[str, Any] | None:
+    """One rank's sub-partitions of one group, by kind, when they are lists of one length
+    (or runs of records, :class:`~exporter.torchfile.runs.RecordRun`)."""
+    if type(masters) is RecordRun and type(states) is RecordRun and not masters.keys:
+        runs = {"master": masters, "exp_avg": states.under("exp_avg"),
+                "exp_avg_sq": states.under("exp_avg_sq")}
+        if any(run is None or len(run) != len(masters) for run in runs.values()):
+            return None
+        return runs
     if not (isinstance(masters, list) and isinstance(states, list)):
         return None
     try:
@@ -177,7 +206,7 @@ def _sub_partitions(files: list[TorchFile], fp32: list[list[list[Any]]],
                     states: list[list[list[Any]]], g: int, comms: int
                     ) -> tuple[dict[str, list[list[TensorRef]]], dict[str, list[Any]]]:
     """Group ``g``'s sub-partitions of each kind, rank by rank (sub-partition k of the flat
-    group is rank k % dp's comm interval k // dp: :func:`_in_turns`), and the columns of each
+    group is rank k % dp's comm interval k // dp: :func:`_sizes_in_turns`), and the columns of each
     rank's list where :func:`prepare_file` made them (else None).
 
     Thousands per group with a small bucket: taken and checked list by list (C-level maps
@@ -214,9 +243,13 @@ def _sub_partitions(files: list[TorchFile], fp32: list[list[list[Any]]],
     raise AssertionError("a sub-partition failed the list check but not its own")
 
 
-def _in_turns(lists: list[list[Any]]) -> list[Any]:
-    """The first of each list, then the second of each, ...: the group's k order."""
-    return list(itertools.chain.from_iterable(zip(*lists, strict=True)))
+def _sizes_in_turns(lists: list[Any], made: list[Any]) -> np.ndarray:
+    """The element counts of the records of ``lists`` (of one length), the first of each list,
+    then the second of each, ...: the group's k order. From the columns made ahead
+    (:func:`prepare_file`) where there are."""
+    parts = [np.fromiter(map(_NUMEL, refs), np.int64, len(refs)) if ready is None else ready[6]
+             for refs, ready in zip(lists, made, strict=True)]
+    return np.stack(parts, axis=1).ravel()
 
 
 def _all_flat(refs: list[Any]) -> bool:
@@ -247,21 +280,27 @@ def _refuse_partition(tf: TorchFile, g: int, comm: int, refs: tuple[Any, ...], s
 
 
 def _check_padding(osds: list[dict[str, Any]], files: list[TorchFile], g: int, comms: int,
-                   lengths: list[int]) -> None:
+                   lengths: np.ndarray) -> None:
     """Every saved sub-partition plus its recorded padding has one common size (stage 1 cuts
-    equal sub-partitions), when ``group_paddings`` was saved."""
+    equal sub-partitions), when every rank saved ``group_paddings`` for its own sub-partitions
+    (one per comm interval) or for all of them (``lengths``: in k order)."""
     dp = len(files)
-    sizes = set()
-    for k, lean in enumerate(lengths):
-        paddings = osds[k % dp].get("group_paddings")
+    sizes = []
+    for rank, osd in enumerate(osds):
+        paddings = osd.get("group_paddings")
         if not (isinstance(paddings, list) and len(paddings) > g and isinstance(paddings[g], list)):
             return
         local = paddings[g]
-        index = k // dp if len(local) == comms else k
-        if index >= len(local):
+        # Sub-partition k = rank + dp * comm: its padding is local[comm], or local[k].
+        index = np.arange(comms) if len(local) == comms else np.arange(rank, len(lengths), dp)
+        if len(index) and index[-1] >= len(local):
             return
-        sizes.add(lean + int(local[index]))
-    if len(sizes) > 1:
+        try:
+            padding = np.array(local, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise LayoutError(f"{files[rank].path}: group {g} paddings are not whole numbers") from None
+        sizes.append(lengths[rank::dp] + padding[index])
+    if sizes and len(np.unique(np.concatenate(sizes))) > 1:
         raise LayoutError(f"{files[0].path}: group {g} sub-partitions and paddings do not add up")
 
 

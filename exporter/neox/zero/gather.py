@@ -95,15 +95,15 @@ class SpanTable:
         itemsizes = np.array([dtype.itemsize for dtype in self.dtypes], dtype=np.int64)
         self.starts = layout.starts
         self.flat = np.array(layout.starts, dtype=np.int64)
-        self.sizes = np.fromiter(map(itemgetter(2), spans), np.int64, len(spans))
+        self.sizes = layout.span_sizes()
         self.pos = joined(3) + (joined(2) + starts) * itemsizes[self.dtype_ids]
 
 
 def columns_of(refs: list[TensorRef]) -> tuple[Any, ...]:
     """The columns :class:`SpanTable` takes of one list of tensors (also made ahead of the
-    table, for its ``made``). For each of ``refs``: the id of its file's path, its dtype's index in the returned
-    dtypes, its storage offset and its storage's file offset; then the paths by id and the
-    dtypes seen (in order)."""
+    table, for its ``made``). For each of ``refs``: the id of its file's path, its dtype's
+    index in the returned dtypes, its storage offset and its storage's file offset; then the
+    paths by id and the dtypes seen (in order); then each one's element count."""
     count = len(refs)
     storages = list(map(attrgetter("storage"), refs))
     path_objects = list(map(attrgetter("path"), storages))
@@ -124,7 +124,8 @@ def columns_of(refs: list[TensorRef]) -> tuple[Any, ...]:
         dtype_index = np.fromiter(map(index.__getitem__, dtype_list), np.int32, count)
     offsets = np.fromiter(map(attrgetter("offset"), refs), np.int64, count)
     file_offsets = np.fromiter(map(attrgetter("file_offset"), storages), np.int64, count)
-    return ids, dtype_index, offsets, file_offsets, paths, seen
+    numels = np.fromiter(map(attrgetter("numel"), refs), np.int64, count)
+    return ids, dtype_index, offsets, file_offsets, paths, seen, numels
 
 
 def _dtype_index(local: np.ndarray, columns: list[tuple[Any, ...]], dtypes: list[Any]) -> np.ndarray:

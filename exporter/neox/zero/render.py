@@ -21,6 +21,7 @@ from operator import attrgetter
 from typing import Any
 
 from exporter.torchfile import TensorRef, TorchFile, to_json
+from exporter.torchfile.runs import RecordRun
 from exporter.torchfile.tree import MAX_DEPTH
 
 #: Lists shorter than this are written item by item.
@@ -77,6 +78,8 @@ def _grouped(value: Any, seen: dict[int, Any], active: set[int], depth: int) -> 
     once (a shared one stays shared); a cycle, or nesting past ``to_json``'s limit, is left as
     it is, for ``to_json`` to refuse."""
     kind = type(value)
+    if kind is RecordRun:  # records left in their rows (exporter.torchfile.runs)
+        value, kind = value.records(), list
     if (kind is not dict and kind is not list) or depth > MAX_DEPTH or id(value) in active:
         return value
     if id(value) in seen:
