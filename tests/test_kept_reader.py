@@ -139,8 +139,8 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
     from_child: list[tuple[Path, int]] = []
     real_get = ForkedLoads.get
 
-    def get(self: ForkedLoads, path: object) -> object:
-        tf = real_get(self, path)
+    def get(self: ForkedLoads, path: object, runs: bool = False) -> object:
+        tf = real_get(self, path, runs)
         if tf is not None:
             from_child.append((Path(str(path)), threading.active_count()))
         return tf
