@@ -164,14 +164,27 @@ class RecordRun:
         at, width = self.keys.index(key), len(self.keys)
         return RecordRun(self.rows, self.indices[at::width])
 
+    def marks(self) -> np.ndarray:
+        """Per item, the numbers its record shows but its place: the dtype (this file's index
+        of it) and element count of its record, or of each of its dict's records in key order
+        (for runs of the items a rendering shows alike: :mod:`exporter.neox.zero.render`)."""
+        c = self.rows.columns()
+        index = self._index()
+        pairs = np.stack([c.dtype[c.storage[index]], c.numel[index]], axis=1)
+        return pairs.reshape(len(self), -1)
+
+    def _index(self) -> np.ndarray:
+        if type(self.indices) is range:
+            return np.arange(self.indices.start, self.indices.stop, self.indices.step)
+        return np.array(self.indices, dtype=np.int64)
+
     def columns(self) -> tuple[Any, ...] | None:
         """The columns :func:`exporter.neox.zero.gather.columns_of` gives of the records,
         taken from the rows; None for a list of dicts, or if a record is not flat."""
         if self.keys:
             return None
         c = self.rows.columns()
-        index = (np.arange(self.indices.start, self.indices.stop, self.indices.step)
-                 if type(self.indices) is range else np.array(self.indices, dtype=np.int64))
+        index = self._index()
         if not c.flat(index):
             return None
         storage = c.storage[index]

@@ -116,14 +116,7 @@ class FlatLayout:
     @classmethod
     def whole(cls, refs: list[TensorRef]) -> FlatLayout:
         """Every element of each of ``refs``, back to back."""
-        layout = cls.__new__(cls)
-        # C-level maps: a many-interval group has tens of thousands of sub-partitions.
-        sizes = list(map(attrgetter("numel"), refs))
-        layout.spans = list(zip(refs, itertools.repeat(0), sizes))
-        layout.starts = list(itertools.accumulate(sizes[:-1], initial=0))
-        layout.total = layout.starts[-1] + sizes[-1] if refs else 0
-        layout._missing = []
-        return layout
+        return cls.in_turns([refs], np.fromiter(map(attrgetter("numel"), refs), np.int64, len(refs)))
 
     @classmethod
     def in_turns(cls, lists: list[Any], sizes: np.ndarray) -> FlatLayout:
@@ -133,8 +126,8 @@ class FlatLayout:
         taken from its list only when asked for (:class:`_InTurns`)."""
         layout = cls.__new__(cls)
         layout.spans = _InTurns(lists, sizes.tolist())
-        starts = np.zeros(len(sizes), dtype=np.int64)
-        np.cumsum(sizes[:-1], out=starts[1:])
+        starts = np.zeros(max(1, len(sizes)), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1 : len(sizes)])
         layout.starts = starts.tolist()
         layout.total = int(starts[-1] + sizes[-1]) if len(sizes) else 0
         layout._missing = []

@@ -52,7 +52,7 @@ class SpanTable:
     """A :class:`FlatLayout`'s spans as arrays: where each span starts in the flat sequence,
     how many elements it has, and the file, byte offset and dtype of its first element.
 
-    ``turns``: the layout is :meth:`FlatLayout.whole` of these lists' tensors taken in turns
+    ``turns``: the layout is :meth:`FlatLayout.in_turns` of these lists' tensors taken in turns
     (the first of each list, then the second of each, ...: DeeperSpeed's sub-partitions, the
     ranks taking turns). The lists are then read one by one, in the order their tensors were
     made, and the columns interleaved with numpy: the records of one file lie together in

@@ -20,6 +20,8 @@ import itertools
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from exporter.torchfile import TensorRef, TorchFile, to_json
 from exporter.torchfile.runs import RecordRun
 from exporter.torchfile.tree import MAX_DEPTH
@@ -79,7 +81,9 @@ def _grouped(value: Any, seen: dict[int, Any], active: set[int], depth: int) -> 
     it is, for ``to_json`` to refuse."""
     kind = type(value)
     if kind is RecordRun:  # records left in their rows (exporter.torchfile.runs)
-        value, kind = value.records(), list
+        if id(value) not in seen:
+            seen[id(value)] = _record_runs(value)
+        return seen[id(value)]
     if (kind is not dict and kind is not list) or depth > MAX_DEPTH or id(value) in active:
         return value
     if id(value) in seen:
@@ -99,6 +103,18 @@ def _grouped(value: Any, seen: dict[int, Any], active: set[int], depth: int) -> 
 
 
 _DTYPE, _NUMEL = attrgetter("dtype"), attrgetter("numel")
+
+
+def _record_runs(run: RecordRun) -> Any:
+    """What :func:`_runs` gives of the run's records, found from its rows (each item's dtype
+    and sizes, :meth:`~exporter.torchfile.runs.RecordRun.marks`): only each run's first item
+    made."""
+    marks = run.marks()
+    firsts = [0, *(np.flatnonzero((marks[1:] != marks[:-1]).any(axis=1)) + 1).tolist()]
+    if len(run) < RUNS_FROM or len(firsts) * 4 > len(run):
+        return run.records()
+    counts = np.diff([*firsts, len(run)]).tolist()
+    return {"__runs__": [[count, run[at]] for count, at in zip(counts, firsts, strict=True)]}
 
 
 def _runs(items: list[Any]) -> Any:
