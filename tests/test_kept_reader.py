@@ -134,7 +134,9 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
     from exporter.samples import TINY, RunConfig, write_run
     from exporter.sources import open_source
 
-    write_run(tmp_path / "run", TINY, steps=(0, 4), dp=4, config=RunConfig(max_elements_per_comm=64))
+    # Two tensor-parallel units: the child reads one while this process reads the other.
+    write_run(tmp_path / "run", TINY, steps=(0, 4), dp=2, tp=2,
+              config=RunConfig(max_elements_per_comm=64))
     zero.FORK_FROM_STORAGES = 0  # the tiny model's pickles: shared all the same
     from_child: list[tuple[Path, int]] = []
     real_get = ForkedLoads.get
@@ -169,7 +171,8 @@ def test_a_build_s_steps_are_read_on_two_processes(tmp_path: Path) -> None:
 @in_a_fresh_process
 def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Path) -> None:
     # The Pythia layout: the first step's files say so, and the build forks nothing (a fork
-    # costs copy-on-write faults for the whole build); with files worth sharing, it forks one.
+    # costs copy-on-write faults for the whole build); nor where one unit's files have one
+    # pickle but for numbers (rebuilt from the one read); with files worth sharing, it forks one.
     from exporter.neox import zero
     from exporter.pipeline.export import ExportOptions
     from exporter.pipeline.run import BuildOptions, build
@@ -177,6 +180,7 @@ def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Pat
     from exporter.sources import open_source
 
     write_run(tmp_path / "run", TINY, steps=(0, 4), dp=2)
+    write_run(tmp_path / "units", TINY, steps=(0, 4), dp=2, tp=2)
     forks: list[object] = []
     real = module.ForkedReader.fork.__func__  # type: ignore[attr-defined]
 
@@ -190,7 +194,9 @@ def test_a_build_whose_partition_pickles_are_small_forks_no_reader(tmp_path: Pat
         build(open_source(str(tmp_path / "run")), tmp_path / "small", options)
         assert forks == []
         patch.setattr(zero, "FORK_FROM_STORAGES", 0)
-        build(open_source(str(tmp_path / "run")), tmp_path / "shared", options)
+        build(open_source(str(tmp_path / "run")), tmp_path / "alike", options)
+        assert forks == []
+        build(open_source(str(tmp_path / "units")), tmp_path / "shared", options)
     assert len(forks) == 1 and forks[0] is not None
 
 

@@ -53,7 +53,7 @@ from exporter.neox.checkpoint import CheckpointFiles, scan_checkpoint
 from exporter.neox.config import read_neox_config
 from exporter.neox.model import ModelPlan, plan_model
 from exporter.neox.state import EngineState, read_engine_state
-from exporter.neox.zero import OptimizerPlan, odd_files, plan_optimizer, shared_files
+from exporter.neox.zero import OptimizerPlan, forked_reading, plan_optimizer
 from exporter.records import TensorJob, WrittenRecord, dtype_name, element_size
 from exporter.torchfile import paused_collector
 from exporter.torchfile.forked import ForkedLoads
@@ -233,8 +233,8 @@ def _plan_and_write(
                                  model_tasks)
     # Forked first, while this process runs one thread: a child reads partition files'
     # pickles while this process reads others.
-    shared = shared_files(files)
-    forked = ForkedLoads.start(shared, odd_files(shared, files))
+    reading = forked_reading(files)
+    forked = ForkedLoads.start(*reading) if reading is not None else None
     cancel = threading.Event()
 
     def write_model() -> list[WrittenRecord]:

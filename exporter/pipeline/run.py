@@ -31,7 +31,7 @@ from exporter.files import is_temporary
 from exporter.hub.calls import check_repo_id
 from exporter.hub.uploader import StepUploader
 from exporter.neox.checkpoint import scan_checkpoint
-from exporter.neox.zero import shared_files
+from exporter.neox.zero import forked_reading
 from exporter.pipeline.disk import DiskBudget, StepNeed
 from exporter.pipeline.export import ExportOptions
 from exporter.pipeline.pipelined import hand_on, plan_step, run_pipelined
@@ -185,9 +185,10 @@ def _reader_for(source: Source, options: BuildOptions) -> AbstractContextManager
     before the build's threads start (:func:`exporter.torchfile.forked.kept_reader`).
 
     Only where steps may share their files with it: a local step whose partition pickles are
-    small (the Pythia layout) says the run's are, and then nothing is forked (a fork costs the
-    build about 0.3 s of copy-on-write faults, measured on a run of five tiny steps). Steps
-    fetched from elsewhere are not known yet: the reader is forked for them.
+    small (the Pythia layout), or rebuilt from one read (one unit, one pickle but for
+    numbers), says the run's are, and then nothing is forked (a fork costs the build about
+    0.3 s of copy-on-write faults, measured on a run of five tiny steps). Steps fetched from
+    elsewhere are not known yet: the reader is forked for them.
     """
     if not (options.executor == "local" and options.workers <= 1
             and "optimizer" in options.export.include):
@@ -195,7 +196,7 @@ def _reader_for(source: Source, options: BuildOptions) -> AbstractContextManager
     try:
         selected = parse_steps(options.steps, source.steps())
         folder = source.local_folder(selected[0]) if selected else None
-        if folder is not None and not shared_files(scan_checkpoint(folder)):
+        if folder is not None and forked_reading(scan_checkpoint(folder)) is None:
             return nullcontext()
     except ExporterError:  # the build reports it: a reader forked meanwhile costs little
         pass

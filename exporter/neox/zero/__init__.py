@@ -31,7 +31,7 @@ from exporter.neox.zero.common import ParamSlices
 from exporter.neox.zero.current import read_current
 from exporter.neox.zero.elastic import prepare_file, prepared_runs, read_elastic
 from exporter.neox.zero.gather import span_table
-from exporter.neox.zero.order import odd_files, reading_order
+from exporter.neox.zero.order import child_share, odd_files, reading_order
 from exporter.neox.zero.render import SHARED_STATE, render_partition_file
 from exporter.records import OPTIMIZER_KINDS, TensorJob
 from exporter.torchfile import TorchFile, load_torch_file, paused_collector
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from exporter.neox.model import ModelPlan
     from exporter.neox.state import EngineState
 
-__all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "odd_files", "plan_optimizer"]
+__all__ = ["OPTIMIZER_KINDS", "OptimizerPlan", "forked_reading", "odd_files", "plan_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +83,29 @@ FORK_FROM_STORAGES = 16_000
 
 
 def shared_files(files: CheckpointFiles) -> list[Any]:
-    """The partition files in the order :func:`plan_optimizer` reads them, for a forked
-    reader to share with this process (:mod:`exporter.torchfile.forked`): none when their
-    pickles are small (fewer than :data:`FORK_FROM_STORAGES` storages in all, counted from
-    the zip files' end records)."""
+    """The partition files in the order :func:`plan_optimizer` reads them (unit by unit, each
+    unit's in :func:`~exporter.neox.zero.order.reading_order`), for a forked reader to share
+    with this process (:mod:`exporter.torchfile.forked`): none when their pickles are small
+    (fewer than :data:`FORK_FROM_STORAGES` storages in all, counted from the zip files' end
+    records)."""
     mps = sorted({mp for _, mp in files.optim_files})
     ranks = sorted({r for r, _ in files.optim_files})
-    paths = [files.optim_files[(r, mp)] for mp in mps for r in ranks
-             if (r, mp) in files.optim_files]
+    paths = []
+    for mp in mps:
+        unit = [files.optim_files[(r, mp)] for r in ranks if (r, mp) in files.optim_files]
+        paths += [unit[i] for i in reading_order(unit)]
     counts = [member_count(Path(path)) for path in paths]
     if None not in counts and sum(c for c in counts if c is not None) < FORK_FROM_STORAGES:
         return []
     return paths
+
+
+def forked_reading(files: CheckpointFiles) -> tuple[list[Any], list[int]] | None:
+    """The partition files to share with a forked reader, and those it reads first
+    (:func:`~exporter.neox.zero.order.child_share`); None where a child would not pay."""
+    shared = shared_files(files)
+    first = child_share(shared, files) if shared else None
+    return None if first is None else (shared, first)
 
 
 def load_partition_files(paths: list[Any], forked: ForkedLoads | None = None) -> list[TorchFile]:
