@@ -88,3 +88,13 @@ def test_each_unit_keeps_its_most_common_pickle(tmp_path: Path) -> None:
     paths, files = _units(tmp_path / "short", "xy")
     assert odd_files(paths, files) == []  # type: ignore[arg-type]
     assert child_share(paths, files) == [3, 4, 5]  # type: ignore[arg-type]
+
+
+def test_a_file_without_a_signature_is_odd(tmp_path: Path) -> None:
+    # No signature read (not a zip here; the reader names the fault when it reads it): read
+    # in full on its own, never taken for the common pickle with numbers changed.
+    paths, files = _units(tmp_path / "units", "")
+    paths[1].write_text("not a zip")
+    assert pickle_signature(paths[1]) is None
+    assert odd_files(paths, files) == [1]  # type: ignore[arg-type]
+    assert child_share(paths, files) == [1, 3, 4, 5]  # type: ignore[arg-type]

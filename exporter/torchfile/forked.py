@@ -10,10 +10,12 @@ reads files while this process reads others.
 Who reads which file is decided as they go: the files of a batch (one step's partition files)
 have their indices wait in two pipes, each in the order this process needs them, and each
 process takes the next one of its own pipe when it is free, then of the other's (a read of 4
-bytes from a pipe takes them whole). The child's pipe holds the files named to it first: those
-whose pickle differs from the one most files share (:mod:`exporter.torchfile.repeats` rebuilds
-a file whose pickle is the one read before, so one process reads that one once, and the other
-the odd ones). The child never waits; this process reads fewer files when it is slower, and
+bytes from a pipe takes them whole). The child's pipe holds the files named to it first
+(:func:`exporter.neox.zero.order.child_share`): those whose pickle is not the one most files
+of their unit share, but for numbers, and every second unit's files
+(:mod:`exporter.torchfile.repeats` rebuilds a file whose pickle is the one read before, or that
+one with numbers changed, so each pickle is read in full once, by one process). The child
+never waits; this process reads fewer files when it is slower, and
 once it has none left to read it waits for the child's (:meth:`ForkedLoads.wait_idle`: the
 core it frees can write).
 

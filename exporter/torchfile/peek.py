@@ -57,10 +57,10 @@ def pickle_signature(path: Path) -> bytes | None:
     return struct.pack("<III", crc, compressed, size) + head[name_end:extra_end]
 
 
-def pickle_size(signature: bytes | None) -> int | None:
+def pickle_size(signature: object) -> int | None:
     """The pickle's size in bytes that a :func:`pickle_signature` records (None where it has
     none, or the directory defers it to a ZIP64 field)."""
-    if signature is None or len(signature) < 12:
+    if not isinstance(signature, bytes) or len(signature) < 12:
         return None
     size = struct.unpack_from("<I", signature, 8)[0]
     return None if size == 0xFFFFFFFF else size
