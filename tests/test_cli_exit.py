@@ -123,6 +123,41 @@ def test_without_cpython_s_exit_functions_the_exit_is_the_normal_one(
     assert ended.value.code == 3
 
 
+def test_a_ctrl_c_as_the_command_returns_exits_130(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import atexit
+    import importlib
+
+    cli_main = importlib.import_module("exporter.cli.main")
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt  # past Click's own handling, which turns it into "aborted"
+
+    monkeypatch.delattr(atexit, "_run_exitfuncs")
+    monkeypatch.setattr(cli_main, "main", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        run()
+    assert ended.value.code == 130
+    assert "aborted" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_while_the_command_exits_does_not_cut_the_exit_short() -> None:
+    # SIGINT while the atexit handlers run (the work done, its output being written out):
+    # ignored, the handlers finish and the status is the command's.
+    child = _CHILD.replace('atexit.register(lambda: print("atexit ran", flush=True))', (
+        "import os, signal\n"
+        "def handler():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    print('atexit ran', flush=True)\n"
+        "atexit.register(handler)"))
+    assert child != _CHILD
+    ran = subprocess.run([sys.executable, "-c", child, "--version"], capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert "atexit ran" in ran.stdout and "KeyboardInterrupt" not in ran.stderr
+
+
 # The launcher's start, seen from inside: the collections made while the command is imported
 # and run, the objects left frozen, the collector's state and the environment at the end.
 _START = textwrap.dedent("""

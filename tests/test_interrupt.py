@@ -46,7 +46,7 @@ SERVER = r"""
 import faulthandler, json, os, signal, sys
 import torch  # noqa: F401 - imported once here, not in every fork
 import exporter.pipeline.run, exporter.pipeline.export, exporter.hub.publish  # noqa: F401
-from exporter.cli import main
+from exporter.cli.main import run
 
 print("ready", flush=True)
 while True:
@@ -66,7 +66,8 @@ os.dup2(fd, 1)
 os.dup2(fd, 2)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 faulthandler.register(signal.SIGUSR1, all_threads=True)
-main(args)
+sys.argv = ["neox-export", *args]
+run()  # as the installed command ends: its exit, not the interpreter's teardown
 """
 
 

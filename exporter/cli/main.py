@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 from typing import Any, NoReturn
@@ -80,20 +81,27 @@ def run() -> NoReturn:
     long as the rest of ``neox-export --help``, a tenth of a one-step export. Here the exit
     does what a normal one must, in its order: where a thread other than daemons still runs,
     it is the normal exit (which waits for it), as it is on an interpreter without CPython's
-    ``atexit._run_exitfuncs``; else it runs the ``atexit`` handlers
+    ``atexit._run_exitfuncs``; else it ignores Ctrl-C from then on, runs the ``atexit`` handlers
     (logging's flush, Ray's shutdown, ``weakref.finalize``), flushes stdout and stderr and
     ends the process (:func:`os._exit`) with the status the command gave. An exception other
     than ``SystemExit`` (a bug: :func:`main` turns every expected error into one line) exits
-    normally with its traceback.
+    normally with its traceback; a Ctrl-C that lands after the command returned exits 130,
+    as one during it does.
     """
     try:
         code: object = main()  # Click returns a command's ctx.exit(n) status (not standalone)
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # Ctrl-C between the command's return and here
+        click.echo("aborted", err=True)
+        code = 130
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's, undocumented
     if run_exitfuncs is None or any(t is not threading.main_thread() and not t.daemon
                                     for t in threading.enumerate()):
         sys.exit(code)
+    if threading.current_thread() is threading.main_thread():
+        # Nothing is left to stop: a Ctrl-C now would only end the process by the signal.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code is None:
         status = 0
     elif isinstance(code, int):
