@@ -12,7 +12,9 @@ lists: the sub-partitions (a list of tensors) and the Adam moments (a list of di
 same keys, one per interval). Each such list is one node, and records that are new and on
 storages of their own are added to the tables with C-level maps and sent as a range of
 indices: measured on one file of 36,369 tensors, encoding 0.06 s and rebuilding 0.06 s,
-against 0.12 s and 0.10 s with a call per record.
+against 0.12 s and 0.10 s with a call per record. A receiver that wants only the columns of
+those lists has them left as rows (``Decoder(..., runs=True)``: :mod:`exporter.torchfile.runs`),
+each record made only where one is asked for.
 """
 
 from __future__ import annotations
