@@ -21,14 +21,17 @@ if TYPE_CHECKING:
 
 
 def reading_order(paths: list[Any]) -> list[int]:
-    """The indices of ``paths``, a file of the pickle most of them have first (read in full,
-    the others are rebuilt from it with the fewest changes), then the others in order."""
+    """The indices of ``paths``: the files of the pickle most of them have first (the first
+    read in full, the others rebuilt from it with the fewest changes, each zip's directory
+    compared with the last one's: :mod:`exporter.torchfile.likezip`), then the others in
+    order."""
     signatures = [pickle_signature(Path(path)) for path in paths]
     counts = {s: signatures.count(s) for s in signatures if s is not None}
     if not counts:
         return list(range(len(paths)))
-    first = signatures.index(max(counts, key=counts.__getitem__))
-    return [first, *(i for i in range(len(paths)) if i != first)]
+    common = max(counts, key=counts.__getitem__)
+    alike = [i for i, s in enumerate(signatures) if s == common]
+    return [*alike, *(i for i, s in enumerate(signatures) if s != common)]
 
 
 def odd_files(paths: list[Any], files: CheckpointFiles) -> list[int]:
