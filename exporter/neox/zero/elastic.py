@@ -132,7 +132,7 @@ def read_elastic(
     return params, summary
 
 
-def prepare_file(tf: TorchFile) -> bool:
+def prepare_file(tf: TorchFile) -> None:
     """Derive ahead what :func:`read_elastic` takes of one partition file alone: each group's
     sub-partitions of each kind, checked flat, and their :func:`~exporter.neox.zero.gather.
     columns_of`, kept in ``tf.derived``. Made as each file is read, while this process would
@@ -140,28 +140,26 @@ def prepare_file(tf: TorchFile) -> bool:
     on the many-interval twin, 0.25 s of it these columns. A file loaded with ``runs`` (its
     lists of records left as :class:`~exporter.torchfile.runs.RecordRun`) gives them from its
     rows. Nothing is kept for a file of another layout, or one whose tree does not hold flat
-    lists of tensors there (:func:`read_elastic` then names the fault); returns whether
-    something was."""
+    lists of tensors there (:func:`read_elastic` then names the fault)."""
     osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
     fp32 = osd.get("local_sub_partitions_of_fp32_groups") if isinstance(osd, dict) else None
     states = osd.get("base_optimizer_state") if isinstance(osd, dict) else None
     if not (isinstance(fp32, list) and isinstance(states, list) and len(fp32) == len(states)):
-        return False
+        return
     groups = []
     for masters, group_states in zip(fp32, states, strict=True):
         kinds = _kind_lists(masters, group_states)
         if kinds is None:
-            return False
+            return
         group = {}
         for kind, refs in kinds.items():
             columns = (refs.columns() if type(refs) is RecordRun
                        else columns_of(refs) if _all_flat(refs) else None)
             if columns is None:
-                return False
+                return
             group[kind] = (refs, columns)
         groups.append(group)
     tf.derived["elastic"] = (fp32, states, groups)
-    return True
 
 
 def prepared_runs(tf: TorchFile) -> set[int]:
