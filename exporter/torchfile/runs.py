@@ -27,7 +27,8 @@ import numpy as np
 from exporter.dtypes import BY_NAME, DType
 from exporter.torchfile.records import PickledObject, StorageRef, TensorRef
 
-_DTYPES = {str(d): d for d in BY_NAME.values()}
+#: Each dtype by the name a storage row gives it (``str`` of it).
+DTYPES = {str(d): d for d in BY_NAME.values()}
 #: Lists of fewer records are made at once: a run costs more than it saves there.
 RUN_FROM = 256
 _ROW_STORAGE, _ROW_OFFSET, _ROW_SHAPE, _ROW_STRIDE, _ROW_NUMEL = map(itemgetter, (0, 1, 2, 3, 5))
@@ -64,7 +65,7 @@ class Rows:
         storage = self._storages.get(index)
         if storage is None:
             key, dtype, numel, location, file_offset = self.storage_rows[index]
-            storage = self._storages[index] = StorageRef.at(self.path, key, _DTYPES[dtype], numel,
+            storage = self._storages[index] = StorageRef.at(self.path, key, DTYPES[dtype], numel,
                                                             location, file_offset)
         return storage
 
@@ -95,7 +96,7 @@ class _Columns:
         self.file_offset = np.fromiter(map(_STORAGE_OFFSET, storages), np.int64, len(storages))
         names = list(map(_STORAGE_DTYPE, storages))
         seen = list(dict.fromkeys(names))
-        self.dtypes: list[DType] = [_DTYPES[name] for name in seen]
+        self.dtypes: list[DType] = [DTYPES[name] for name in seen]
         if len(seen) == 1:
             self.dtype = np.zeros(len(storages), dtype=np.int32)
         else:
@@ -228,7 +229,7 @@ def materialize(value: Any, keep: set[int] = frozenset(), seen: dict[int, Any] |
 
 def _storages(path: Path, rows: list[Any], made: dict[int, StorageRef]) -> list[StorageRef]:
     out = []
-    new, dtypes = object.__new__, _DTYPES
+    new, dtypes = object.__new__, DTYPES
     for key, dtype, numel, location, file_offset in rows:
         storage = new(StorageRef)
         storage.path, storage.key, storage.dtype = path, key, dtypes[dtype]

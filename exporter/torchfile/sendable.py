@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from exporter.dtypes import BY_NAME, DType
+from exporter.dtypes import DType
 from exporter.errors import CheckpointFormatError
 from exporter.torchfile.records import PickledObject, TensorRef, pickled_class
-from exporter.torchfile.runs import RUN_FROM, RecordRun, Rows
+from exporter.torchfile.runs import DTYPES, RUN_FROM, RecordRun, Rows
 
 #: Nodes one file's tree may have to be sent (shared values count once per reference).
 MAX_NODES = 5_000_000
@@ -39,10 +39,9 @@ _STORAGE, _OFFSET, _SHAPE, _STRIDE, _REQUIRES_GRAD, _NUMEL = map(
     attrgetter, ("storage", "offset", "shape", "stride", "requires_grad", "numel"))
 _KEY, _DTYPE, _LOCATION, _FILE_OFFSET = map(attrgetter, ("key", "dtype", "location",
                                                          "file_offset"))
-_DTYPES = {str(d): d for d in BY_NAME.values()}
-_DTYPE_NAMES = {d: name for name, d in _DTYPES.items()}  # str(dtype) costs a microsecond
+_DTYPE_NAMES = {d: name for name, d in DTYPES.items()}  # str(dtype) costs a microsecond
 #: Bytes per element of each dtype, by the name a storage record gives it.
-ITEMSIZES = {name: d.itemsize for name, d in _DTYPES.items()}
+ITEMSIZES = {name: d.itemsize for name, d in DTYPES.items()}
 
 
 class Unsendable(Exception):
@@ -208,7 +207,7 @@ class Decoder:
         if tag == "N":
             return np.frombuffer(value[3], dtype=np.dtype(value[1])).reshape(value[2]).copy()
         if tag == "D":
-            return _DTYPES[value[1]]
+            return DTYPES[value[1]]
         if tag == "P":
             _, module, name, args, kwargs, state, items, entries = value
             cls = self.classes.get((module, name))
