@@ -61,6 +61,7 @@ from exporter.neox.state import read_engine_state
 from exporter.neox.zero import plan_optimizer
 from exporter.neox.zero.common import ParamSlices
 from exporter.records import dtype_name
+from exporter.torchfile import TensorRef
 
 
 @dataclass
@@ -138,7 +139,7 @@ def verify_checkpoint(folder: Path) -> Report:
                 name = hf_names.get(f"{layer}.{key}", param.name)
                 if model.tp_size > 1:
                     name = f"{name} (tensor-parallel rank {tp})"
-                _compare(invariant, name, _masters(param), shards[layer][tp][key].read())
+                _compare_param(invariant, name, param, shards[layer][tp][key])
     elif files.optim_files:
         invariant.failures.append("optimizer state could not be read (see partitions)")
     if not files.optim_files:
@@ -146,10 +147,33 @@ def verify_checkpoint(folder: Path) -> Report:
     return Report(folder, [partitions, coverage, invariant])
 
 
-def _masters(param: ParamSlices) -> torch.Tensor:
-    """A parameter's fp32 master weights, whole, as a torch tensor."""
+#: Elements of a source checkpoint's parameter compared at a time (16 MB of fp32 master
+#: weights and their model weights): ``verify`` holds about one such piece of each, whatever
+#: the parameter's size.
+COMPARE_ELEMENTS = 4 << 20
+
+
+def _compare_param(check: Check, name: str, param: ParamSlices, model: TensorRef) -> None:
+    """:func:`_compare` of a parameter's fp32 master weights (read from its partitions) and
+    its model weight (a tensor of a model file), :data:`COMPARE_ELEMENTS` at a time; a
+    difference is counted over the whole tensor in a second pass."""
+    if tuple(param.shape) != tuple(model.shape):
+        check.failures.append(f"{name}: master shape {list(param.shape)} != model {list(model.shape)}")
+        return
     segments = param.segments["master"]
-    return to_torch(param.read("master"), segments.first.dtype if segments else float32)
+    master_dtype = segments.first.dtype if segments else float32
+
+    def pieces() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, model.numel, COMPARE_ELEMENTS):
+            count = min(COMPARE_ELEMENTS, model.numel - start)
+            yield (to_torch(param.read_range("master", start, count), master_dtype),
+                   to_torch(model.read_range(start, count), model.dtype))
+
+    if all(_bitwise_equal(master.to(weight.dtype), weight) for master, weight in pieces()):
+        check.passed += 1
+        return
+    differ = sum(int((master.to(weight.dtype) != weight).sum()) for master, weight in pieces())
+    check.failures.append(_differs(name, model.dtype.torch, differ, model.numel))
 
 
 def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor,
@@ -160,16 +184,21 @@ def _compare(check: Check, name: str, master: torch.Tensor, model: torch.Tensor,
     cast = master.to(via).to(model.dtype)
     if cast.shape != model.shape:
         check.failures.append(f"{name}: master shape {list(cast.shape)} != model {list(model.shape)}")
-    elif torch.equal(cast.view(torch.uint8) if cast.numel() else cast,
-                     model.view(torch.uint8) if model.numel() else model):
+    elif _bitwise_equal(cast, model):
         check.passed += 1
     else:
-        differ = int((cast != model).sum())
-        path = " then ".join(dict.fromkeys(dtype_name(d) for d in (via, model.dtype)))
-        check.failures.append(
-            f"{name}: master cast to {path} differs from the model weight in {differ} of "
-            f"{model.numel()} elements"
-        )
+        check.failures.append(_differs(name, via, int((cast != model).sum()), model.numel(),
+                                       model.dtype))
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b)
+
+
+def _differs(name: str, via: torch.dtype, differ: int, numel: int,
+             model_dtype: torch.dtype | None = None) -> str:
+    path = " then ".join(dict.fromkeys(dtype_name(d) for d in (via, model_dtype or via)))
+    return f"{name}: master cast to {path} differs from the model weight in {differ} of {numel} elements"
 
 
 def _raw(tensor: torch.Tensor) -> bytes:
