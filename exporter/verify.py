@@ -207,19 +207,38 @@ def _raw(tensor: torch.Tensor) -> bytes:
 
 
 def _tensors(path: Path, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    path = resolve_inside(folder, path.relative_to(folder).as_posix(), str(folder))
-    if path.name.endswith(".zst"):
-        from exporter.convert.compress import read_compressed_index, read_compressed_tensor
+    """Every tensor of the file, one at a time."""
+    files = _TensorFiles([path], folder)
+    for name in files.names:
+        yield name, files.tensor(name)
 
-        for key in read_compressed_index(path):
-            if not key.startswith("__"):
-                yield key, read_compressed_tensor(path, key)
-        return
-    with open(path, "rb") as fh:
-        read_safetensors_header(fh, str(path))  # refused here, not by safe_open's own error
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            yield key, f.get_tensor(key)
+
+class _TensorFiles:
+    """The tensors of some safetensors (or compressed tensor) files of a step folder, by name,
+    each read when asked for: a step's model weights are compared one at a time with their
+    masters, not all held at once."""
+
+    def __init__(self, paths: list[Path], folder: Path) -> None:
+        self.names: dict[str, Path] = {}
+        for path in paths:
+            path = resolve_inside(folder, path.relative_to(folder).as_posix(), str(folder))
+            if path.name.endswith(".zst"):
+                from exporter.convert.compress import read_compressed_index
+
+                keys = [key for key in read_compressed_index(path) if not key.startswith("__")]
+            else:
+                with open(path, "rb") as fh:  # refused here, not by safe_open's own error
+                    keys = sorted(read_safetensors_header(fh, str(path)).entries)  # safe_open's order
+            self.names.update(dict.fromkeys(keys, path))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path = self.names[name]
+        if path.name.endswith(".zst"):
+            from exporter.convert.compress import read_compressed_tensor
+
+            return read_compressed_tensor(path, name)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
 
 
 def verify_export(folder: Path) -> Report:
@@ -236,13 +255,13 @@ def verify_export(folder: Path) -> Report:
     on_hub = {p for p in (pushed.deleted if pushed else {}) if not (root / p).exists()}
     if not model_paths and not any(Path(p).name.startswith("model") for p in on_hub):
         coverage.failures.append(f"{folder}: no model.safetensors")
-    model = {k: v for p in model_paths for k, v in _tensors(p, folder)}
-    coverage.passed += len(model)
+    model = _TensorFiles(model_paths, folder)  # each weight read when its master is
+    coverage.passed += len(model.names)
     tp_size = _tp_size(folder)
     source_dtype = _source_dtype(folder, model_paths)
     if master_file.exists():
         for name, master in _tensors(master_file, folder):
-            if name not in model:
+            if name not in model.names:
                 if not on_hub:  # else the model weights are on the Hub only
                     coverage.failures.append(f"{name}: master weight without a model weight")
             elif tp_size > 1 and hf_merge_rule(name) in (Merge.SUM, Merge.AVERAGE, Merge.ROW_BIAS):
@@ -250,7 +269,7 @@ def verify_export(folder: Path) -> Report:
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
                 continue
             else:
-                _compare(invariant, name, master, model[name], source_dtype)
+                _compare(invariant, name, master, model.tensor(name), source_dtype)
     rows = _index_rows(folder)
     remote_rows = 0
     for row in rows:

@@ -75,3 +75,41 @@ def test_a_difference_is_counted_over_the_whole_tensor(tmp_path: Path,
                 for r in (whole, pieces)]
     assert failures[0] == failures[1]
     assert len(failures[0]) == 1 and f"differs from the model weight in 3 of {ref.numel} elements" in failures[0][0]
+
+
+def test_an_export_s_model_weights_are_read_one_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each model weight is read when its master is compared, not all of a step's at once.
+    from exporter.pipeline.export import ExportOptions, export_checkpoint
+
+    export_checkpoint(_checkpoint(tmp_path), tmp_path / "out", ExportOptions())
+    reads: list[tuple[str, str]] = []
+    real = verify.safe_open
+
+    class Spy:
+        def __init__(self, path: str, **kwargs: object) -> None:
+            self.name, self.opened = Path(path).name, real(path, **kwargs)
+
+        def __enter__(self) -> Spy:
+            self.handle = self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.opened.__exit__(*exc)
+
+        def get_tensor(self, key: str) -> object:
+            reads.append((self.name, key))
+            return self.handle.get_tensor(key)
+
+        def metadata(self) -> object:
+            return self.handle.metadata()
+
+    monkeypatch.setattr(verify, "safe_open", Spy)
+    (report,) = verify.verify_path(tmp_path / "out")
+    assert report.ok, report.text()
+    models = [key for name, key in reads if name.startswith("model")]
+    masters = [key for name, key in reads if not name.startswith("model")]
+    assert masters and len(models) == len(masters)
+    # master, then its model weight, then the next master ...
+    assert reads[1::2] == [(reads[1][0], key) for key in masters] and \
+        [key for _, key in reads[0::2]] == masters
