@@ -148,8 +148,7 @@ def verify_checkpoint(folder: Path) -> Report:
 
 
 #: Elements of a source checkpoint's parameter compared at a time (16 MB of fp32 master
-#: weights and their model weights): ``verify`` holds about one such piece of each, whatever
-#: the parameter's size.
+#: weights): ``verify`` holds about one such piece, whatever the parameter's size.
 COMPARE_ELEMENTS = 4 << 20
 
 
@@ -206,13 +205,6 @@ def _raw(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def _tensors(path: Path, folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the file, one at a time."""
-    files = _TensorFiles([path], folder)
-    for name in files.names:
-        yield name, files.tensor(name)
-
-
 class _TensorFiles:
     """The tensors of some safetensors (or compressed tensor) files of a step folder, by name,
     each read when asked for: a step's model weights are compared one at a time with their
@@ -260,7 +252,8 @@ def verify_export(folder: Path) -> Report:
     tp_size = _tp_size(folder)
     source_dtype = _source_dtype(folder, model_paths)
     if master_file.exists():
-        for name, master in _tensors(master_file, folder):
+        masters = _TensorFiles([master_file], folder)
+        for name in masters.names:
             if name not in model.names:
                 if not on_hub:  # else the model weights are on the Hub only
                     coverage.failures.append(f"{name}: master weight without a model weight")
@@ -269,7 +262,7 @@ def verify_export(folder: Path) -> Report:
                 # the source checkpoint instead (verify CHECKPOINT_DIR).
                 continue
             else:
-                _compare(invariant, name, master, model.tensor(name), source_dtype)
+                _compare(invariant, name, masters.tensor(name), model.tensor(name), source_dtype)
     rows = _index_rows(folder)
     remote_rows = 0
     for row in rows:
